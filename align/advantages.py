@@ -1,0 +1,240 @@
+"""Advantage estimators and KL penalties for online RL, as pure functions of tensors.
+
+Nothing here imports from the project. Shapes: B = sequences (samples), T = response tokens.
+`mask` is (B, T) with 1 on valid response tokens and 0 on padding (or on tokens that are not the
+policy's own, such as tool output); outputs are 0 where the mask is 0.
+
+Group estimators (GRPO, RLOO) expect the samples of one prompt to be contiguous: rows
+[g * group_size, (g + 1) * group_size) form group g.
+
+Advantages are targets, not part of the graph: every estimator runs under torch.no_grad().
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens.
+
+    With d = logprobs - ref_logprobs (Schulman, "Approximating KL divergence", 2020):
+      - "k1": d. Unbiased, can be negative per token.
+      - "k2": d^2 / 2. Biased, low variance, >= 0.
+      - "k3": exp(-d) - 1 + d, i.e. exp(ref - logp) - (ref - logp) - 1. Unbiased, >= 0; the one
+        GRPO adds to its loss (TRL, OpenRLHF). Not clamped, as in TRL (OpenRLHF clamps -d to
+        [-10, 10]).
+
+    Positions where both inputs are 0 (masked by gather_logprobs) give 0 for every estimator.
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the policy.
+        ref_logprobs: (B, T) the same under the reference.
+        estimator: "k1", "k2" or "k3".
+
+    Returns:
+        (B, T) per-token KL estimate; differentiable with respect to `logprobs`.
+    """
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) - 1 + d
+    raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+@torch.no_grad()
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           unbiased: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise `x` to zero mean and unit variance over its valid positions.
+
+    (x - mean) / sqrt(var + eps), statistics over every valid element of the whole tensor; with
+    shift_mean False the mean is added back (only the scale changes), as TRL's masked_whiten.
+    `unbiased` uses Bessel's correction (TRL); False is the population variance (OpenRLHF).
+
+    Args:
+        x: (B, T) values, e.g. advantages.
+        mask: (B, T) 1 on valid positions.
+        shift_mean: subtract the mean (True) or keep it (False).
+        unbiased: divide the squared deviations by n - 1 rather than n.
+        eps: added to the variance.
+
+    Returns:
+        (B, T) whitened values, 0 where the mask is 0 (all 0 when the mask is empty).
+    """
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n.clamp(min=1)
+    denom = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
+    var = (((x - mean) * mask) ** 2).sum() / denom
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+@torch.no_grad()
+def token_level_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                        kl_coef: float = 0.0) -> torch.Tensor:
+    """Spread sequence scores over tokens for PPO / REINFORCE++: the score on the last valid
+    token of each row, minus kl_coef * kl on every valid token (OpenRLHF's compute_reward).
+
+    Args:
+        scores: (B,) one reward per sequence.
+        mask: (B, T) 1 on valid response tokens.
+        kl: (B, T) per-token KL estimate (kl_penalty), or None.
+        kl_coef: weight of the KL penalty.
+
+    Returns:
+        (B, T) token rewards, 0 where the mask is 0 (a row with no valid token gets nothing).
+    """
+    mask = mask.to(scores.dtype)
+    positions = torch.arange(mask.size(1), device=mask.device)
+    last = (mask * positions).argmax(dim=-1)  # index of the last valid token
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(mask.size(0), device=mask.device), last] = scores
+    if kl is not None:
+        rewards = rewards - kl_coef * kl
+    return rewards * mask
+
+
+@torch.no_grad()
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the valid tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t; A_t = delta_t + gamma * lam * A_{t+1}; R_t = A_t + V_t.
+    The value after the last valid token is 0 (the response ended). Masked positions are skipped:
+    the recursion links each valid token to the next valid one, so rewards and values there are
+    ignored (identical to OpenRLHF's loop for right-padded rows).
+
+    Args:
+        rewards: (B, T) token-level rewards (e.g. token_level_rewards).
+        values: (B, T) critic values of the response tokens.
+        mask: (B, T) 1 on valid response tokens.
+        gamma: discount factor.
+        lam: GAE lambda (1 gives Monte-Carlo returns minus values, 0 the one-step TD error).
+
+    Returns:
+        (advantages, returns), each (B, T), 0 where the mask is 0.
+    """
+    valid = mask.bool()
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(valid[:, t], adv, 0.0)
+        next_adv = torch.where(valid[:, t], adv, next_adv)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+    returns = (advantages + values) * valid
+    return advantages, returns
+
+
+def _check_groups(batch: int, group_size: int) -> None:
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"batch of {batch} rewards is not a whole number of groups of "
+                         f"group_size={group_size}: each prompt needs exactly group_size "
+                         "contiguous samples")
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages (GRPO, Shao et al. 2024), as TRL's GRPOTrainer.
+
+    A_i = (r_i - mean_group) / (std_group + eps), std with Bessel's correction (n - 1), as
+    TRL's nanstd. scale_by_std False only subtracts the mean (Dr. GRPO; TRL scale_rewards="none").
+    A group of one sample gets advantage 0.
+
+    Args:
+        rewards: (B,) one scalar reward per sample, B = n_prompts * group_size.
+        group_size: samples per prompt.
+        scale_by_std: divide by the group's standard deviation.
+        eps: added to the std so identical rewards give 0 rather than 0 / 0.
+
+    Returns:
+        (B,) advantages, one per sequence (broadcast over its tokens by ppo_policy_loss).
+    """
+    _check_groups(rewards.numel(), group_size)
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        if group_size > 1:
+            std = grouped.std(dim=1, keepdim=True)
+        else:
+            std = torch.zeros_like(grouped)
+        advantages = advantages / (std + eps)
+    return advantages.view(-1)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each sample's baseline is the mean reward
+    of the other samples of its prompt, A_i = r_i - (sum_group - r_i) / (group_size - 1).
+
+    Args:
+        rewards: (B,) one scalar reward per sample, B = n_prompts * group_size.
+        group_size: samples per prompt, at least 2.
+
+    Returns:
+        (B,) advantages, one per sequence.
+    """
+    _check_groups(rewards.numel(), group_size)
+    if group_size < 2:
+        raise ValueError("rloo_advantages needs group_size >= 2: the leave-one-out baseline of a "
+                         "single sample is undefined")
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+@torch.no_grad()
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor,
+                         gamma: float = 1.0) -> torch.Tensor:
+    """Discounted reward-to-go G_t = sum_{k >= t} gamma^(k - t) r_k over the valid tokens.
+
+    Masked positions are skipped (their rewards ignored), as in compute_gae.
+
+    Args:
+        rewards: (B, T) token-level rewards (e.g. token_level_rewards, KL penalty included).
+        mask: (B, T) 1 on valid response tokens.
+        gamma: discount factor.
+
+    Returns:
+        (B, T) returns, 0 where the mask is 0.
+    """
+    valid = mask.bool()
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = torch.where(valid[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(valid[:, t], running, 0.0)
+    return returns
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor,
+                            gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, OpenRLHF): discounted returns whitened over the whole batch.
+
+    The batch (all valid tokens of all sequences) is the baseline and the scale, with the
+    population variance as OpenRLHF; call it on the global batch, or the statistics differ per
+    rank.
+
+    Args:
+        rewards: (B, T) token-level rewards.
+        mask: (B, T) 1 on valid response tokens.
+        gamma: discount factor.
+
+    Returns:
+        (advantages, returns), each (B, T), 0 where the mask is 0.
+    """
+    returns = reinforce_pp_returns(rewards, mask, gamma)
+    return whiten(returns, mask, shift_mean=True, unbiased=False), returns

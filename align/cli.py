@@ -1,0 +1,138 @@
+"""Command line: `align sft|rm|... CONFIG [key=value ...]`, `eval-rm`, `serve-rm`, `quickstart`.
+
+Every project error is printed as one message, without a traceback, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from align.errors import AlignError, ConfigError, OutputDirError
+
+
+def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    from align.config import STAGES, load_config
+    from align.trainers import registry
+
+    cfg = load_config(STAGES[stage], args.config, args.overrides)
+    summary = registry.TRAINERS[stage](cfg, show_progress=not args.quiet).fit()
+    _print_summary(summary)
+    return 0
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    from align.quickstart import run_quickstart
+
+    run_quickstart(args.output_dir, args.configs, args.overrides, quiet=args.quiet)
+    return 0
+
+
+def _run_eval_rm(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from reward_models.evaluation import evaluate_reward_model, format_report
+
+    report = evaluate_reward_model(args.model, args.data, args.batch_size, args.max_length,
+                                   args.split)
+    print(format_report(report))
+    try:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as exc:
+        raise OutputDirError(f"--output {args.output}: cannot write it: {exc}") from None
+    print(f"written to {args.output}")
+    return 0
+
+
+def _run_serve_rm(args: argparse.Namespace) -> int:
+    from reward_models.server import RewardModelServer
+
+    try:
+        server = RewardModelServer((args.host, args.port), args.model, args.batch_size)
+    except OSError as exc:
+        raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there: "
+                          f"{exc}") from None
+    print(f"serving reward model {args.model} at {server.url} (Ctrl-C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: the server has no authentication; anyone who can reach this address "
+              "can use it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _print_summary(summary: dict) -> None:
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from align.config import STAGES
+
+    parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"train the {stage} stage from a YAML config")
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-4")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(handler=lambda a, s=stage: _run_stage(s, a))
+    q = sub.add_parser("quickstart", help="run the embedded task end to end")
+    q.add_argument("--output-dir", default="runs/quickstart", help="where runs are written")
+    q.add_argument("--configs", default=None,
+                   help="folder of the arithmetic configs (default: the repository's)")
+    q.add_argument("overrides", nargs="*", help="overrides applied to every stage")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(handler=_run_quickstart)
+    e = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference data")
+    e.add_argument("model", help="reward-model folder (e.g. runs/arithmetic/rm/final)")
+    e.add_argument("data", help="preference file, save_to_disk folder, hub name, or `embedded`")
+    e.add_argument("--output", default="eval_rm.json", help="JSON report path")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per forward")
+    e.add_argument("--max-length", type=_positive_int, default=None,
+                   help="longest prompt + completion (default: the model's limit)")
+    e.add_argument("--split", default="train", help="split of a folder or hub dataset")
+    e.set_defaults(handler=_run_eval_rm)
+    s = sub.add_parser("serve-rm", help="serve a reward model on the HTTP reward API")
+    s.add_argument("model", help="reward-model folder (e.g. runs/arithmetic/rm/final)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    s.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward")
+    s.set_defaults(handler=_run_serve_rm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # No network is assumed: fail at once instead of retrying hub downloads for a minute.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except AlignError as exc:
+        print(f"align: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("align: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Datasets for every stage: read rows, validate and tokenize them, mask, pad or pack them.
+
+`load_rows` reads any supported source; `tokenize_sft` and `tokenize_preference` turn rows in
+TRL's column conventions into token ids; the `collate_*` functions build tensors.
+"""
+
+from align.data.batching import (
+    collate_packed,
+    collate_padded,
+    collate_preference,
+    collate_preference_packed,
+    length_grouped_order,
+)
+from align.data.preference import PreferenceExample, extract_prompt, tokenize_preference
+from align.data.prompts import PromptExample, tokenize_prompts
+from align.data.sft import TokenizedExample, tokenize_sft
+from align.data.sources import load_rows
+
+__all__ = [
+    "PreferenceExample",
+    "PromptExample",
+    "TokenizedExample",
+    "collate_packed",
+    "collate_padded",
+    "collate_preference",
+    "collate_preference_packed",
+    "extract_prompt",
+    "length_grouped_order",
+    "load_rows",
+    "tokenize_preference",
+    "tokenize_prompts",
+    "tokenize_sft",
+]

@@ -1,0 +1,165 @@
+"""Turn tokenized examples into model-ready tensors: padded, packed, or preference batches.
+
+Labels are the input ids with IGNORE_INDEX where no loss is taken; `align.losses` shifts them
+by one (position t predicts token t + 1), so nothing here shifts.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from align.data.preference import PreferenceExample
+from align.data.sft import TokenizedExample
+from align.losses import IGNORE_INDEX
+
+
+def collate_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into one batch.
+
+    Returns:
+        `input_ids` (B, T) padded with `pad_id`, `labels` (B, T) with IGNORE_INDEX on padding,
+        `attention_mask` (B, T) with 1 on real tokens.
+    """
+    return _pad(
+        [example.input_ids for example in examples],
+        [example.labels for example in examples],
+        pad_id,
+    )
+
+
+def collate_packed(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    """Pack examples into a single row with no padding.
+
+    Hugging Face models given `position_ids` that restart at 0 and no `attention_mask` (with
+    `use_cache=False`) attend block-diagonally: each example sees only itself, so the logits
+    equal separate forwards. Each example's first label is IGNORE_INDEX so the last token of
+    one example is never trained to predict the first token of the next.
+
+    Returns:
+        `input_ids` (1, N), `labels` (1, N), `position_ids` (1, N) where N is the total length.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]
+        position_ids += range(len(example.input_ids))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+    }
+
+
+def collate_preference(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows: the B chosen sequences, then the B rejected ones.
+
+    Each row is prompt + completion, right-padded; labels cover the completion only, so
+    summing token log-probs over the labels gives log p(completion | prompt).
+
+    Returns:
+        `input_ids`, `attention_mask`, `labels`, each (2B, T); and `margin` (B,) float when the
+        examples carry margins.
+    """
+    sequences: list[list[int]] = []
+    labels: list[list[int]] = []
+    for side in ("chosen_ids", "rejected_ids"):
+        for example in examples:
+            completion = getattr(example, side)
+            sequences.append(example.prompt_ids + completion)
+            labels.append([IGNORE_INDEX] * len(example.prompt_ids) + completion)
+    batch = _pad(sequences, labels, pad_id)
+    margins = [example.margin for example in examples]
+    if any(margin is not None for margin in margins):
+        if any(margin is None for margin in margins):
+            raise ValueError("collate_preference: some examples have a margin and some do not")
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
+    return batch
+
+
+def collate_preference_packed(examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+    """The 2B rows of `collate_preference` (B chosen, then B rejected) packed into one row.
+
+    Padding-free, as `collate_packed`: position ids restart at 0 for every sequence, so Hugging
+    Face models attend block-diagonally; each sequence's first label is IGNORE_INDEX.
+    `sequence_index` says which of the 2B sequences each token belongs to, so per-sequence
+    sums can be taken from the packed row.
+
+    Returns:
+        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (1, N), N the total length.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    sequence_index: list[int] = []
+    sequences = [(e.prompt_ids, e.chosen_ids) for e in examples] + [
+        (e.prompt_ids, e.rejected_ids) for e in examples
+    ]
+    for index, (prompt, completion) in enumerate(sequences):
+        targets = [IGNORE_INDEX] * len(prompt) + completion
+        targets[0] = IGNORE_INDEX  # nothing in this sequence predicts its first token
+        input_ids += prompt + completion
+        labels += targets
+        position_ids += range(len(targets))
+        sequence_index += [index] * len(targets)
+    return {
+        name: torch.tensor([values], dtype=torch.long)
+        for name, values in (
+            ("input_ids", input_ids),
+            ("labels", labels),
+            ("position_ids", position_ids),
+            ("sequence_index", sequence_index),
+        )
+    }
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """A permutation of example indices in which each run of `batch_size` has similar lengths.
+
+    As Hugging Face's LengthGroupedSampler: shuffle, cut into mega-batches of 50 batches, sort
+    each by length (longest first) and cut it into batches; then shuffle the batches. The batch
+    with the longest example goes first so an out-of-memory error shows at step one, and a
+    short final batch (when `batch_size` does not divide the count) stays last so every other
+    batch starts at a multiple of `batch_size`.
+
+    Args:
+        lengths: the length of each example.
+        batch_size: examples per batch.
+        seed: the same seed gives the same order.
+
+    Returns:
+        The indices 0..len(lengths)-1 in batch order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rng = random.Random(seed)
+    indices = list(range(len(lengths)))
+    rng.shuffle(indices)
+    mega_size = 50 * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(indices), mega_size):
+        mega = sorted(indices[start : start + mega_size], key=lambda i: -lengths[i])
+        batches += [mega[i : i + batch_size] for i in range(0, len(mega), batch_size)]
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    rng.shuffle(batches)
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return [index for batch in batches + short for index in batch]
+
+
+def _pad(
+    sequences: list[list[int]], labels: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    width = max((len(sequence) for sequence in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (sequence, row_labels) in enumerate(zip(sequences, labels)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        label_ids[row, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return {"input_ids": input_ids, "labels": label_ids, "attention_mask": attention_mask}

@@ -1,0 +1,213 @@
+"""Turn preference rows (for reward models and DPO) into prompt, chosen and rejected token ids.
+
+Row shapes follow TRL's conventions:
+
+- `{prompt, chosen, rejected}` strings: each piece is encoded on its own; chosen and rejected
+  end with EOS.
+- `{prompt, chosen, rejected}` message lists: the prompt is rendered with the chat template's
+  generation prompt; a completion is what rendering prompt + completion adds after it, so it
+  ends the way the template closes an assistant turn (no EOS is appended, as in TRL).
+- `{chosen, rejected}` only (implicit prompt): both are whole conversations or whole strings,
+  and their shared beginning becomes the prompt, by TRL's `extract_prompt` rule.
+
+An optional numeric `margin` column (how much better chosen is) is carried through.
+
+Truncation: when prompt + completion is longer than `max_length` the completion is cut to fit
+and keeps no EOS (the text did not end there, so the model must not learn to stop there). A
+prompt that alone reaches `max_length` is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from align.data.conversations import check_messages, is_messages, split_completion
+from align.data.text import encode, eos_token_id, require_text, with_eos
+from align.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SHAPES = (
+    "preference rows need `chosen` and `rejected` (and optionally `prompt`), all strings "
+    "or all message lists"
+)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair: completions are the tokens after the prompt only."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None = None
+
+
+def tokenize_preference(
+    rows: list[dict], tokenizer: Any, max_length: int, source: str = "<rows>"
+) -> list[PreferenceExample]:
+    """Tokenize preference rows; a warning is logged with the number of truncated pairs.
+
+    Args:
+        rows: dicts in one of the shapes in the module docstring.
+        tokenizer: a Hugging Face tokenizer (with a chat template for message rows).
+        max_length: the longest prompt + completion kept.
+        source: where the rows came from, for error messages.
+
+    Returns:
+        One example per row, in order.
+
+    Raises:
+        DataError: a column is missing, of the wrong type or empty; chosen equals rejected; the
+            prompt leaves no room for a completion; `margin` is not a number or is given for
+            only some rows.
+    """
+    examples: list[PreferenceExample] = []
+    truncated = 0
+    for number, row in enumerate(rows, start=1):
+        prompt_ids, chosen_ids, rejected_ids = _tokenize_pair(row, tokenizer, source, number)
+        room = max_length - len(prompt_ids)
+        if room <= 0:
+            raise DataError(
+                f"prompt of {len(prompt_ids)} tokens is longer than "
+                f"data.max_length={max_length} allows (no room is left for the "
+                "completions); shorten it or raise data.max_length",
+                source=source,
+                row=number,
+                column="prompt",
+            )
+        if len(chosen_ids) > room or len(rejected_ids) > room:
+            truncated += 1
+        margin = _margin(row, source, number)
+        if examples and (margin is None) != (examples[0].margin is None):
+            raise DataError(
+                "`margin` must be given for every row or for none (row 1 "
+                f"{'has' if examples[0].margin is not None else 'has none'})",
+                source=source,
+                row=number,
+                column="margin",
+            )
+        examples.append(
+            PreferenceExample(prompt_ids, chosen_ids[:room], rejected_ids[:room], margin)
+        )
+    if truncated:
+        logger.warning(
+            "%s: %d of %d preference pairs were longer than max_length=%d and had "
+            "their completions truncated",
+            source,
+            truncated,
+            len(rows),
+            max_length,
+        )
+    return examples
+
+
+def extract_prompt(
+    chosen: str | list[dict], rejected: str | list[dict]
+) -> tuple[str | list[dict], str | list[dict], str | list[dict]]:
+    """Split two completions into (shared prompt, chosen rest, rejected rest).
+
+    The same rule as TRL's `extract_prompt`: the longest common prefix (of characters or of
+    messages) is the prompt; a space just before the first difference stays with the
+    completions; if one side is a prefix of the other, its last element stays a completion.
+    """
+    index = 0
+    for index in range(min(len(chosen), len(rejected))):
+        if chosen[index] != rejected[index]:
+            # index > 0 guard: TRL's version would wrap to chosen[-1] here.
+            if index > 0 and chosen[index - 1] == " ":
+                index -= 1
+            break
+    return chosen[:index], chosen[index:], rejected[index:]
+
+
+def _tokenize_pair(
+    row: Any, tokenizer: Any, source: str, number: int
+) -> tuple[list[int], list[int], list[int]]:
+    if not isinstance(row, dict):
+        raise DataError(
+            f"expected a dict of columns, got {type(row).__name__}", source=source, row=number
+        )
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise DataError(f"missing column; {SHAPES}", source=source, row=number, column=column)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if chosen == rejected:
+        raise DataError(
+            "chosen and rejected are identical, so the pair teaches nothing",
+            source=source,
+            row=number,
+        )
+    prompt = row.get("prompt")
+    conversational = is_messages(prompt if prompt is not None else chosen)
+    check = _check_conversation if conversational else _check_string
+    for column, value in (("chosen", chosen), ("rejected", rejected)):
+        check(value, source, number, column)
+    if prompt is None:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        if not prompt:
+            raise DataError(
+                "no `prompt` column, and chosen and rejected share no beginning "
+                "to take as the prompt; add a `prompt` column",
+                source=source,
+                row=number,
+            )
+    else:
+        check(prompt, source, number, "prompt", allow_empty=True)
+    if conversational:
+        prompt_text, chosen_text = split_completion(
+            tokenizer, prompt, chosen, source, number, "chosen"
+        )
+        _, rejected_text = split_completion(tokenizer, prompt, rejected, source, number, "rejected")
+        return (
+            encode(tokenizer, prompt_text),
+            encode(tokenizer, chosen_text),
+            encode(tokenizer, rejected_text),
+        )
+    eos = eos_token_id(tokenizer)
+    return (
+        encode(tokenizer, prompt),
+        with_eos(encode(tokenizer, chosen), eos),
+        with_eos(encode(tokenizer, rejected), eos),
+    )
+
+
+def _check_string(
+    value: Any, source: str, number: int, column: str, allow_empty: bool = False
+) -> None:
+    if isinstance(value, list):
+        raise DataError(
+            f"{SHAPES}; this row mixes strings and message lists",
+            source=source,
+            row=number,
+            column=column,
+        )
+    require_text(value, source, number, column, allow_empty=allow_empty)
+
+
+def _check_conversation(
+    value: Any, source: str, number: int, column: str, allow_empty: bool = False
+) -> None:
+    if isinstance(value, str):
+        raise DataError(
+            f"{SHAPES}; this row mixes strings and message lists",
+            source=source,
+            row=number,
+            column=column,
+        )
+    if not (allow_empty and value == []):
+        check_messages(value, source, number, column)
+
+
+def _margin(row: dict, source: str, number: int) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            f"expected a finite number, got {value!r}", source=source, row=number, column="margin"
+        )
+    return float(value)

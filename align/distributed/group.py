@@ -1,0 +1,167 @@
+"""WorkerGroup: N Ray actors that form one torch.distributed world (one role of a run).
+
+The group reserves a placement group (one bundle per rank), starts the actors, has rank 0 host
+the rendezvous, and joins them with gloo (CPU) or nccl (GPU). The driver then calls methods on
+all ranks at once; a rank that dies ends the call at once with its role and rank named.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from align.config import DistributedConfig
+from align.errors import AlignError, TrainingError
+
+# Environment for every worker process. PASSIVE OpenMP waits: spin-waiting threads made
+# 2-thread CPU steps 15x slower at times on these machines.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+              "RAY_DEDUP_LOGS": "0"}
+PLACEMENT_TIMEOUT_S = 120
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at `address`, or start a local Ray when none is given."""
+    if ray.is_initialized():
+        return
+    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(
+        p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+class WorkerGroup:
+    """`num_workers` actors of `worker_cls` (a subclass of BaseWorker), one torch.distributed world.
+
+    Args:
+        worker_cls: a plain class; it is wrapped with `ray.remote` here.
+        dist_cfg: sizes, resources, placement and backend.
+        role: name used in error messages (`policy`, `reference`, `critic`, ...).
+        num_workers: overrides `dist_cfg.num_workers` (roles may differ in size).
+    """
+
+    def __init__(self, worker_cls: type, dist_cfg: DistributedConfig, role: str = "policy",
+                 num_workers: int | None = None) -> None:
+        ensure_ray(dist_cfg.ray_address)
+        self.role = role
+        n = num_workers or dist_cfg.num_workers
+        cpus, gpus = _resources(dist_cfg, n)
+        threads = dist_cfg.torch_threads or max(1, int(cpus))
+        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in range(n)]
+        self._pg = placement_group(bundles, strategy=dist_cfg.placement_strategy)
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self._pg)
+            raise TrainingError(
+                f"{role}: the cluster cannot host {n} workers with {cpus} CPU and {gpus} GPU "
+                f"each (available: {ray.available_resources()}); lower "
+                "distributed.num_workers or distributed.cpus_per_worker") from None
+        remote_cls = ray.remote(worker_cls)
+        env = {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
+        self.actors = [
+            remote_cls.options(
+                num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i),
+            ).remote(rank=i, world_size=n, torch_threads=threads)
+            for i in range(n)
+        ]
+        addr, port = self._get([self.actors[0].master_address.remote()], ranks=[0])[0]
+        backend = dist_cfg.backend if dist_cfg.backend != "auto" else (
+            "nccl" if gpus else "gloo")
+        self.call("init_distributed", addr, port, backend)
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method(*args, **kwargs)` on every rank; returns the results in rank order."""
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return self._get(refs)
+
+    def call_each(self, method: str, per_rank: Sequence[Sequence[Any]],
+                  **kwargs: Any) -> list[Any]:
+        """Call `method(*per_rank[i], **kwargs)` on rank i (e.g. each rank's data shard)."""
+        if len(per_rank) != self.size:
+            raise ValueError(f"{len(per_rank)} argument lists for {self.size} workers")
+        refs = [getattr(a, method).remote(*args, **kwargs)
+                for a, args in zip(self.actors, per_rank)]
+        return self._get(refs)
+
+    def _get(self, refs: list[ray.ObjectRef], ranks: list[int] | None = None) -> list[Any]:
+        """Wait for all refs, failing as soon as any rank fails (no waiting on its peers,
+        which may be blocked forever in a collective with the dead rank)."""
+        ranks = ranks or list(range(len(refs)))
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        results: list[Any] = [None] * len(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = index[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except RayTaskError as exc:
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else None
+                    if isinstance(cause, AlignError):
+                        self.shutdown()
+                        raise cause from None
+                    self.shutdown()
+                    raise TrainingError(f"{self.role} worker rank {ranks[i]} failed: "
+                                        f"{_first_line(exc)}") from None
+                except RayActorError as exc:
+                    self.shutdown()
+                    raise TrainingError(f"{self.role} worker rank {ranks[i]} died: "
+                                        f"{_first_line(exc)}") from None
+        return results
+
+    def shutdown(self) -> None:
+        """Kill every actor and free the placement group (safe to call twice)."""
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.actors = []
+        if getattr(self, "_pg", None) is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self._pg = None
+
+
+def _resources(cfg: DistributedConfig, n: int) -> tuple[float, float]:
+    """CPUs and GPUs per worker: explicit values, or an even share of what the cluster has."""
+    total = ray.cluster_resources()
+    gpus = cfg.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        per_node = max(node_cpus(), 1.0)
+        cpus = max(1.0, math.floor(per_node / n)) if gpus == 0 else 1.0
+    return cpus, gpus
+
+
+def node_cpus() -> float:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return max((n["Resources"].get("CPU", 0.0) for n in nodes), default=1.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    tail = [line for line in text if line.strip()]
+    return tail[-1] if tail else type(exc).__name__

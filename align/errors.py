@@ -1,0 +1,46 @@
+"""Project exceptions: errors meant for people, printed by the CLI without a traceback (exit 2)."""
+
+from __future__ import annotations
+
+
+class AlignError(Exception):
+    """Base class for every user-facing error; the CLI prints it and exits with status 2."""
+
+
+class ConfigError(AlignError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class DataError(AlignError):
+    """A dataset is unreadable or a row is malformed.
+
+    The message names the source, the 1-based row and the column where they are known.
+    """
+
+    def __init__(self, message: str, source: str | None = None, row: int | None = None,
+                 column: str | None = None) -> None:
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.source, self.row, self.column = source, row, column
+
+
+class ModelError(AlignError):
+    """A model or tokenizer cannot be loaded or wrapped as configured."""
+
+
+class RewardError(AlignError):
+    """A reward function, model or endpoint failed; the message names the reward spec."""
+
+
+class TrainingError(AlignError):
+    """Training cannot continue (non-finite loss, a worker died, ...)."""
+
+
+class OutputDirError(AlignError):
+    """The output folder holds a previous run and neither resume nor overwrite was asked for."""

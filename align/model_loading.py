@@ -1,0 +1,159 @@
+"""Loading models and tokenizers: a Hugging Face folder or hub name, or the embedded small Llama.
+
+The embedded default needs no download: a byte-level tokenizer (ByT5's, which builds from no
+files) and a Llama built from `model.embedded`. LoRA wrapping (peft) is here too, so every stage
+gets the same model whatever it trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from align.config import EMBEDDED, LoraConfig, ModelConfig
+from align.errors import ModelError
+
+ModelKind = Literal["causal_lm", "sequence_classification"]
+
+# A minimal chat format for the byte-level tokenizer, so `{messages}` rows work offline too.
+EMBEDDED_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def is_embedded(name_or_path: str) -> bool:
+    return name_or_path == EMBEDDED
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer named by `model.tokenizer` (default: the model's), with a pad token."""
+    name = cfg.tokenizer or cfg.name_or_path
+    if is_embedded(name):
+        tok = ByT5Tokenizer()
+        tok.chat_template = EMBEDDED_CHAT_TEMPLATE
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.tokenizer: cannot load tokenizer '{name}': {exc}") from None
+    if tok.pad_token_id is None:
+        # Reusing EOS as pad is safe here because losses mask padding by attention/labels,
+        # never by comparing ids with pad_token_id.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` means bf16 where a GPU supports it and fp32 otherwise (CPU bf16 is slow here)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def embedded_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    e = cfg.embedded
+    return LlamaConfig(
+        vocab_size=len(tokenizer),  # ByT5: vocab_size is 256 but ids reach len(tok)
+        hidden_size=e.hidden_size,
+        num_hidden_layers=e.num_layers,
+        num_attention_heads=e.num_heads,
+        num_key_value_heads=e.num_heads,
+        intermediate_size=e.intermediate_size,
+        max_position_embeddings=e.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+               kind: ModelKind = "causal_lm") -> PreTrainedModel:
+    """Build or load the model; a `sequence_classification` model has one output (a score)."""
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    dtype = resolve_dtype(cfg.dtype)
+    extra = {"num_labels": 1} if kind == "sequence_classification" else {}
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    if is_embedded(cfg.name_or_path):
+        config = embedded_config(cfg, tokenizer)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        with _seeded(cfg.embedded.seed):
+            model = auto.from_config(config, dtype=dtype)
+    else:
+        _check_model_source(cfg.name_or_path)
+        try:
+            model = auto.from_pretrained(cfg.name_or_path, dtype=dtype,
+                                         trust_remote_code=cfg.trust_remote_code,
+                                         use_safetensors=_prefers_safetensors(cfg.name_or_path),
+                                         **extra)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.name_or_path: cannot load '{cfg.name_or_path}': "
+                             f"{exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, kind: ModelKind = "causal_lm"):
+    """Wrap `model` with fresh LoRA adapters; only adapter (and score head) weights train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    task = TaskType.CAUSAL_LM if kind == "causal_lm" else TaskType.SEQ_CLS
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=cfg.target_modules, task_type=task)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise ModelError(f"model.lora.target_modules={cfg.target_modules!r} does not fit "
+                         f"this model: {exc}") from None
+
+
+def _check_model_source(name: str) -> None:
+    path = Path(name)
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path.expanduser() / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: '{name}' is not a model folder "
+                         "(no config.json there)")
+
+
+def _prefers_safetensors(name: str) -> bool | None:
+    """Read weights through safetensors when a local folder has them (no pickle)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return any(path.glob("*.safetensors")) or None
+    return None
+
+
+class _seeded:
+    """Seed torch's global RNG for a block and restore it after (deterministic init)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.random.set_rng_state(self.state)

@@ -1,0 +1,300 @@
+"""Policy: one DeepSpeed rank of a Hugging Face model (optionally with LoRA adapters).
+
+This is the only place that hands a model to `deepspeed.initialize`. A Policy lives inside a
+Ray actor (see `align.distributed`); every method that touches ZeRO-3 partitioned weights
+(`generate`, `save`, `full_state_dict`) must be called on all ranks of the group at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler
+
+from align.config import DistributedConfig, ModelConfig, TrainerConfig
+from align.errors import TrainingError
+from align.model_loading import (
+    ModelKind,
+    apply_lora,
+    is_embedded,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+
+# objective(model, micro_batch, **kwargs) -> (loss, metrics). Metrics are additive
+# contributions (summed over micro-batches and ranks by the caller), except `min_*` and
+# `max_*` keys, which combine by min and max (see `combine_metric`).
+Objective = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+def deepspeed_config(trainer: TrainerConfig, dist_cfg: DistributedConfig, world_size: int,
+                     dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one trainable model."""
+    accumulation = trainer.global_batch_size // (trainer.micro_batch_size * world_size)
+    zero: dict[str, Any] = {"stage": dist_cfg.zero_stage}
+    if dist_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": trainer.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": trainer.lr, "betas": list(trainer.adam_betas), "eps": trainer.adam_eps,
+            "weight_decay": trainer.weight_decay, "torch_adam": True}},
+        # torch's AdamW also runs on offloaded states; DeepSpeedCPUAdam would need a C++ build.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_steps(trainer: TrainerConfig, total_steps: int) -> int:
+    if trainer.warmup_steps > 0:
+        return trainer.warmup_steps
+    return math.ceil(trainer.warmup_ratio * total_steps)
+
+
+class Policy:
+    """A model, its tokenizer, optional LoRA, and (when trainable) its DeepSpeed engine."""
+
+    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
+                 dist_cfg: DistributedConfig, total_steps: int, kind: ModelKind = "causal_lm",
+                 trainable: bool = True, reference: bool = False) -> None:
+        self.model_cfg, self.kind = model_cfg, kind
+        self.zero_stage = dist_cfg.zero_stage
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.dtype = resolve_dtype(model_cfg.dtype)
+        model = load_model(model_cfg, self.tokenizer, kind)
+        if model_cfg.lora.enabled:
+            model = apply_lora(model, model_cfg.lora, kind)
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.engine = None
+        if trainable:
+            ds_cfg = deepspeed_config(trainer_cfg, dist_cfg, self.world_size, self.dtype)
+            scheduler = _scheduler_factory(trainer_cfg, total_steps)
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                                   config=ds_cfg, lr_scheduler=scheduler)
+            self.model = self.engine.module
+        else:
+            self.model = self._frozen(model, dist_cfg)
+        # The reference: with LoRA, the same weights with the adapter off (no second copy).
+        self.has_reference = reference
+        self.reference_model = None
+        if reference and not model_cfg.lora.enabled:
+            self.reference_model = self._frozen(load_model(model_cfg, self.tokenizer, kind),
+                                                dist_cfg)
+
+    def _frozen(self, model: torch.nn.Module, dist_cfg: DistributedConfig) -> torch.nn.Module:
+        """An inference-only model; under ZeRO-3 partitioned like the trained one."""
+        model = model.eval().requires_grad_(False)
+        if dist_cfg.zero_stage != 3:
+            return model
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": 3},
+               "bf16": {"enabled": self.dtype == torch.bfloat16},
+               "fp16": {"enabled": self.dtype == torch.float16}}
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        return engine
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
+                   **kwargs: Any) -> dict[str, dict[str, float]]:
+        """One optimizer step over this rank's micro-batches.
+
+        Returns `{"sums": additive metrics summed over micro-batches, "shared": values that
+        are the same on every rank (grad_norm, lr)}`.
+
+        Objectives normalise their loss by the whole global batch, so the rank average and the
+        accumulation average DeepSpeed applies are undone here: the update is then identical
+        however the global batch is split over workers and micro-batches.
+        """
+        engine = self.engine
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise TrainingError(f"expected {engine.gradient_accumulation_steps()} micro-batches "
+                                f"per rank, got {len(micro_batches)}")
+        engine.train()
+        lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            loss, metrics = objective(engine, batch, **kwargs)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss.item()}) on rank {self.rank}; "
+                                    "lower trainer.lr or check the data")
+            engine.backward(loss * self.world_size)  # backward() itself divides by accumulation
+            if engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+                # DeepSpeed's fp32 stage-0 path clips without keeping the norm; measure it here.
+                grad_norm = _grad_norm(self.model)
+            engine.step()
+            _accumulate(totals, metrics)
+        if self.zero_stage > 0:
+            grad_norm = _as_float(engine.get_global_grad_norm())
+        # Same value on every rank: reported once, not summed.
+        shared = {"grad_norm": grad_norm, "lr": lr}
+        return {"sums": totals, "shared": shared}
+
+    def evaluate(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
+                 **kwargs: Any) -> dict[str, float]:
+        """Run `objective` without gradients over micro-batches; returns summed metrics."""
+        totals: dict[str, float] = {}
+        for _, metrics in self.infer(objective, micro_batches, **kwargs):
+            _accumulate(totals, metrics)
+        return totals
+
+    @torch.no_grad()
+    def infer(self, fn: Callable[..., Any], micro_batches: list[dict[str, torch.Tensor]],
+              reference: bool = False, **kwargs: Any) -> list[Any]:
+        """`fn(module, batch, **kwargs)` for each micro-batch, without gradients.
+
+        With `reference=True` the module is the frozen reference (see `reference_view`).
+        """
+        view = self.reference_view() if reference else contextlib.nullcontext(
+            self.engine or self.model)
+        with view as module:
+            module.eval()
+            return [fn(module, batch, **kwargs) for batch in micro_batches]
+
+    @contextlib.contextmanager
+    def reference_view(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference: with LoRA, this model with its adapter disabled."""
+        if not self.has_reference:
+            raise TrainingError("this policy was set up without a reference model")
+        if self.reference_model is not None:
+            yield self.reference_model
+            return
+        with self.model.disable_adapter():
+            yield self.engine or self.model
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """Complete token-id prompts; returns new tokens only, cut after the first EOS."""
+        tok = self.tokenizer
+        if seed is not None:
+            torch.manual_seed(seed + self.rank)  # ranks sample different streams
+        if not prompts:
+            with self.gathered_parameters():  # ZeRO-3: still join the collective gather
+                return []
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        # Left padding so every prompt ends where generation starts.
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        self.model.eval()
+        # top_k=0 turns off transformers' default top-k 50: RL needs the model's distribution.
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+        with self.gathered_parameters():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                eos_token_id=tok.eos_token_id, **sampling)
+        results = []
+        for row in out[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            results.append(row)
+        return results
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, materialise the full weights on every rank for the block."""
+        if self.zero_stage == 3 and self.engine is not None:
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ saving
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (CPU tensors); None on other ranks."""
+        if self.zero_stage == 3 and self.engine is not None:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.model.state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def save(self, path: str | Path, merged: bool | None = None) -> None:
+        """Write Hugging Face format to `path` (rank 0): full model, or peft adapter, + tokenizer.
+
+        With LoRA the adapter alone is written unless `merged` (default: model.lora.save_merged)
+        or the base model was built from config and so exists on no disk an adapter could name.
+        """
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return
+        from align.saving import save_pretrained
+
+        lora = self.model_cfg.lora
+        merge = lora.save_merged if merged is None else merged
+        merge = merge or (lora.enabled and is_embedded(self.model_cfg.name_or_path))
+        save_pretrained(self.model, state, self.tokenizer, Path(path), merge_lora=merge)
+
+    def save_checkpoint(self, path: str | Path, tag: str = "engine") -> None:
+        """DeepSpeed's own checkpoint (weights, optimizer and scheduler states, all ranks)."""
+        self.engine.save_checkpoint(str(path), tag=tag, save_latest=False)
+
+    def load_checkpoint(self, path: str | Path, tag: str = "engine") -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=tag)
+        if load_path is None:
+            raise TrainingError(f"could not load the DeepSpeed checkpoint in {path}")
+
+
+def _scheduler_factory(trainer: TrainerConfig, total_steps: int):
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[
+        trainer.scheduler]
+    warm = warmup_steps(trainer, total_steps)
+
+    def build(optimizer: torch.optim.Optimizer):
+        return get_scheduler(name, optimizer, num_warmup_steps=warm,
+                             num_training_steps=max(total_steps, 1))
+
+    return build
+
+
+def combine_metric(key: str, total: float | None, value: float) -> float:
+    """How metric contributions of micro-batches and ranks combine: a key starting with `min_`
+    or `max_` (e.g. `min_reward`) by min or max, every other key by sum."""
+    if total is None:
+        return float(value)
+    if key.startswith("min_"):
+        return min(total, float(value))
+    if key.startswith("max_"):
+        return max(total, float(value))
+    return total + float(value)
+
+
+def _accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        totals[key] = combine_metric(key, totals.get(key), value)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)

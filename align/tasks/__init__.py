@@ -1,0 +1,1 @@
+"""Built-in verifiable tasks that need no download (the embedded default)."""

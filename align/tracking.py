@@ -1,0 +1,63 @@
+"""Run tracking: one JSON object per logged step in metrics.jsonl, and a tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+# Shown in the progress bar, when present, in this order.
+BAR_KEYS = ("loss", "eval/loss", "reward", "rewards/accuracies", "accuracy", "kl")
+
+
+class MetricsLogger:
+    """Appends metrics to `output_dir/metrics.jsonl` and drives the driver's progress bar.
+
+    On resume, lines past the resumed step are dropped first, so a run killed after logging
+    step N but before checkpointing it does not leave duplicates.
+    """
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0,
+                 desc: str = "train", show_progress: bool = True) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        _truncate_after(self.path, start_step)
+        self.file = self.path.open("a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+                        dynamic_ncols=True, disable=not show_progress)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        shown = {k: f"{metrics[k]:.4g}" for k in BAR_KEYS if k in metrics}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value

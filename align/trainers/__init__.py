@@ -1,0 +1,1 @@
+"""Driver-side training loops, one module per algorithm, plus the pieces they share."""

@@ -1,0 +1,178 @@
+"""The driver loop every stage shares: validate, prepare outputs, train, evaluate, save.
+
+A stage subclasses `Trainer` and fills in its data, its step and its evaluation; the order of
+events (inputs validated before any output is touched, atomic checkpoints, exact resume,
+metrics, summary.json) is defined once, here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from align.checkpoint import (
+    CheckpointManager,
+    prepare_output_dir,
+    read_state,
+    resolve_resume,
+)
+from align.config import RunConfig, dump_config
+from align.distributed import PolicyWorker, WorkerGroup
+from align.errors import TrainingError
+from align.model_loading import load_tokenizer
+from align.tracking import MetricsLogger
+from align.trainers.batches import total_steps
+
+
+class Trainer:
+    """Template for a stage. Subclasses set `stage` and implement the hooks below."""
+
+    stage = "base"
+    model_kind = "causal_lm"
+
+    def __init__(self, cfg: RunConfig, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.group: WorkerGroup | None = None
+        # Roles besides the policy (critic, separate reference...), checkpointed in subfolders.
+        self.extra_groups: dict[str, WorkerGroup] = {}
+
+    # ---------------------------------------------------------------- hooks
+
+    def prepare_data(self) -> int:
+        """Read, validate and tokenise every input; return the number of training examples."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Run 0-based optimizer step `step` on the workers; return its metrics."""
+        raise NotImplementedError
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        """Held-out metrics (keys prefixed `eval/`); `final` marks the end-of-run pass."""
+        return {}
+
+    def count_steps(self, num_examples: int) -> int:
+        """Steps of the run: trainer.max_steps, or trainer.epochs over the examples."""
+        return total_steps(self.cfg.trainer, num_examples)
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps the LR schedule spans (PPO takes several per iteration)."""
+        return self.total_steps
+
+    def samples_per_step(self) -> int:
+        return self.cfg.trainer.global_batch_size
+
+    def needs_reference(self) -> bool:
+        """Whether the policy workers hold a frozen reference (`Policy.reference_view`)."""
+        return False
+
+    def extra_state(self) -> dict[str, Any]:
+        """Driver-side state a resume needs besides the workers' (e.g. a KL controller)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Run the stage end to end; returns (and writes) the summary."""
+        cfg = self.cfg
+        started = time.time()
+        self.tokenizer = load_tokenizer(cfg.model)
+        num_examples = self.prepare_data()
+        self.total_steps = self.count_steps(num_examples)
+        resume_from = resolve_resume(cfg.output_dir, cfg.resume)
+        out = prepare_output_dir(cfg.output_dir, cfg.overwrite, resuming=resume_from is not None)
+        dump_config(cfg, out / "config.yaml")
+        self.output_dir = out
+        checkpoints = CheckpointManager(out, cfg.trainer.keep_last)
+        try:
+            self.group = self.build_workers()
+            step = 0
+            if resume_from is not None:
+                self.group.call("load_checkpoint", str(resume_from))
+                for role, group in self.extra_groups.items():
+                    group.call("load_checkpoint", str(resume_from / role))
+                state = read_state(resume_from)
+                step = state["step"]
+                self.load_extra_state(state.get("extra", {}))
+            train_seconds, trained = self._loop(step, checkpoints)
+            final_metrics = self.evaluate(final=True)
+            self._save_final(out)
+            summary = {
+                "stage": self.stage, "steps": self.total_steps,
+                "wall_seconds": round(time.time() - started, 2),
+                "samples_per_second": round(trained / train_seconds, 2) if train_seconds else 0.0,
+                **final_metrics,
+            }
+            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            return summary
+        finally:
+            for group in [self.group, *self.extra_groups.values()]:
+                if group is not None:
+                    group.shutdown()
+
+    def build_workers(self) -> WorkerGroup:
+        cfg = self.cfg
+        group = WorkerGroup(PolicyWorker, cfg.distributed, role="policy")
+        group.call("setup", cfg.model, cfg.trainer, cfg.distributed, self.optimizer_steps(),
+                   self.model_kind, reference=self.needs_reference())
+        return group
+
+    def _loop(self, step: int, checkpoints: CheckpointManager) -> tuple[float, int]:
+        cfg = self.cfg.trainer
+        logger = MetricsLogger(self.output_dir, self.total_steps, step, desc=self.stage,
+                               show_progress=self.show_progress)
+        seconds, samples = 0.0, 0
+        try:
+            while step < self.total_steps:
+                tick = time.perf_counter()
+                metrics = self.train_step(step)
+                elapsed = time.perf_counter() - tick
+                step += 1
+                _check_finite(metrics, step)
+                seconds += elapsed
+                samples += self.samples_per_step()
+                metrics["step_seconds"] = elapsed
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    logger.log(step, metrics)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                    logger.log(step, self.evaluate(final=False))
+                if (cfg.save_every and step % cfg.save_every == 0) or step == self.total_steps:
+                    self._save_checkpoint(checkpoints, step)
+                logger.advance()
+        finally:
+            logger.close()
+        return seconds, samples
+
+    def _save_checkpoint(self, checkpoints: CheckpointManager, step: int) -> None:
+        def write(tmp: Path) -> None:
+            self.group.call("save_checkpoint", str(tmp))
+            for role, group in self.extra_groups.items():
+                group.call("save_checkpoint", str(tmp / role))
+
+        checkpoints.save(step, write, {"extra": self.extra_state()})
+
+    def _save_final(self, out: Path) -> None:
+        """final/ in Hugging Face format, published by rename so it is never half-written."""
+        tmp, final = out / ".tmp-final", out / "final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.group.call("save", str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def _check_finite(metrics: dict[str, float], step: int) -> None:
+    for key in ("loss", "reward"):
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(value):
+            raise TrainingError(f"step {step}: {key} is {value}; stopping before a checkpoint "
+                                "is written from bad state (lower trainer.lr or check the data)")

@@ -1,0 +1,290 @@
+"""PPO and the critic-free estimators (GRPO, RLOO, REINFORCE++), as Ray actor groups.
+
+Roles, each a Ray actor group (see OpenRLHF's split):
+  - policy: trainable; generates with its current weights (ZeRO-3 weights gathered for it) and
+    holds the frozen reference (with LoRA: its own weights with the adapter off; otherwise a
+    frozen copy partitioned like it);
+  - critic: a value model, for `estimator: gae` only;
+  - rewards: the weighted reward list, called from the driver (trained reward models score on
+    their own actor groups).
+One iteration: sample prompts -> generate -> score -> old/reference log-probs and values ->
+advantages (pure functions in align.advantages) -> `ppo_epochs` passes of minibatch updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from align.advantages import (
+    compute_gae,
+    grpo_advantages,
+    kl_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_level_rewards,
+    whiten,
+)
+from align.config import EMBEDDED, PPOConfig
+from align.data import load_rows, tokenize_prompts
+from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
+from align.distributed.group import node_cpus
+from align.tasks import arithmetic
+from align.trainers.base import Trainer
+from align.trainers.batches import StepSchedule, shard, sum_metrics
+from align.trainers.evaluation import generate_texts
+from align.trainers.kl_control import KLController
+from align.trainers.ppo_objectives import (
+    ppo_objective,
+    response_mask,
+    token_logprobs,
+    token_values,
+    value_objective,
+)
+from align.trainers.rollout import Rollout, generate_rollout, infer_rows
+
+
+class PPOTrainer(Trainer):
+    stage = "ppo"
+
+    def __init__(self, cfg: PPOConfig, show_progress: bool = True) -> None:
+        super().__init__(cfg, show_progress)
+        alg = cfg.algorithm
+        self.use_critic = alg.estimator == "gae"
+        self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
+                             else alg.estimator in ("gae", "reinforce_pp"))
+        self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
+
+    # ---------------------------------------------------------------- set-up
+
+    def prepare_data(self) -> int:
+        from reward_models import CombinedReward
+
+        cfg = self.cfg
+        if cfg.data.train == EMBEDDED:
+            rows, name = arithmetic.rl_rows(cfg.task, cfg.task.num_train), "embedded:arithmetic"
+            eval_rows = arithmetic.eval_rows(cfg.task)
+        else:
+            rows, name = load_rows(cfg.data.train, cfg.data.split), cfg.data.train
+            eval_rows = load_rows(cfg.data.eval, cfg.data.split) if cfg.data.eval else []
+        self.prompts = tokenize_prompts(rows, self.tokenizer, cfg.data.max_length, name)
+        if cfg.eval.max_samples:
+            eval_rows = eval_rows[: cfg.eval.max_samples]
+        self.eval_prompts = (tokenize_prompts(eval_rows, self.tokenizer, cfg.data.max_length,
+                                              cfg.data.eval or name) if eval_rows else [])
+        self.rewards = CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.rewards])
+        self.gold = (CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.gold_rewards])
+                     if cfg.gold_rewards else None)
+        self.schedule = StepSchedule(len(self.prompts), cfg.rollout.prompts_per_step,
+                                     cfg.trainer.seed)
+        return len(self.prompts)
+
+    def count_steps(self, num_examples: int) -> int:
+        if self.cfg.trainer.max_steps > 0:
+            return self.cfg.trainer.max_steps
+        return max(1, int(self.schedule.steps_per_epoch * self.cfg.trainer.epochs))
+
+    def buffer_size(self) -> int:
+        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.n_samples_per_prompt
+
+    def optimizer_steps(self) -> int:
+        per_iteration = self.buffer_size() // self.cfg.trainer.global_batch_size
+        return self.total_steps * self.cfg.algorithm.ppo_epochs * per_iteration
+
+    def samples_per_step(self) -> int:
+        return self.buffer_size()
+
+    def build_workers(self) -> WorkerGroup:
+        cfg = self.cfg
+        policy_dist, critic_dist = self._role_resources()
+        self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy")
+        self.group.call("setup", cfg.model, cfg.trainer, policy_dist, self.optimizer_steps(),
+                        "causal_lm", True, True)
+        if self.use_critic:
+            critic_model = dataclasses.replace(
+                cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
+            critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)
+            critic = WorkerGroup(PolicyWorker, critic_dist, role="critic")
+            self.extra_groups["critic"] = critic
+            critic.call("setup", critic_model, critic_trainer, critic_dist,
+                        self.optimizer_steps(), "sequence_classification")
+        return self.group
+
+    def _role_resources(self):
+        """Per-role DistributedConfigs. Unless set, roles share each node's CPUs evenly in Ray's
+        accounting, while each keeps threads for the whole node: the roles run one after
+        another (generate, score, train), never at the same time."""
+        cfg = self.cfg
+        ensure_ray(cfg.distributed.ray_address)
+        policy_n = cfg.distributed.num_workers
+        critic_n = (cfg.critic.num_workers or policy_n) if self.use_critic else 0
+        cpus = node_cpus()
+        share = cpus / (policy_n + critic_n) if critic_n else None
+
+        def role(n: int, cpus_per_worker: float | None, zero: int) -> Any:
+            per = cpus_per_worker or cfg.distributed.cpus_per_worker or share
+            threads = cfg.distributed.torch_threads or max(1, int(cpus // n))
+            return dataclasses.replace(cfg.distributed, num_workers=n, cpus_per_worker=per,
+                                       torch_threads=threads, zero_stage=zero)
+
+        zero = cfg.distributed.zero_stage
+        critic_zero = cfg.critic.zero_stage if cfg.critic.zero_stage is not None else zero
+        return (role(policy_n, None, zero),
+                role(critic_n or 1, cfg.critic.cpus_per_worker, critic_zero))
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.kl.state()
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl.load(state)
+
+    # ---------------------------------------------------------------- one iteration
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, ro = self.cfg, self.cfg.rollout
+        examples = [self.prompts[i] for i in self.schedule.indices(step)]
+        t0 = time.perf_counter()
+        rollout = generate_rollout(self.group, self.tokenizer, examples, ro.n_samples_per_prompt,
+                                   ro.max_new_tokens, ro.temperature, ro.top_p,
+                                   seed=cfg.trainer.seed * 1_000_003 + step)
+        t1 = time.perf_counter()
+        scores = self.rewards.score(rollout.prompts, rollout.completions, **rollout.columns)
+        gold = (self.gold.score(rollout.prompts, rollout.completions, **rollout.columns)
+                if self.gold else None)
+        t2 = time.perf_counter()
+        kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
+        t3 = time.perf_counter()
+        metrics = self._update(rollout, step)
+        t4 = time.perf_counter()
+        metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
+        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
+                        "time/experience": t3 - t2, "time/train": t4 - t3})
+        self.kl.update(metrics["kl"])
+        return metrics
+
+    def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """Old/reference log-probs, values, advantages and returns into `rollout.tensors`.
+
+        Returns the per-token KL (N, T-1), zero outside completions.
+        """
+        cfg, alg = self.cfg, self.cfg.algorithm
+        micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
+        old = infer_rows(self.group, token_logprobs, rollout, micro, temperature=temp)
+        ref = infer_rows(self.group, token_logprobs, rollout, micro, reference=True,
+                         temperature=temp)
+        mask = response_mask(rollout.batch)
+        kl = kl_penalty(old, ref, alg.kl_estimator) * mask
+        in_reward = kl if self.kl_in_reward else None
+        tensors = {"old_logprobs": old, "ref_logprobs": ref}
+        if alg.estimator in ("gae", "reinforce_pp"):
+            rewards = token_level_rewards(scores, mask, in_reward, self.kl.coef)
+            if alg.estimator == "gae":
+                values = infer_rows(self.extra_groups["critic"], token_values, rollout,
+                                    micro) * mask
+                adv, returns = compute_gae(rewards, values, mask, alg.gamma, alg.lam)
+                if alg.whiten_advantages:
+                    adv = whiten(adv, mask)
+                tensors.update(old_values=values, returns=returns)
+            else:
+                adv, _ = reinforce_pp_advantages(rewards, mask, alg.gamma)
+        else:
+            if in_reward is not None:
+                scores = scores - self.kl.coef * in_reward.sum(-1)
+            n = cfg.rollout.n_samples_per_prompt
+            per_seq = (grpo_advantages(scores, n, alg.scale_by_std)
+                       if alg.estimator == "grpo" else rloo_advantages(scores, n))
+            adv = per_seq[:, None] * mask
+        tensors["advantages"] = adv
+        rollout.tensors = tensors
+        return kl
+
+    def _update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """`ppo_epochs` passes of minibatch steps over the buffer, policy then critic."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        batch_size, micro = cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size
+        rng = np.random.default_rng([cfg.trainer.seed, step])
+        policy_kw = dict(temperature=cfg.rollout.temperature, clip_eps=alg.clip_eps,
+                         clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
+                         aggregation=alg.loss_aggregation, kl_estimator=alg.kl_estimator,
+                         kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
+                         entropy_coef=alg.entropy_coef)
+        sums: dict[str, float] = {}
+        minibatches = 0
+        for _ in range(alg.ppo_epochs):
+            order = rng.permutation(rollout.size).tolist()
+            for start in range(0, rollout.size, batch_size):
+                index = order[start:start + batch_size]
+                normalizer = (float(response_mask(rollout.rows(index)).sum())
+                              if alg.loss_aggregation == "token" else float(len(index)))
+                results = self._train_role(self.group, ppo_objective, rollout, index, micro,
+                                           normalizer=normalizer, **policy_kw)
+                _add(sums, sum_metrics([r["sums"] for r in results]))
+                _add(sums, {"grad_norm": results[0]["shared"]["grad_norm"]})
+                if self.use_critic:
+                    results = self._train_role(
+                        self.extra_groups["critic"], value_objective, rollout, index, micro,
+                        clip_eps=alg.value_clip_eps, aggregation=alg.loss_aggregation,
+                        normalizer=normalizer)
+                    _add(sums, sum_metrics([r["sums"] for r in results]))
+                minibatches += 1
+        tokens = max(sums["tokens"], 1.0)
+        metrics = {"policy_loss": sums["policy_loss"] / minibatches,
+                   "clip_ratio": sums["clip_ratio_sum"] / tokens,
+                   "entropy": sums["entropy_sum"] / tokens,
+                   "grad_norm": sums["grad_norm"] / minibatches}
+        if self.use_critic:
+            metrics["value_loss"] = sums["value_loss"] / minibatches
+            metrics["value_clip_ratio"] = sums["value_clip_ratio_sum"] / tokens
+        return metrics
+
+    @staticmethod
+    def _train_role(group: WorkerGroup, objective: Any, rollout: Rollout, index: list[int],
+                    micro: int, **kwargs: Any) -> list[dict[str, Any]]:
+        per_rank = shard(index, group.size, micro)
+        batches = [[rollout.rows(mb) for mb in rank] for rank in per_rank]
+        return group.call_each("train_step", [(objective, b) for b in batches], **kwargs)
+
+    def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any,
+                         kl: torch.Tensor) -> dict[str, float]:
+        stats = scores.metrics()
+        metrics = {"reward": stats["reward/mean"], "reward_std": stats["reward/std"],
+                   **{k: v for k, v in stats.items() if k.startswith("rewards/")
+                      and k.endswith("/mean")},
+                   "kl": float(kl.sum(-1).mean()), "kl_coef": self.kl.coef,
+                   "completions/mean_length": float(np.mean(rollout.lengths)),
+                   "completions/clipped_ratio": float(np.mean(rollout.truncated))}
+        if gold is not None:
+            metrics["reward/proxy"] = metrics["reward"]
+            metrics["reward/gold"] = gold.metrics()["reward/mean"]
+        return metrics
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        """Greedy completions of held-out prompts: reward, gold reward, exact match."""
+        if len(self.eval_prompts) < self.group.size:
+            return {}
+        cfg = self.cfg.eval
+        prompts = [p.text for p in self.eval_prompts]
+        texts = generate_texts(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
+                               cfg.batch_size)
+        columns = {k: [p.columns.get(k) for p in self.eval_prompts]
+                   for k in self.eval_prompts[0].columns}
+        metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
+        if self.gold is not None:
+            metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))
+        answers = columns.get("answer")
+        if answers and all(isinstance(a, str) for a in answers):
+            metrics["eval/accuracy"] = arithmetic.accuracy(texts, answers)
+        metrics["eval/samples"] = len(prompts)
+        return metrics
+
+
+def _add(total: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        total[key] = total.get(key, 0.0) + value
+

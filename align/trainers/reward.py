@@ -1,0 +1,109 @@
+"""Reward model: a Bradley-Terry scorer trained on preference pairs (`align rm CONFIG`).
+
+The model is `AutoModelForSequenceClassification(num_labels=1)` held by the same Policy as
+every stage (LoRA and ZeRO 0-3 apply). Each micro-batch holds B pairs as 2B right-padded rows,
+chosen then rejected, scored in one forward pass; the loss is -logsigmoid(r_c - r_r - margin)
+plus an optional centring term (`align.losses.pairwise_loss`), normalised by the number of
+pairs in the whole global batch so the update does not depend on how it is split over workers.
+Metrics are TRL's: accuracy, margin, mean_reward, min_reward, max_reward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.config import EMBEDDED, RMConfig
+from align.data import PreferenceExample, collate_preference, tokenize_preference
+from align.losses import pairwise_loss
+from align.tasks import arithmetic
+from align.trainers.base import Trainer
+from align.trainers.batches import (
+    StepSchedule,
+    load_train_eval_rows,
+    shard,
+    shard_evenly,
+    sum_metrics,
+)
+from reward_models.scorer import pair_means, pair_sums, score_batch
+
+
+def reward_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_pairs: float,
+                     center_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Worker side: the pairwise loss of one micro-batch, as its share of the global-batch mean.
+
+    Args:
+        model: the sequence classifier (DeepSpeed engine or plain module).
+        batch: `collate_preference` output: `input_ids`, `attention_mask` (2B, T), chosen rows
+            first; `margin` (B,) when the data has one.
+        num_pairs: pairs in the whole global batch (all ranks and micro-batches).
+        center_coef: weight of the reward-centring term.
+    """
+    chosen, rejected = score_batch(model, batch).chunk(2)
+    margin = batch.get("margin")
+    if margin is not None:
+        margin = margin.to(chosen.device)
+    loss = pairwise_loss(chosen, rejected, margin, center_coef) * (len(chosen) / num_pairs)
+    return loss, {"loss": loss.item(), **pair_sums(chosen, rejected)}
+
+
+class RewardTrainer(Trainer):
+    stage = "rm"
+    model_kind = "sequence_classification"
+
+    def __init__(self, cfg: RMConfig, show_progress: bool = True) -> None:
+        super().__init__(cfg, show_progress)
+
+    # ---------------------------------------------------------------- data
+
+    def prepare_data(self) -> int:
+        cfg = self.cfg
+        train_rows, eval_rows, train_name, eval_name = self._rows()
+        self.train = tokenize_preference(train_rows, self.tokenizer, cfg.data.max_length,
+                                         train_name)
+        self.eval = tokenize_preference(eval_rows, self.tokenizer, cfg.data.max_length,
+                                        eval_name)
+        self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
+                                     cfg.trainer.seed)
+        return len(self.train)
+
+    def _rows(self) -> tuple[list[dict], list[dict], str, str]:
+        if self.cfg.data.train == EMBEDDED:
+            task = self.cfg.task
+            return (arithmetic.preference_rows(task, task.num_pairs),
+                    arithmetic.held_out_preference_rows(task), "embedded:arithmetic",
+                    "embedded:arithmetic(held-out)")
+        return load_train_eval_rows(self.cfg.data, self.cfg.trainer.seed)
+
+    def collate(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+        batch = collate_preference(examples, self.tokenizer.pad_token_id)
+        batch.pop("labels")  # scores need no labels; less to ship to the workers
+        if not self.cfg.rm.use_margin:
+            batch.pop("margin", None)
+        return batch
+
+    def _run(self, method: str, per_rank: list[list[list[PreferenceExample]]],
+             num_pairs: int) -> list:
+        batches = [[self.collate(mb) for mb in rank] for rank in per_rank]
+        return self.group.call_each(method, [(reward_objective, b) for b in batches],
+                                    num_pairs=float(num_pairs),
+                                    center_coef=self.cfg.rm.center_coef)
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg.trainer
+        examples = [self.train[i] for i in self.schedule.indices(step)]
+        per_rank = shard(examples, self.group.size, cfg.micro_batch_size)
+        results = self._run("train_step", per_rank, len(examples))
+        sums = sum_metrics([r["sums"] for r in results])
+        return {"loss": sums["loss"], **pair_means(sums), **results[0]["shared"],
+                "epoch": step / self.schedule.steps_per_epoch}
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        if len(self.eval) < self.group.size:
+            return {}
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers collectively).
+        per_rank = shard_evenly(self.eval, self.group.size, self.cfg.trainer.micro_batch_size)
+        sums = sum_metrics(self._run("evaluate", per_rank, len(self.eval)))
+        metrics = {"loss": sums["loss"], **pair_means(sums), "pairs": len(self.eval)}
+        return {f"eval/{key}": value for key, value in metrics.items()}

@@ -1,0 +1,112 @@
+"""Built-in rule rewards, addressed as ``reward_models.builtin:<name>`` in a config.
+
+They follow the Reward protocol and suit the embedded arithmetic task (prompts ``Q: 23+58=``,
+completions `` 81``, integer answers 0..198 in the column ``answer``). A completion is cleaned
+before it is judged: text from the first end-of-sequence marker on (``</s>``, ``<|endoftext|>``,
+...) is dropped, then surrounding whitespace. Chat-format completions (a list of messages, as
+TRL passes in conversational mode) are judged by the last message's content.
+
+Parameters are set per config entry with ``kwargs``::
+
+    - {spec: reward_models.builtin:format_reward, kwargs: {max_digits: 3}}
+    - {spec: reward_models.builtin:length_penalty, kwargs: {target_chars: 4, per_char: 0.05}}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+EOS_MARKERS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<eos>", "<pad>")
+"""End-of-sequence texts that tokenizers leave in decoded completions."""
+
+DEFAULT_MAX_DIGITS = 3  # format_reward: the embedded task's answers have at most 3 digits (198)
+DEFAULT_TARGET_CHARS = 4  # length_penalty: free length of a cleaned completion, in characters
+DEFAULT_PER_CHAR = 0.1  # length_penalty: reward lost per character beyond the free length
+
+
+def clean_completion(completion: Any) -> str:
+    """The text a rule judges: EOS marker and everything after it removed, then stripped.
+
+    Args:
+        completion: A string, or a list of chat messages (the last one's ``content`` is used).
+
+    Returns:
+        The cleaned text.
+    """
+    if isinstance(completion, list):
+        completion = completion[-1]["content"] if completion else ""
+    elif isinstance(completion, dict):
+        completion = completion["content"]
+    text = str(completion)
+    cut = min((i for i in (text.find(m) for m in EOS_MARKERS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def exact_match(
+    prompts: list[str], completions: list[Any], answer: list[Any], **columns: Any
+) -> list[float | None]:
+    """1.0 where the cleaned completion equals ``str(answer).strip()``, else 0.0.
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated completions, e.g. `` 81</s>``.
+        answer: The reference per sample; None marks a sample without one (returns None).
+        **columns: Other columns, ignored.
+
+    Returns:
+        One value per sample.
+    """
+    return [
+        None if ref is None else float(clean_completion(c) == str(ref).strip())
+        for c, ref in zip(completions, answer)
+    ]
+
+
+def format_reward(
+    prompts: list[str],
+    completions: list[Any],
+    max_digits: int = DEFAULT_MAX_DIGITS,
+    **columns: Any,
+) -> list[float]:
+    """1.0 where the cleaned completion is a plain integer of at most ``max_digits`` digits.
+
+    A leading minus sign is allowed; spaces, signs elsewhere, decimals and words are not.
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated completions.
+        max_digits: Most digits allowed (3 for answers up to 198).
+        **columns: Other columns, ignored.
+
+    Returns:
+        1.0 or 0.0 per sample.
+    """
+    pattern = re.compile(rf"-?\d{{1,{int(max_digits)}}}")
+    return [float(pattern.fullmatch(clean_completion(c)) is not None) for c in completions]
+
+
+def length_penalty(
+    prompts: list[str],
+    completions: list[Any],
+    target_chars: int = DEFAULT_TARGET_CHARS,
+    per_char: float = DEFAULT_PER_CHAR,
+    **columns: Any,
+) -> list[float]:
+    """``-per_char * max(0, len(cleaned completion) - target_chars)``: 0 up to the target.
+
+    Length is counted in characters of the cleaned completion, which needs no tokenizer (and
+    equals tokens for the embedded task's character-level tokenizer).
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated completions.
+        target_chars: Length that costs nothing.
+        per_char: Penalty per character beyond it.
+        **columns: Other columns, ignored.
+
+    Returns:
+        A value <= 0 per sample.
+    """
+    excess = [max(0, len(clean_completion(c)) - target_chars) for c in completions]
+    return [-per_char * n if n else 0.0 for n in excess]

@@ -1,0 +1,170 @@
+"""HttpReward against a tiny JSON server on 127.0.0.1 (port 0, a thread inside the test)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from align.errors import ConfigError, RewardError
+from reward_models import load_reward
+
+PROMPTS = ["Q: 1+1=", "Q: 2+2="]
+COMPLETIONS = [" 2", " 5"]
+FAST = {"backoff_s": 0.01}  # keep retry tests quick
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes by path: each path is one behaviour of a reward endpoint."""
+
+    hits: Counter = Counter()
+    release = threading.Event()
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        Handler.hits[self.path] += 1
+        try:
+            self.route()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout, size limit): expected in these tests
+
+    def route(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/score":
+            rewards = [
+                float(c.strip() == a) + (0.5 if p.startswith("Q:") else 0.0)
+                for p, c, a in zip(body["prompts"], body["completions"], body["answer"])
+            ]
+            self.reply(200, {"rewards": rewards, "model": "test"})
+        elif self.path == "/flaky":
+            if Handler.hits[self.path] < 3:
+                self.reply(503, {"error": "warming up"})
+            else:
+                self.reply(200, {"rewards": [None, 1.0]})
+        elif self.path == "/slow":
+            Handler.release.wait(timeout=3)
+            self.reply(200, {"rewards": [0.0, 0.0]})
+        elif self.path == "/big":
+            self.reply(200, {"rewards": [0.0, 0.0], "padding": "x" * 5000})
+        elif self.path == "/big-undeclared":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the client must stop reading by itself
+            self.wfile.write(b'{"rewards": [0, 0], "padding": "' + b"x" * 5000 + b'"}')
+        elif self.path == "/bad-request":
+            self.reply(400, {"error": "completions missing"})
+        elif self.path == "/not-json":
+            self.send_response(200)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"<html>hi!")
+        elif self.path == "/nan":
+            self.reply(200, {"rewards": [1.0, float("nan")]})
+
+    def reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server():
+    Handler.hits.clear()
+    Handler.release.clear()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    Handler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def test_scores_batch_and_sends_columns(server):
+    reward = load_reward(f"{server}/score")
+    assert reward(PROMPTS, COMPLETIONS, answer=["2", "4"]) == [1.5, 0.5]
+    assert Handler.hits["/score"] == 1
+
+
+def test_retries_5xx_with_backoff(server):
+    reward = load_reward({"spec": f"{server}/flaky", "kwargs": FAST})
+    assert reward(PROMPTS, COMPLETIONS) == [None, 1.0]
+    assert Handler.hits["/flaky"] == 3
+
+
+def test_5xx_gives_up_after_max_tries(server):
+    spec = f"{server}/flaky"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "max_tries": 2}})
+    with pytest.raises(RewardError, match=rf"'{spec}'.*failed after 2 tries: HTTP 503"):
+        reward(PROMPTS, COMPLETIONS)
+    assert Handler.hits["/flaky"] == 2
+
+
+def test_unreachable_url():
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = f"http://127.0.0.1:{port}/score"
+    reward = load_reward({"spec": spec, "kwargs": FAST})
+    with pytest.raises(RewardError, match=rf"'{spec}'.*after 3 tries: cannot reach the endpoint"):
+        reward(PROMPTS, COMPLETIONS)
+
+
+def test_timeout(server):
+    spec = f"{server}/slow"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "timeout_s": 0.2, "max_tries": 2}})
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=rf"'{spec}'.*after 2 tries: no answer within timeout"):
+        reward(PROMPTS, COMPLETIONS)
+    assert time.monotonic() - start < 2.0
+    assert Handler.hits["/slow"] == 2
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-undeclared"])
+def test_oversize_response(server, path):
+    spec = f"{server}{path}"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "max_response_bytes": 1000}})
+    with pytest.raises(RewardError, match=rf"'{spec}'.*exceeds max_response_bytes=1000"):
+        reward(PROMPTS, COMPLETIONS)
+    assert Handler.hits[path] == 1  # not retried
+
+
+def test_4xx_is_not_retried(server):
+    spec = f"{server}/bad-request"
+    with pytest.raises(RewardError, match=rf"'{spec}'.*HTTP 400.*completions missing"):
+        load_reward({"spec": spec, "kwargs": FAST})(PROMPTS, COMPLETIONS)
+    assert Handler.hits["/bad-request"] == 1
+
+
+def test_not_json_and_nan_answers(server):
+    with pytest.raises(RewardError, match=r"/not-json'.*not JSON.*<html>hi!"):
+        load_reward(f"{server}/not-json")(PROMPTS, COMPLETIONS)
+    with pytest.raises(RewardError, match=r"/nan' returned nan for sample 1"):
+        load_reward(f"{server}/nan")(PROMPTS, COMPLETIONS)
+
+
+def test_unserialisable_column_and_bad_option():
+    reward = load_reward("http://127.0.0.1:9/score")
+    with pytest.raises(RewardError, match=r"'http://127.0.0.1:9/score'.*column 'extra'"):
+        reward(PROMPTS, COMPLETIONS, extra=[object(), object()])
+    with pytest.raises(ConfigError, match=r"URL option 'timeout'; did you mean 'timeout_s'"):
+        load_reward({"spec": "http://127.0.0.1:9/score", "kwargs": {"timeout": 1}})
+    with pytest.raises(ConfigError, match=r"timeout_s must be a number > 0.0, got '5'"):
+        load_reward({"spec": "http://127.0.0.1:9/score", "kwargs": {"timeout_s": "5"}})

@@ -1,0 +1,100 @@
+"""Config schema: YAML + overrides, unknown keys with suggestions, types, every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align.config import STAGES, SFTConfig, dump_config, load_config, read_yaml
+from align.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_overrides_merge_into_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 1.0e-3\n  max_steps: 5\n")
+    cfg = load_config(SFTConfig, path, ["trainer.lr=2e-4", "model.lora.enabled=true",
+                                        "model.lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.trainer.lr == pytest.approx(2e-4)
+    assert cfg.trainer.max_steps == 5
+    assert cfg.model.lora.enabled is True
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.distributed.num_workers == 1  # untouched default
+
+
+@pytest.mark.parametrize(("override", "named", "suggested"), [
+    ("trainer.lrr=1", "trainer.lrr", "trainer.lr"),
+    ("modle.name_or_path=x", "modle", "model"),
+    ("distributed.zero_stag=2", "distributed.zero_stag", "distributed.zero_stage"),
+])
+def test_unknown_key_names_it_and_suggests(override, named, suggested):
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, None, [override])
+    assert f"'{named}'" in str(err.value)
+    assert f"did you mean '{suggested}'" in str(err.value)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("trainer.max_steps=ten", "trainer.max_steps"),
+    ("trainer.lr=true", "trainer.lr"),
+    ("model.lora.enabled=3", "model.lora.enabled"),
+    ("trainer.scheduler=exponential", "trainer.scheduler"),
+    ("model=3", "model"),
+])
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SFTConfig, None, [override])
+
+
+def test_cross_field_check_names_keys():
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_config(SFTConfig, None, ["trainer.global_batch_size=10",
+                                      "trainer.micro_batch_size=4"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SFTConfig, None, ["trainer.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(SFTConfig, tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, None, ["trainer.lr=5e-4", "data.eval=held.jsonl"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_configs_exist():
+    assert CONFIG_FILES, "configs/ holds no YAML"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# align "), f"{path} must open with the command that runs it"
+    stage = first.split()[2]
+    assert stage in STAGES, f"{path}: unknown stage {stage!r} in its first line"
+    assert first.split()[3] == str(path.relative_to(ROOT))
+    read_yaml(path)
+    load_config(STAGES[stage], path)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing"),
+    (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "dpo.loss_type"),
+    (["dpo.label_smoothing=0.5"], "dpo.label_smoothing"),
+    (["dpo.beta=0"], "dpo.beta"),
+    (["dpo.nll_coef=-1"], "dpo.nll_coef"),
+    (["dpo.loss_type=simpo", "dpo.precompute_reference=true"], "dpo.precompute_reference"),
+    (["dpo.loss_type=kto"], "dpo.loss_type"),
+])
+def test_dpo_cross_field_checks_name_keys(overrides, named):
+    from align.config import DPOConfig
+
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(DPOConfig, None, overrides)
