@@ -15,9 +15,12 @@ from align.errors import ConfigError
 from align.tracking import read_metrics
 from align.trainers.registry import TRAINERS
 
-# (stage, config file, overrides wiring it to earlier stages' outputs)
+# (stage, config file, overrides wiring it to earlier stages' outputs; `{out}` in an
+# override is replaced by the quickstart's output folder)
 PIPELINE: list[tuple[str, str, list[str]]] = [
     ("sft", "sft.yaml", []),
+    ("rm", "rm.yaml", ["model.name_or_path={out}/sft/final"]),
+    ("dpo", "dpo.yaml", ["model.name_or_path={out}/sft/final"]),
 ]
 
 
@@ -39,7 +42,8 @@ def run_quickstart(output_dir: str, configs: str | None = None,
     summaries = []
     for stage, filename, wiring in PIPELINE:
         stage_dir = out / stage
-        extra = [f"output_dir={stage_dir}", "overwrite=true", *wiring, *(overrides or [])]
+        extra = [f"output_dir={stage_dir}", "overwrite=true",
+                 *(w.format(out=out) for w in wiring), *(overrides or [])]
         cfg = load_config(STAGES[stage], folder / filename, extra)
         print(f"\n=== {stage}: {folder / filename} -> {stage_dir}")
         summary = TRAINERS[stage](cfg, show_progress=not quiet).fit()

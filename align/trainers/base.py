@@ -94,6 +94,7 @@ class Trainer:
         checkpoints = CheckpointManager(out, cfg.trainer.keep_last)
         try:
             self.group = self.build_workers()
+            self._write_placement(out)
             step = 0
             if resume_from is not None:
                 self.group.call("load_checkpoint", str(resume_from))
@@ -124,6 +125,12 @@ class Trainer:
         group.call("setup", cfg.model, cfg.trainer, cfg.distributed, self.optimizer_steps(),
                    self.model_kind, reference=self.needs_reference())
         return group
+
+    def _write_placement(self, out: Path) -> None:
+        """placement.json: the Ray node of every rank of every role."""
+        groups = {"policy": self.group, **self.extra_groups}
+        placement = {role: group.call("node_id") for role, group in groups.items()}
+        (out / "placement.json").write_text(json.dumps(placement, indent=1) + "\n")
 
     def _loop(self, step: int, checkpoints: CheckpointManager) -> tuple[float, int]:
         cfg = self.cfg.trainer

@@ -12,6 +12,7 @@ from align.data import (
     collate_packed,
     collate_padded,
     collate_preference,
+    collate_preference_packed,
     length_grouped_order,
     tokenize_sft,
 )
@@ -123,6 +124,18 @@ def test_collate_preference_stacks_chosen_then_rejected():
     assert batch["margin"].tolist() == [0.5, 1.0]
     no_margin = collate_preference([PreferenceExample([1], [2], [3], None)], pad_id=0)
     assert "margin" not in no_margin
+
+
+def test_collate_preference_packed_layout():
+    examples = [PreferenceExample([1, 2], [3, 1], [4, 4, 1]), PreferenceExample([], [6, 1], [7, 1])]
+    batch = collate_preference_packed(examples)
+    # chosen 0, chosen 1, rejected 0, rejected 1; an empty prompt leaves the first token unscored
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 1, 6, 1, 1, 2, 4, 4, 1, 7, 1]]
+    assert batch["labels"].tolist() == [
+        [IGN, IGN, 3, 1, IGN, 1, IGN, IGN, 4, 4, 1, IGN, 1]
+    ]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3]]
 
 
 def test_length_grouped_order():

@@ -6,12 +6,19 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-from align.data import PreferenceExample
+from align.config import TaskConfig
+from align.data import (
+    PreferenceExample,
+    collate_preference,
+    collate_preference_packed,
+    tokenize_preference,
+)
 from align.losses import dpo_loss, nll_loss, preference_metrics, simpo_loss
+from align.tasks import arithmetic
 from align.tracking import read_metrics
-from align.trainers.dpo import DPOTrainer
+from align.trainers.dpo import DPOTrainer, completion_logps
 from tests.conftest import tiny_dpo_config
 
 pytestmark = pytest.mark.slow
@@ -59,6 +66,22 @@ def expected_metrics(policy: torch.Tensor, lengths: torch.Tensor, reference: tor
                preference_metrics(out.chosen_rewards, out.rejected_rewards).items()}
     return {"loss": loss.item(), **metrics, "logps/chosen": chosen.mean().item(),
             "logps/rejected": rejected.mean().item()}
+
+
+def test_packed_completion_logps_equal_padded_and_plain(tiny_model_dir):
+    """One concatenated forward (packed or padded) gives each sequence's own log-probs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    examples = tokenize_preference(
+        [*arithmetic.preference_rows(TaskConfig(), 5), {"prompt": "", "chosen": "ab",
+                                                        "rejected": "abc"}],
+        ByT5Tokenizer(), max_length=24)
+    with torch.no_grad():
+        packed, packed_len = completion_logps(model, collate_preference_packed(examples))
+        padded, padded_len = completion_logps(model, collate_preference(examples, 0))
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    assert packed_len.tolist() == padded_len.tolist()
+    plain, _ = plain_logps(model, examples[:-1])  # plain_logps assumes a non-empty prompt
+    torch.testing.assert_close(torch.stack(packed.chunk(2), 1)[:-1], plain, atol=1e-5, rtol=0)
 
 
 def test_two_workers_zero2_trains_and_margins_rise(tmp_path, ray_local):

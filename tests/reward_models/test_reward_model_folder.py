@@ -1,0 +1,67 @@
+"""A trained reward-model folder as a reward spec: the numbers the model computes directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from align.errors import ConfigError, RewardError
+from reward_models import RewardModelScorer, load_reward
+from reward_models.scorer import score_texts
+
+PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99=", "Q: 40+2="]
+COMPLETIONS = [" 81", " 20", " 198 and some more words", " 4"]  # lengths differ: padding
+
+
+def direct(folder: str, prompts: list[str], completions: list[str]) -> list[float]:
+    """Plain transformers, one unpadded sequence at a time: prompt + completion + EOS."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            ids = (tok(p, add_special_tokens=False).input_ids
+                   + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
+            out.append(model(torch.tensor([ids])).logits[0, 0].item())
+    return out
+
+
+def test_in_process_scores_match_the_model(tiny_reward_model_dir):
+    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": {"num_workers": 0}})
+    assert isinstance(reward.fn, RewardModelScorer)
+    expected = direct(tiny_reward_model_dir, PROMPTS, COMPLETIONS)
+    assert len(set(expected)) == len(expected)  # the samples really are told apart
+    assert reward(PROMPTS, COMPLETIONS, answer=["81", "20", "198", "42"]) == pytest.approx(
+        expected, abs=1e-5)
+
+
+def test_batching_does_not_change_scores(tiny_reward_model_dir):
+    scorer = RewardModelScorer(tiny_reward_model_dir, num_workers=0)
+    together = score_texts(scorer.model, scorer.tokenizer, PROMPTS, COMPLETIONS, batch_size=4)
+    alone = score_texts(scorer.model, scorer.tokenizer, PROMPTS, COMPLETIONS, batch_size=1)
+    assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_causal_lm_folder_is_not_a_reward_model(tiny_model_dir):
+    with pytest.raises(RewardError, match=r"LlamaForCausalLM.*not a reward model"):
+        load_reward(tiny_model_dir("llama"))
+
+
+def test_unknown_option_suggests_the_closest(tiny_reward_model_dir):
+    with pytest.raises(ConfigError, match=r"'num_worker'.*did you mean 'num_workers'"):
+        load_reward({"spec": tiny_reward_model_dir, "kwargs": {"num_worker": 2}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_actor_group_scores_match_the_model(tiny_reward_model_dir, ray_local, workers):
+    reward = load_reward({"spec": tiny_reward_model_dir,
+                          "kwargs": {"num_workers": workers, "cpus_per_worker": 0.5}})
+    try:
+        assert reward.fn.group.size == workers
+        expected = direct(tiny_reward_model_dir, PROMPTS, COMPLETIONS)
+        assert reward(PROMPTS, COMPLETIONS) == pytest.approx(expected, abs=1e-5)
+        assert reward(PROMPTS[:1], COMPLETIONS[:1]) == pytest.approx(expected[:1], abs=1e-5)
+    finally:
+        reward.fn.close()
