@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from typing import Any
 from align.errors import OutputDirError
 
 STATE_FILE = "trainer_state.json"
+# Fault injection for the reliability tests: `kill-during-checkpoint:N` SIGKILLs the process
+# after checkpoint N's files are written but before it is published; `kill-after-checkpoint:N`
+# right after it is published. Unset in normal runs.
+FAULT_ENV = "ALIGN_FAULT"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -60,10 +65,12 @@ class CheckpointManager:
             json.dump({"step": step, **state}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        _maybe_fault("kill-during-checkpoint", step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         self._prune()
+        _maybe_fault("kill-after-checkpoint", step)
         return final
 
     def complete(self) -> list[Path]:
@@ -102,3 +109,8 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def _maybe_fault(point: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -122,7 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     # No network is assumed: fail at once instead of retrying hub downloads for a minute.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():  # say so, rather than have DeepSpeed warn about it
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`align sft c.yaml --quiet a.b=1`).
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

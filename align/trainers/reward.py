@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from align.config import EMBEDDED, RMConfig
+from align.config import RMConfig
 from align.data import PreferenceExample, collate_preference, tokenize_preference
 from align.losses import pairwise_loss
-from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import (
     StepSchedule,
-    load_train_eval_rows,
+    load_preference_rows,
     shard,
     shard_evenly,
     sum_metrics,
@@ -57,7 +56,7 @@ class RewardTrainer(Trainer):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        train_rows, eval_rows, train_name, eval_name = self._rows()
+        train_rows, eval_rows, train_name, eval_name = load_preference_rows(cfg)
         self.train = tokenize_preference(train_rows, self.tokenizer, cfg.data.max_length,
                                          train_name)
         self.eval = tokenize_preference(eval_rows, self.tokenizer, cfg.data.max_length,
@@ -65,14 +64,6 @@ class RewardTrainer(Trainer):
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
         return len(self.train)
-
-    def _rows(self) -> tuple[list[dict], list[dict], str, str]:
-        if self.cfg.data.train == EMBEDDED:
-            task = self.cfg.task
-            return (arithmetic.preference_rows(task, task.num_pairs),
-                    arithmetic.held_out_preference_rows(task), "embedded:arithmetic",
-                    "embedded:arithmetic(held-out)")
-        return load_train_eval_rows(self.cfg.data, self.cfg.trainer.seed)
 
     def collate(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         batch = collate_preference(examples, self.tokenizer.pad_token_id)
