@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -127,6 +128,32 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, kind: ModelKind = "causa
     except ValueError as exc:
         raise ModelError(f"model.lora.target_modules={cfg.target_modules!r} does not fit "
                          f"this model: {exc}") from None
+
+
+def check_lora_targets(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+                       kind: ModelKind = "causal_lm") -> None:
+    """Fail early (on the driver, before any output is written) if LoRA fits no layer.
+
+    The model is built on the meta device: no weights are read or allocated.
+    """
+    if not cfg.lora.enabled:
+        return
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    if is_embedded(cfg.name_or_path):
+        config = embedded_config(cfg, tokenizer)
+    else:
+        _check_model_source(cfg.name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path,
+                                                trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.name_or_path: cannot load '{cfg.name_or_path}': "
+                             f"{exc}") from None
+    if kind == "sequence_classification":
+        config.num_labels = 1
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    apply_lora(model, cfg.lora, kind)
 
 
 def _check_model_source(name: str) -> None:

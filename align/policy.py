@@ -200,11 +200,17 @@ class Policy:
         self.model.eval()
         # top_k=0 turns off transformers' default top-k 50: RL needs the model's distribution.
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-        with self.gathered_parameters():
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                eos_token_id=tok.eos_token_id, **sampling)
+        try:
+            with self.gathered_parameters():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                    eos_token_id=tok.eos_token_id, **sampling)
+        except RuntimeError as exc:
+            if "probability tensor" not in str(exc):
+                raise
+            raise TrainingError(f"rank {self.rank}: the policy's next-token distribution is not "
+                                "finite (the weights diverged); lower trainer.lr") from None
         results = []
         for row in out[:, width:].tolist():
             if tok.eos_token_id in row:

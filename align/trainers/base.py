@@ -24,7 +24,7 @@ from align.checkpoint import (
 from align.config import RunConfig, dump_config
 from align.distributed import PolicyWorker, WorkerGroup
 from align.errors import TrainingError
-from align.model_loading import load_tokenizer
+from align.model_loading import check_lora_targets, load_tokenizer
 from align.tracking import MetricsLogger
 from align.trainers.batches import total_steps
 
@@ -85,6 +85,7 @@ class Trainer:
         cfg = self.cfg
         started = time.time()
         self.tokenizer = load_tokenizer(cfg.model)
+        check_lora_targets(cfg.model, self.tokenizer, self.model_kind)
         num_examples = self.prepare_data()
         self.total_steps = self.count_steps(num_examples)
         resume_from = resolve_resume(cfg.output_dir, cfg.resume)
