@@ -335,14 +335,34 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    node = data
+    node: Any = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # `rewards.0.spec=...` addresses a list item
+            node = _list_item(node, part, item)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[_index(node, parts[-1], item)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(items: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override '{item}': '{part}' is not an index of that list "
+                          f"(it has {len(items)} items)")
+    return int(part)
+
+
+def _list_item(items: list, part: str, item: str) -> Any:
+    child = items[_index(items, part, item)]
+    if not isinstance(child, dict):
+        raise ConfigError(f"override '{item}': item {part} is not a section")
+    return child
 
 
 def from_dict(schema: type[T], data: dict[str, Any], prefix: str = "") -> T:

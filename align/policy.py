@@ -131,7 +131,7 @@ class Policy:
         lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, metrics = objective(engine, batch, **kwargs)
+            loss, metrics = objective(engine, self._on_device(batch), **kwargs)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}) on rank {self.rank}; "
                                     "lower trainer.lr or check the data")
@@ -166,7 +166,12 @@ class Policy:
             self.engine or self.model)
         with view as module:
             module.eval()
-            return [fn(module, batch, **kwargs) for batch in micro_batches]
+            return [_to_cpu(fn(module, self._on_device(batch), **kwargs))
+                    for batch in micro_batches]
+
+    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @contextlib.contextmanager
     def reference_view(self) -> Iterator[torch.nn.Module]:
@@ -293,6 +298,19 @@ def combine_metric(key: str, total: float | None, value: float) -> float:
 def _accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
         totals[key] = combine_metric(key, totals.get(key), value)
+
+
+def _to_cpu(value: Any) -> Any:
+    """Results leave the actor on the CPU (the driver may have no GPU)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def _grad_norm(model: torch.nn.Module) -> float:

@@ -70,6 +70,7 @@ class RewardModelServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: RewardModelServer
+    timeout = 60  # seconds a client may stall mid-request before its connection is dropped
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
         pass  # one line per request would drown the URL the user needs

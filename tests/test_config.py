@@ -98,3 +98,14 @@ def test_dpo_cross_field_checks_name_keys(overrides, named):
 
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(DPOConfig, None, overrides)
+
+
+def test_override_addresses_list_items(tmp_path):
+    from align.config import PPOConfig
+
+    path = tmp_path / "p.yaml"
+    path.write_text("rewards:\n  - spec: a:b\n  - spec: c:d\n    weight: 0.5\n")
+    cfg = load_config(PPOConfig, path, ["rewards.1.spec=e:f", "rewards.0.weight=2"])
+    assert [(r.spec, r.weight) for r in cfg.rewards] == [("a:b", 2.0), ("e:f", 0.5)]
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(PPOConfig, path, ["rewards.5.spec=x:y"])

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from align.advantages import (
@@ -115,15 +116,17 @@ class PPOTrainer(Trainer):
         return self.group
 
     def _role_resources(self):
-        """Per-role DistributedConfigs. Unless set, roles share each node's CPUs evenly in Ray's
-        accounting, while each keeps threads for the whole node: the roles run one after
+        """Per-role DistributedConfigs. Unless set, roles share the free CPUs evenly in Ray's
+        accounting, while each keeps threads for a whole node: the roles run one after
         another (generate, score, train), never at the same time."""
         cfg = self.cfg
         ensure_ray(cfg.distributed.ray_address)
         policy_n = cfg.distributed.num_workers
         critic_n = (cfg.critic.num_workers or policy_n) if self.use_critic else 0
         cpus = node_cpus()
-        share = cpus / (policy_n + critic_n) if critic_n else None
+        # Reward-model groups (started with the rewards) already hold their CPUs.
+        free = min(ray.available_resources().get("CPU", cpus), cpus * len(ray.nodes()))
+        share = free / (policy_n + critic_n)
 
         def role(n: int, cpus_per_worker: float | None, zero: int) -> Any:
             per = cpus_per_worker or cfg.distributed.cpus_per_worker or share

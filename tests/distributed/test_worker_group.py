@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 import time
 
-import cloudpickle
 import pytest
 import ray
 import torch
 import torch.distributed as dist
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
 from align.config import DistributedConfig

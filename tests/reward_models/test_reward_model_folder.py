@@ -15,9 +15,13 @@ COMPLETIONS = [" 81", " 20", " 198 and some more words", " 4"]  # lengths differ
 
 
 def direct(folder: str, prompts: list[str], completions: list[str]) -> list[float]:
+    return direct_scores(AutoModelForSequenceClassification.from_pretrained(folder),
+                         AutoTokenizer.from_pretrained(folder), prompts, completions)
+
+
+def direct_scores(model, tok, prompts: list[str], completions: list[str]) -> list[float]:
     """Plain transformers, one unpadded sequence at a time: prompt + completion + EOS."""
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model.eval()
     out = []
     with torch.no_grad():
         for p, c in zip(prompts, completions):

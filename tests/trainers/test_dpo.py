@@ -113,7 +113,8 @@ def test_zero3_lora_reference_is_the_base_model(tmp_path, ray_local, tiny_model_
     summary = trainer.fit()
     assert not trainer.precompute and trainer.needs_reference()  # LoRA: adapter-off view
     margins = curve(tmp_path / "run", "rewards/margins")
-    assert mean(margins[-3:]) > mean(margins[:3]) + 0.2, margins
+    assert margins[0] == 0.0  # same batch, same weights: the adapter starts at zero
+    assert mean(margins[-3:]) > mean(margins[:3]) + 0.05, margins  # rank-8 adapters: slower
     # Computed at the end, after the adapter trained: still exactly the base model's.
     expected, _ = plain_logps(AutoModelForCausalLM.from_pretrained(base), trainer.eval)
     torch.testing.assert_close(trainer.reference["eval"], expected, atol=1e-5, rtol=0)

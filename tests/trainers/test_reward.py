@@ -20,6 +20,7 @@ from reward_models import load_reward
 from reward_models.evaluation import evaluate_reward_model
 from reward_models.scorer import pair_means
 from tests.conftest import tiny_rm_config
+from tests.reward_models.test_reward_model_folder import direct_scores
 
 
 def easy_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -38,18 +39,6 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-def direct_scores(model, tok, prompts, completions) -> list[float]:
-    """Scores from plain transformers, one unpadded sequence at a time."""
-    model.eval()
-    scores = []
-    with torch.no_grad():
-        for p, c in zip(prompts, completions):
-            ids = (tok(p, add_special_tokens=False).input_ids
-                   + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
-            scores.append(model(torch.tensor([ids])).logits[0, 0].item())
-    return scores
-
-
 # --------------------------------------------------------------------------- fast
 
 
@@ -61,7 +50,7 @@ def test_objective_is_split_invariant(tiny_reward_model_dir):
     whole = collate_preference(examples, tok.pad_token_id)
     loss, metrics = reward_objective(model, whole, num_pairs=8)
     chosen, rejected = model(input_ids=whole["input_ids"],
-                             attention_mask=whole["attention_mask"]).logits[:, 0].chunk(2)
+                             attention_mask=whole["attention_mask"]).logits[:, 0].detach().chunk(2)
     torch.testing.assert_close(loss, pairwise_loss(chosen, rejected))
     halves = [reward_objective(model, collate_preference(part, tok.pad_token_id), num_pairs=8)
               for part in (examples[:3], examples[3:])]
