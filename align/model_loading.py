@@ -45,6 +45,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tok = ByT5Tokenizer()
         tok.chat_template = EMBEDDED_CHAT_TEMPLATE
     else:
+        _check_model_source(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
         try:
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -156,12 +157,18 @@ def check_lora_targets(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
     apply_lora(model, cfg.lora, kind)
 
 
-def _check_model_source(name: str) -> None:
-    path = Path(name)
-    looks_local = name.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path.expanduser() / "config.json").is_file():
-        raise ModelError(f"model.name_or_path: '{name}' is not a model folder "
-                         "(no config.json there)")
+def _check_model_source(name: str, key: str = "model.name_or_path") -> None:
+    """A local path must be a model folder; a hub id is `name` or `org/name`."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ModelError(f"{key}: '{name}' does not exist (if it is an earlier stage's "
+                         "output, run that stage first, e.g. `align sft "
+                         "configs/arithmetic/sft.yaml`)")
+    if not (path / "config.json").is_file() and key == "model.name_or_path":
+        raise ModelError(f"{key}: '{name}' is not a model folder (no config.json there)")
 
 
 def _prefers_safetensors(name: str) -> bool | None:

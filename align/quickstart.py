@@ -15,13 +15,18 @@ from align.errors import ConfigError
 from align.tracking import read_metrics
 from align.trainers.registry import TRAINERS
 
-# (stage, config file, overrides wiring it to earlier stages' outputs; `{out}` in an
+# (run name, stage, config file, overrides wiring it to earlier runs' outputs; `{out}` in an
 # override is replaced by the quickstart's output folder)
-PIPELINE: list[tuple[str, str, list[str]]] = [
-    ("sft", "sft.yaml", []),
-    ("rm", "rm.yaml", ["model.name_or_path={out}/sft/final"]),
-    ("dpo", "dpo.yaml", ["model.name_or_path={out}/sft/final"]),
+PIPELINE: list[tuple[str, str, str, list[str]]] = [
+    ("sft", "sft", "sft.yaml", []),
+    ("rm", "rm", "rm.yaml", ["model.name_or_path={out}/sft/final"]),
+    ("grpo", "ppo", "grpo.yaml", ["model.name_or_path={out}/sft/final"]),
+    ("ppo_rm", "ppo", "ppo_rm.yaml", ["model.name_or_path={out}/sft/final",
+                                      "rewards.0.spec={out}/rm/final"]),
+    ("dpo", "dpo", "dpo.yaml", ["model.name_or_path={out}/sft/final"]),
 ]
+# What eval/accuracy means in each stage's summary.
+ACCURACY_KIND = {"rm": "pairwise"}
 
 
 def find_configs(explicit: str | None) -> Path:
@@ -40,14 +45,14 @@ def run_quickstart(output_dir: str, configs: str | None = None,
     folder = find_configs(configs)
     out = Path(output_dir)
     summaries = []
-    for stage, filename, wiring in PIPELINE:
-        stage_dir = out / stage
-        extra = [f"output_dir={stage_dir}", "overwrite=true",
+    for name, stage, filename, wiring in PIPELINE:
+        run_dir = out / name
+        extra = [f"output_dir={run_dir}", "overwrite=true",
                  *(w.format(out=out) for w in wiring), *(overrides or [])]
         cfg = load_config(STAGES[stage], folder / filename, extra)
-        print(f"\n=== {stage}: {folder / filename} -> {stage_dir}")
+        print(f"\n=== {name}: align {stage} {folder / filename} -> {run_dir}")
         summary = TRAINERS[stage](cfg, show_progress=not quiet).fit()
-        summaries.append(summary)
+        summaries.append({"run": name, **summary})
     table = format_table(summaries)
     print("\n" + table)
     write_report(out, summaries, table)
@@ -55,24 +60,32 @@ def run_quickstart(output_dir: str, configs: str | None = None,
 
 
 def format_table(summaries: list[dict]) -> str:
-    lines = ["| stage | held-out accuracy | steps | wall s | samples/s |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | stage | held-out accuracy | steps | wall s | samples/s |",
+             "|---|---|---|---|---|---|"]
     for s in summaries:
         acc = s.get("eval/accuracy")
-        shown = f"{100 * acc:.1f}%" if acc is not None else "-"
-        lines.append(f"| {s['stage']} | {shown} | {s['steps']} | {s['wall_seconds']:.0f} | "
-                     f"{s['samples_per_second']:.0f} |")
+        kind = ACCURACY_KIND.get(s["stage"], "exact match")
+        shown = f"{100 * acc:.1f}% ({kind})" if acc is not None else "-"
+        lines.append(f"| {s['run']} | {s['stage']} | {shown} | {s['steps']} | "
+                     f"{s['wall_seconds']:.0f} | {s['samples_per_second']:.0f} |")
     return "\n".join(lines)
 
 
 def write_report(out: Path, summaries: list[dict], table: str) -> None:
     parts = ["# Quickstart report", "", table, ""]
     for s in summaries:
-        metrics = read_metrics(out / s["stage"] / "metrics.jsonl")
-        losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-        parts += [f"## {s['stage']}", "", "| step | loss |", "|---|---|"]
-        stride = max(1, len(losses) // 10)
-        parts += [f"| {step} | {loss:.4f} |" for step, loss in losses[::stride]]
+        metrics = read_metrics(out / s["run"] / "metrics.jsonl")
+        curve = [(m["step"], m.get("loss", m.get("reward"))) for m in metrics
+                 if "loss" in m or "reward" in m]
+        label = "loss" if any("loss" in m for m in metrics) else "reward"
+        parts += [f"## {s['run']}", "", f"| step | {label} |", "|---|---|"]
+        stride = max(1, len(curve) // 10)
+        parts += [f"| {step} | {value:.4f} |" for step, value in curve[::stride]]
+        gold = [(m["step"], m["reward/proxy"], m["reward/gold"]) for m in metrics
+                if "reward/gold" in m]
+        if gold:
+            parts += ["", "| step | reward/proxy | reward/gold |", "|---|---|---|"]
+            parts += [f"| {st} | {p:.3f} | {g:.3f} |" for st, p, g in gold[::stride]]
         parts.append("")
     (out / "report.md").write_text("\n".join(parts))
     (out / "report.json").write_text(json.dumps(summaries, indent=1) + "\n")

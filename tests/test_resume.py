@@ -18,7 +18,7 @@ from align.checkpoint import FAULT_ENV, CheckpointManager
 from align.config import dump_config
 from align.tracking import read_metrics
 from align.trainers.registry import TRAINERS
-from tests.conftest import tiny_ppo_config, tiny_sft_config
+from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_sft_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,4 +94,13 @@ def test_ppo_resume_after_sigkill_is_exact(tmp_path, ray_local, estimator):
                                "algorithm.adaptive_kl=true", "eval.max_samples=0")
     straight = uninterrupted("ppo", config(), tmp_path)
     resumed = interrupted_then_resumed("ppo", config(), tmp_path, "kill-after-checkpoint:3")
+    assert_same_metrics(comparable(straight), comparable(resumed))
+
+
+def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
+    def config():
+        return tiny_dpo_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3",
+                               "eval.exact_match=false")
+    straight = uninterrupted("dpo", config(), tmp_path)
+    resumed = interrupted_then_resumed("dpo", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))

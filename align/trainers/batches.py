@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from align.config import EMBEDDED, DataConfig, RunConfig, TrainerConfig
-from align.data import load_rows
+from align.data import PreferenceExample, load_rows, tokenize_preference
 from align.errors import ConfigError, DataError
 from align.policy import combine_metric
 from align.tasks import arithmetic
@@ -116,3 +116,11 @@ def load_preference_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], str, s
                 arithmetic.held_out_preference_rows(cfg.task), "embedded:arithmetic",
                 "embedded:arithmetic(held-out)")
     return load_train_eval_rows(cfg.data, cfg.trainer.seed)
+
+
+def load_preference_examples(cfg: RunConfig, tokenizer: Any
+                             ) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Training and held-out preference pairs, read (see load_preference_rows) and tokenised."""
+    train_rows, eval_rows, train_name, eval_name = load_preference_rows(cfg)
+    return (tokenize_preference(train_rows, tokenizer, cfg.data.max_length, train_name),
+            tokenize_preference(eval_rows, tokenizer, cfg.data.max_length, eval_name))

@@ -36,7 +36,6 @@ from align.data import (
     PreferenceExample,
     collate_preference,
     collate_preference_packed,
-    tokenize_preference,
 )
 from align.distributed import WorkerGroup
 from align.losses import (
@@ -52,7 +51,7 @@ from align.losses import (
 from align.trainers.base import Trainer
 from align.trainers.batches import (
     StepSchedule,
-    load_preference_rows,
+    load_preference_examples,
     shard,
     shard_evenly,
     sum_metrics,
@@ -178,11 +177,7 @@ class DPOTrainer(Trainer):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        train_rows, eval_rows, train_name, eval_name = load_preference_rows(cfg)
-        self.train = tokenize_preference(train_rows, self.tokenizer, cfg.data.max_length,
-                                         train_name)
-        self.eval = tokenize_preference(eval_rows, self.tokenizer, cfg.data.max_length,
-                                        eval_name)
+        self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
         # Exact match after training: the embedded task's held-out prompts and true answers.
         scored = embedded_exact_match_rows(cfg.task) if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)

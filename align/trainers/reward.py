@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from align.config import RMConfig
-from align.data import PreferenceExample, collate_preference, tokenize_preference
+from align.data import PreferenceExample, collate_preference
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
 from align.trainers.batches import (
     StepSchedule,
-    load_preference_rows,
+    load_preference_examples,
     shard,
     shard_evenly,
     sum_metrics,
@@ -56,11 +56,7 @@ class RewardTrainer(Trainer):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        train_rows, eval_rows, train_name, eval_name = load_preference_rows(cfg)
-        self.train = tokenize_preference(train_rows, self.tokenizer, cfg.data.max_length,
-                                         train_name)
-        self.eval = tokenize_preference(eval_rows, self.tokenizer, cfg.data.max_length,
-                                        eval_name)
+        self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
         return len(self.train)
