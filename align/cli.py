@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default="runs/quickstart", help="where runs are written")
     q.add_argument("--configs", default=None,
                    help="folder of the arithmetic configs (default: the repository's)")
-    q.add_argument("overrides", nargs="*", help="overrides applied to every stage")
+    q.add_argument("overrides", nargs="*",
+                   help="key=value for every run, or RUN:key=value for one (e.g. "
+                        "grpo:trainer.max_steps=20)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(handler=_run_quickstart)
     e = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference data")

@@ -48,7 +48,7 @@ def run_quickstart(output_dir: str, configs: str | None = None,
     for name, stage, filename, wiring in PIPELINE:
         run_dir = out / name
         extra = [f"output_dir={run_dir}", "overwrite=true",
-                 *(w.format(out=out) for w in wiring), *(overrides or [])]
+                 *(w.format(out=out) for w in wiring), *scoped_overrides(overrides, name)]
         cfg = load_config(STAGES[stage], folder / filename, extra)
         print(f"\n=== {name}: align {stage} {folder / filename} -> {run_dir}")
         summary = TRAINERS[stage](cfg, show_progress=not quiet).fit()
@@ -57,6 +57,25 @@ def run_quickstart(output_dir: str, configs: str | None = None,
     print("\n" + table)
     write_report(out, summaries, table)
     return summaries
+
+
+def scoped_overrides(overrides: list[str] | None, run: str) -> list[str]:
+    """Overrides for one run: plain `key=value` ones apply to every run, `RUN:key=value` ones
+    only to that run (e.g. `grpo:rollout.prompts_per_step=8`)."""
+    names = {name for name, *_ in PIPELINE}
+    chosen = []
+    for item in overrides or []:
+        key = item.split("=", 1)[0]
+        scope, sep, rest = key.partition(":")
+        if not sep:
+            chosen.append(item)
+            continue
+        if scope not in names:
+            raise ConfigError(f"override '{item}': '{scope}' is not a quickstart run "
+                              f"({', '.join(sorted(names))})")
+        if scope == run:
+            chosen.append(item[len(scope) + 1:])
+    return chosen
 
 
 def format_table(summaries: list[dict]) -> str:
