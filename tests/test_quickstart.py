@@ -11,8 +11,6 @@ from align.quickstart import PIPELINE, run_quickstart
 from tests.conftest import TINY
 
 
-
-
 @pytest.mark.slow
 def test_quickstart_runs_every_stage(tmp_path, ray_local):
     shrink = [*(f"model.embedded.{k}={v}" for k, v in TINY.items()),
