@@ -120,11 +120,11 @@ class WorkerGroup:
                         raise cause from None
                     self.shutdown()
                     raise TrainingError(f"{self.role} worker rank {ranks[i]} failed: "
-                                        f"{_first_line(exc)}") from None
+                                        f"{_last_line(exc)}") from None
                 except RayActorError as exc:
                     self.shutdown()
                     raise TrainingError(f"{self.role} worker rank {ranks[i]} died: "
-                                        f"{_first_line(exc)}") from None
+                                        f"{_last_line(exc)}") from None
         return results
 
     def shutdown(self) -> None:
@@ -161,7 +161,7 @@ def node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0.0) for n in nodes), default=1.0)
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     tail = [line for line in text if line.strip()]
     return tail[-1] if tail else type(exc).__name__
