@@ -238,3 +238,58 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor,
     """
     returns = reinforce_pp_returns(rewards, mask, gamma)
     return whiten(returns, mask, shift_mean=True, unbiased=False), returns
+
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+# Estimators that spread the score over tokens, so a per-token KL can enter the reward.
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_pp")
+
+
+@torch.no_grad()
+def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor, *,
+                       group_size: int = 1, kl: torch.Tensor | None = None,
+                       kl_coef: float = 0.0, values: torch.Tensor | None = None,
+                       gamma: float = 1.0, lam: float = 0.95, scale_by_std: bool = True,
+                       whiten_advantages: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages of one rollout buffer under `estimator`, the one dispatch trainers call.
+
+    - "gae": token rewards (score on the last token, minus kl_coef * kl per token), then GAE
+      against the critic's `values`, whitened over the batch when `whiten_advantages`.
+    - "reinforce_pp": the same token rewards, discounted returns whitened over the batch.
+    - "grpo" / "rloo": one advantage per sequence from `scores - kl_coef * kl.sum(-1)`,
+      broadcast over its valid tokens.
+
+    Args:
+        estimator: one of ESTIMATORS.
+        scores: (B,) one reward per sequence.
+        mask: (B, T) 1 on valid response tokens.
+        group_size: samples per prompt (grpo, rloo).
+        kl: (B, T) per-token KL to put into the reward, or None when the KL is a loss term.
+        kl_coef: weight of `kl`.
+        values: (B, T) critic values; required for "gae".
+        gamma: discount (gae, reinforce_pp).
+        lam: GAE lambda.
+        scale_by_std: grpo: divide by the group's standard deviation.
+        whiten_advantages: gae: whiten the advantages over the batch.
+
+    Returns:
+        (advantages (B, T), returns (B, T) for "gae" else None), 0 where the mask is 0.
+    """
+    if estimator in TOKEN_REWARD_ESTIMATORS:
+        rewards = token_level_rewards(scores, mask, kl, kl_coef)
+        if estimator == "reinforce_pp":
+            return reinforce_pp_advantages(rewards, mask, gamma)[0], None
+        if values is None:
+            raise ValueError("estimator 'gae' needs the critic's values")
+        advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = whiten(advantages, mask)
+        return advantages, returns
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if kl is not None:
+        scores = scores - kl_coef * kl.sum(-1)
+    per_sequence = (grpo_advantages(scores, group_size, scale_by_std) if estimator == "grpo"
+                    else rloo_advantages(scores, group_size))
+    return per_sequence[:, None] * mask, None

@@ -168,7 +168,7 @@ class RMConfig(RunConfig):
 class DPOSettings:
     """Direct preference optimisation and its variants (`align dpo`); see align.losses."""
 
-    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"  # simpo: no reference
+    loss_type: str = "sigmoid"  # a key of align.losses.PREFERENCE_LOSSES; simpo: no reference
     beta: float = 0.1  # inverse temperature (ipo: the regulariser tau; simpo: reward scale)
     label_smoothing: float = 0.0  # conservative DPO: chance a label is flipped; sigmoid/simpo
     gamma: float = 0.5  # simpo: target reward margin
@@ -183,19 +183,27 @@ class DPOConfig(RunConfig):
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
     def check(self) -> None:
+        from align.losses import PREFERENCE_LOSSES
+
         d = self.dpo
+        entry = PREFERENCE_LOSSES.get(d.loss_type)
+        if entry is None:
+            raise ConfigError(f"dpo.loss_type must be one of {', '.join(PREFERENCE_LOSSES)}; "
+                              f"got {d.loss_type!r}")
         if d.beta <= 0:
             raise ConfigError(f"dpo.beta must be positive; got {d.beta}")
         if not 0.0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must lie in [0, 0.5); got "
                               f"{d.label_smoothing}")
-        if d.label_smoothing and d.loss_type in ("ipo", "hinge"):
-            raise ConfigError(f"dpo.label_smoothing applies to dpo.loss_type sigmoid or simpo, "
-                              f"not {d.loss_type}; set dpo.label_smoothing=0")
+        if d.label_smoothing and not entry.label_smoothing:
+            accepting = [k for k, v in PREFERENCE_LOSSES.items() if v.label_smoothing]
+            raise ConfigError(f"dpo.label_smoothing applies to dpo.loss_type "
+                              f"{' or '.join(accepting)}, not {d.loss_type}; set "
+                              "dpo.label_smoothing=0")
         if d.nll_coef < 0:
             raise ConfigError(f"dpo.nll_coef must be >= 0; got {d.nll_coef}")
-        if d.loss_type == "simpo" and d.precompute_reference:
-            raise ConfigError("dpo.loss_type=simpo uses no reference model: leave "
+        if not entry.needs_reference and d.precompute_reference:
+            raise ConfigError(f"dpo.loss_type={d.loss_type} uses no reference model: leave "
                               "dpo.precompute_reference unset (or false)")
 
 

@@ -7,6 +7,9 @@ carry no loss (prompt tokens, padding), as Hugging Face does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -306,6 +309,88 @@ def nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
     if aggregation == "sequence":
         return (-chosen_logps / lengths.clamp(min=1)).mean()
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+class PreferenceLogps(NamedTuple):
+    """What every preference loss reads: summed completion log-probs and token counts."""
+
+    chosen: torch.Tensor  # (B,) summed log-probs of the chosen completions under the policy
+    rejected: torch.Tensor  # (B,) same for the rejected completions
+    chosen_lengths: torch.Tensor  # (B,) chosen completion token counts
+    rejected_lengths: torch.Tensor  # (B,) rejected completion token counts
+    ref_chosen: torch.Tensor | None = None  # (B,) under the reference (reference-based losses)
+    ref_rejected: torch.Tensor | None = None  # (B,)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One entry of PREFERENCE_LOSSES: how to compute it and what it needs."""
+
+    compute: Callable[..., PreferenceLossOutput]  # (logps, beta, gamma, label_smoothing)
+    needs_reference: bool  # reads ref_chosen / ref_rejected
+    data: str  # "paired": {prompt, chosen, rejected} rows
+    label_smoothing: bool  # accepts label_smoothing > 0
+
+
+def _reference_based(loss_type: str, logps: PreferenceLogps, beta: float, gamma: float,
+                     label_smoothing: float) -> PreferenceLossOutput:
+    return dpo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, beta,
+                    loss_type, label_smoothing, logps.chosen_lengths, logps.rejected_lengths)
+
+
+def _length_normalised(logps: PreferenceLogps, beta: float, gamma: float,
+                       label_smoothing: float) -> PreferenceLossOutput:
+    return simpo_loss(logps.chosen / logps.chosen_lengths.clamp(min=1),
+                      logps.rejected / logps.rejected_lengths.clamp(min=1), beta, gamma,
+                      label_smoothing)
+
+
+# loss_type -> PreferenceLoss; `dpo.loss_type` names a key of this table.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(partial(_reference_based, "sigmoid"), True, "paired", True),
+    "ipo": PreferenceLoss(partial(_reference_based, "ipo"), True, "paired", False),
+    "hinge": PreferenceLoss(partial(_reference_based, "hinge"), True, "paired", False),
+    "simpo": PreferenceLoss(_length_normalised, False, "paired", True),
+}
+
+
+def preference_loss(loss_type: str, logps: PreferenceLogps, beta: float, gamma: float = 0.5,
+                    label_smoothing: float = 0.0) -> PreferenceLossOutput:
+    """The preference loss `loss_type` (a key of PREFERENCE_LOSSES) on one batch of pairs.
+
+    Args:
+        loss_type: "sigmoid", "ipo", "hinge" (dpo_loss) or "simpo" (simpo_loss on per-token
+            mean log-probs).
+        logps: log-probs and lengths; the reference fields are needed unless the entry's
+            `needs_reference` is False.
+        beta, gamma, label_smoothing: as in dpo_loss / simpo_loss.
+
+    Returns:
+        PreferenceLossOutput (B,) losses and detached implicit rewards.
+    """
+    entry = PREFERENCE_LOSSES.get(loss_type)
+    if entry is None:
+        raise ValueError(f"loss_type must be one of {sorted(PREFERENCE_LOSSES)}, "
+                         f"got {loss_type!r}")
+    if entry.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
+        raise ValueError(f"loss_type={loss_type!r} needs reference log-probs")
+    return entry.compute(logps, beta, gamma, label_smoothing)
+
+
+def rpo_nll_share(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+                  num_chosen_tokens: float) -> torch.Tensor:
+    """This batch's share of the global-batch NLL of chosen completions (the RPO term).
+
+    nll_loss is the batch's token mean; rescaled by its share of the `num_chosen_tokens` chosen
+    tokens of the whole global batch, the shares of all micro-batches and ranks add up to the
+    global token mean, however the batch is split.
+
+    Args:
+        chosen_logps: (B,) summed chosen log-probs.
+        chosen_lengths: (B,) chosen token counts.
+        num_chosen_tokens: chosen tokens in the whole global batch.
+    """
+    return nll_loss(chosen_logps, chosen_lengths) * (chosen_lengths.sum() / num_chosen_tokens)
 
 
 def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from align.advantages import (
+    compute_advantages,
     compute_gae,
     grpo_advantages,
     kl_penalty,
@@ -214,3 +215,38 @@ def test_reinforce_pp_advantages_whiten_over_the_batch():
     std = math.sqrt((3 * 0.4**2 + 2 * 0.6**2) / 5)
     high, low = 0.4 / std, -0.6 / std
     torch.testing.assert_close(advantages, t([[high, high, high], [low, low, 0.0]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# compute_advantages: the one dispatch the trainer calls
+# ------------------------------------------------------------------------------------------------
+
+def test_compute_advantages_group_estimators_subtract_kl_from_scores():
+    scores, mask = t([1.0, 0.0]), t([[1.0, 1.0], [1.0, 0.0]])
+    kl = t([[0.5, 0.5], [0.0, 0.0]])
+    # KL-shaped scores 1 - 0.1 * 1 = 0.9 and 0: group mean 0.45, RLOO baseline the other one.
+    rloo, returns = compute_advantages("rloo", scores, mask, group_size=2, kl=kl, kl_coef=0.1)
+    torch.testing.assert_close(rloo, t([[0.9, 0.9], [-0.9, 0.0]]))
+    assert returns is None
+    grpo, _ = compute_advantages("grpo", scores, mask, group_size=2, scale_by_std=False)
+    torch.testing.assert_close(grpo, t([[0.5, 0.5], [-0.5, 0.0]]))
+
+
+def test_compute_advantages_gae_puts_kl_into_token_rewards():
+    scores, mask = t([1.0]), t([[1.0, 1.0]])
+    kl, values = t([[0.5, 0.5]]), t([[0.0, 0.0]])
+    adv, returns = compute_advantages("gae", scores, mask, kl=kl, kl_coef=0.2, values=values,
+                                      gamma=1.0, lam=1.0, whiten_advantages=False)
+    # token rewards [-0.1, 1 - 0.1]; Monte-Carlo returns with zero values
+    torch.testing.assert_close(returns, t([[0.8, 0.9]]))
+    torch.testing.assert_close(adv, t([[0.8, 0.9]]))
+    with pytest.raises(ValueError, match="values"):
+        compute_advantages("gae", scores, mask)
+    with pytest.raises(ValueError, match="estimator"):
+        compute_advantages("ppo2", scores, mask)
+
+
+def test_compute_advantages_reinforce_pp_whitens_returns():
+    scores, mask = t([1.0, 0.0]), t([[1.0], [1.0]])
+    adv, _ = compute_advantages("reinforce_pp", scores, mask)
+    torch.testing.assert_close(adv, t([[1.0], [-1.0]]), atol=1e-6, rtol=0)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from align.losses import (
+    PREFERENCE_LOSSES,
+    PreferenceLogps,
     dpo_loss,
     entropy_from_logits,
     masked_mean,
@@ -17,7 +19,9 @@ from align.losses import (
     pairwise_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    preference_loss,
     preference_metrics,
+    rpo_nll_share,
     sequence_logps,
     simpo_loss,
 )
@@ -130,6 +134,32 @@ def test_dpo_rejects_bad_arguments():
         dpo_loss(*DPO_ARGS, beta=0.1, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(*DPO_ARGS, beta=0.1, label_smoothing=0.5)
+
+
+def test_preference_loss_table_dispatches_each_variant():
+    lengths = t([2.0]), t([4.0])
+    logps = PreferenceLogps(t([-10.0]), t([-12.0]), *lengths, t([-11.0]), t([-11.0]))
+    assert preference_loss("sigmoid", logps, beta=0.1).losses.item() == pytest.approx(
+        softplus(-0.2))
+    assert preference_loss("ipo", logps, beta=0.1).losses.item() == pytest.approx(
+        (0.75 - 5) ** 2)
+    assert preference_loss("hinge", logps, beta=0.1).losses.item() == pytest.approx(0.8)
+    # simpo: per-token means -5 and -3, z = 2 * (-5 + 3) - 0.5 = -4.5
+    reference_free = logps._replace(ref_chosen=None, ref_rejected=None)
+    assert preference_loss("simpo", reference_free, beta=2.0, gamma=0.5).losses.item() == (
+        pytest.approx(softplus(4.5)))
+    assert not PREFERENCE_LOSSES["simpo"].needs_reference
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss("sigmoid", reference_free, beta=0.1)
+    with pytest.raises(ValueError, match="loss_type"):
+        preference_loss("nope", logps, beta=0.1)
+
+
+def test_rpo_nll_shares_add_up_to_the_global_token_mean():
+    # two micro-batches: chosen log-probs -6 (3 tokens) and -2 (1 token): global mean 8 / 4
+    first = rpo_nll_share(t([-6.0]), t([3.0]), num_chosen_tokens=4.0)
+    second = rpo_nll_share(t([-2.0]), t([1.0]), num_chosen_tokens=4.0)
+    assert (first + second).item() == pytest.approx(2.0)
 
 
 def test_dpo_gradient_only_through_policy_terms():

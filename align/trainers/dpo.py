@@ -2,11 +2,12 @@
 
 Each micro-batch holds B pairs as 2B sequences, the B chosen then the B rejected, run through
 the policy in one forward pass: packed into one padding-free row (`data.packing`, the default)
-or right-padded. Per-sequence log-probs go to `align.losses.dpo_loss` (sigmoid, ipo, hinge,
-conservative DPO through label smoothing) or `simpo_loss` (reference-free), plus
-`nll_coef` x the NLL of the chosen completions (RPO). The loss is normalised by the number of
-pairs (and chosen tokens, for the NLL) in the whole global batch, so the update does not depend
-on how the batch is split over workers and micro-batches.
+or right-padded. Per-sequence log-probs go to `align.losses.preference_loss`, whose table
+`PREFERENCE_LOSSES` holds every variant (sigmoid, ipo, hinge, conservative DPO through label
+smoothing, reference-free simpo), plus `nll_coef` x the NLL of the chosen completions (RPO).
+The loss is normalised by the number of pairs (and chosen tokens, for the NLL) in the whole
+global batch, so the update does not depend on how the batch is split over workers and
+micro-batches.
 
 The reference is a frozen copy of the starting model or, with LoRA, the same weights with the
 adapter disabled (`Policy.reference_view`). With `dpo.precompute_reference` (default when the
@@ -40,13 +41,14 @@ from align.data import (
 from align.distributed import WorkerGroup
 from align.losses import (
     IGNORE_INDEX,
-    dpo_loss,
+    PREFERENCE_LOSSES,
+    PreferenceLogps,
     gather_logprobs,
-    nll_loss,
+    preference_loss,
     preference_metrics,
+    rpo_nll_share,
     sequence_logps,
     shift_for_next_token,
-    simpo_loss,
 )
 from align.trainers.base import Trainer
 from align.trainers.batches import (
@@ -124,20 +126,19 @@ def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     logps, lengths = completion_logps(model, batch)
     chosen, rejected = logps.chunk(2)
     chosen_len, rejected_len = lengths.float().chunk(2)
-    if settings.loss_type == "simpo":
-        out = simpo_loss(chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1),
-                         settings.beta, settings.gamma, settings.label_smoothing)
-    else:
+    ref_chosen = ref_rejected = None
+    if "reference_logps" in batch:
         ref_chosen, ref_rejected = batch["reference_logps"].to(logps.device).chunk(2)
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, settings.beta,
-                       settings.loss_type, settings.label_smoothing, chosen_len, rejected_len)
+    out = preference_loss(settings.loss_type,
+                          PreferenceLogps(chosen, rejected, chosen_len, rejected_len,
+                                          ref_chosen, ref_rejected),
+                          settings.beta, settings.gamma, settings.label_smoothing)
     pairs = len(chosen)
     loss = out.losses.sum() / num_pairs
     metrics = {k: v.item() * pairs
                for k, v in preference_metrics(out.chosen_rewards, out.rejected_rewards).items()}
     if settings.nll_coef:
-        # nll_loss is this batch's token mean; rescaled, it is its share of the global mean.
-        nll = nll_loss(chosen, chosen_len) * (chosen_len.sum() / num_chosen_tokens)
+        nll = rpo_nll_share(chosen, chosen_len, num_chosen_tokens)
         loss = loss + settings.nll_coef * nll
         metrics["nll"] = nll.item()
     metrics.update({"loss": loss.item(), "pairs": float(pairs),
@@ -160,7 +161,7 @@ class DPOTrainer(Trainer):
     def __init__(self, cfg: DPOConfig, show_progress: bool = True) -> None:
         super().__init__(cfg, show_progress)
         d = cfg.dpo
-        self.reference_free = d.loss_type == "simpo"
+        self.reference_free = not PREFERENCE_LOSSES[d.loss_type].needs_reference
         auto = not cfg.model.lora.enabled  # a frozen copy costs memory; adapter-off does not
         wanted = auto if d.precompute_reference is None else d.precompute_reference
         self.precompute = wanted and not self.reference_free

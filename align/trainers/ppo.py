@@ -21,15 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from align.advantages import (
-    compute_gae,
-    grpo_advantages,
-    kl_penalty,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    token_level_rewards,
-    whiten,
-)
+from align.advantages import TOKEN_REWARD_ESTIMATORS, compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
 from align.data import load_rows, tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
@@ -57,7 +49,7 @@ class PPOTrainer(Trainer):
         alg = cfg.algorithm
         self.use_critic = alg.estimator == "gae"
         self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
-                             else alg.estimator in ("gae", "reinforce_pp"))
+                             else alg.estimator in TOKEN_REWARD_ESTIMATORS)
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
 
     # ---------------------------------------------------------------- set-up
@@ -181,26 +173,17 @@ class PPOTrainer(Trainer):
                          temperature=temp)
         mask = response_mask(rollout.batch)
         kl = kl_penalty(old, ref, alg.kl_estimator) * mask
-        in_reward = kl if self.kl_in_reward else None
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
-        if alg.estimator in ("gae", "reinforce_pp"):
-            rewards = token_level_rewards(scores, mask, in_reward, self.kl.coef)
-            if alg.estimator == "gae":
-                values = infer_rows(self.extra_groups["critic"], token_values, rollout,
-                                    micro) * mask
-                adv, returns = compute_gae(rewards, values, mask, alg.gamma, alg.lam)
-                if alg.whiten_advantages:
-                    adv = whiten(adv, mask)
-                tensors.update(old_values=values, returns=returns)
-            else:
-                adv, _ = reinforce_pp_advantages(rewards, mask, alg.gamma)
-        else:
-            if in_reward is not None:
-                scores = scores - self.kl.coef * in_reward.sum(-1)
-            n = cfg.rollout.n_samples_per_prompt
-            per_seq = (grpo_advantages(scores, n, alg.scale_by_std)
-                       if alg.estimator == "grpo" else rloo_advantages(scores, n))
-            adv = per_seq[:, None] * mask
+        values = None
+        if self.use_critic:
+            values = infer_rows(self.extra_groups["critic"], token_values, rollout, micro) * mask
+        adv, returns = compute_advantages(
+            alg.estimator, scores, mask, group_size=cfg.rollout.n_samples_per_prompt,
+            kl=kl if self.kl_in_reward else None, kl_coef=self.kl.coef, values=values,
+            gamma=alg.gamma, lam=alg.lam, scale_by_std=alg.scale_by_std,
+            whiten_advantages=alg.whiten_advantages)
+        if values is not None:
+            tensors.update(old_values=values, returns=returns)
         tensors["advantages"] = adv
         rollout.tensors = tensors
         return kl
