@@ -14,11 +14,10 @@ from align.errors import AlignError, ConfigError, OutputDirError
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
-    from align.config import STAGES, load_config
-    from align.trainers import registry
+    from align.trainers.registry import load_stage_config, run_stage
 
-    cfg = load_config(STAGES[stage], args.config, args.overrides)
-    summary = registry.TRAINERS[stage](cfg, show_progress=not args.quiet).fit()
+    cfg = load_stage_config(stage, args.config, args.overrides)
+    summary = run_stage(stage, cfg, show_progress=not args.quiet)
     _print_summary(summary)
     return 0
 
@@ -34,7 +33,7 @@ def _run_eval_rm(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from reward_models.evaluation import evaluate_reward_model, format_report
+    from reward_models.server import evaluate_reward_model, format_report
 
     report = evaluate_reward_model(args.model, args.data, args.batch_size, args.max_length,
                                    args.split)
@@ -83,7 +82,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from align.config import STAGES
+    from align.trainers.registry import STAGES
 
     parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,6 @@ starts, naming the key and suggesting the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from align.errors import ConfigError
+from align.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -72,8 +71,9 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    """The embedded arithmetic task (`Q: 23+58=` -> ` 81`) used when data.train is `embedded`."""
+    """The built-in task used when data.train is `embedded` (see align.tasks)."""
 
+    name: str = "arithmetic"  # a key of align.tasks.TASKS (`Q: 23+58=` -> ` 81`)
     seed: int = 1234  # generator seed (operand split, noise draws)
     num_train: int = 20000  # SFT demonstrations
     num_pairs: int = 20000  # preference pairs (reward model, DPO) from the training operands
@@ -291,10 +291,6 @@ class PPOConfig(RunConfig):
             raise ConfigError("algorithm.dual_clip must be greater than 1")
 
 
-STAGES: dict[str, type[RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,
-                                     "ppo": PPOConfig}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -395,8 +391,7 @@ def dump_config(config: Any, path: str | Path) -> None:
 
 
 def _unknown_key_message(full: str, key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    hint = did_you_mean(key, valid, prefix=prefix, cutoff=0.5)
     section = prefix.rstrip(".") or "the top level"
     return (f"unknown config key '{full}'{hint} (valid keys in {section}: "
             f"{', '.join(sorted(valid))})")

@@ -44,3 +44,13 @@ class TrainingError(AlignError):
 
 class OutputDirError(AlignError):
     """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+
+
+def did_you_mean(word: str, options: list[str], otherwise: str = "", prefix: str = "",
+                 cutoff: float = 0.6) -> str:
+    """The hint an unknown-name message ends with: `; did you mean 'x'?` for the closest of
+    `options` (shown with `prefix`, e.g. a config section), else `otherwise`."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=cutoff)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else otherwise

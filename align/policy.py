@@ -20,6 +20,7 @@ from transformers import get_scheduler
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.errors import TrainingError
+from align.metrics import accumulate
 from align.model_loading import (
     ModelKind,
     apply_lora,
@@ -29,9 +30,8 @@ from align.model_loading import (
     resolve_dtype,
 )
 
-# objective(model, micro_batch, **kwargs) -> (loss, metrics). Metrics are additive
-# contributions (summed over micro-batches and ranks by the caller), except `min_*` and
-# `max_*` keys, which combine by min and max (see `combine_metric`).
+# objective(model, micro_batch, **kwargs) -> (loss, metrics). Metrics are contributions that
+# combine over micro-batches and ranks by `align.metrics.combine_metric` (sums; min_/max_ keys).
 Objective = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -140,7 +140,7 @@ class Policy:
                 # DeepSpeed's fp32 stage-0 path clips without keeping the norm; measure it here.
                 grad_norm = _grad_norm(self.model)
             engine.step()
-            _accumulate(totals, metrics)
+            accumulate(totals, metrics)
         if self.zero_stage > 0:
             grad_norm = _as_float(engine.get_global_grad_norm())
         # Same value on every rank: reported once, not summed.
@@ -152,7 +152,7 @@ class Policy:
         """Run `objective` without gradients over micro-batches; returns summed metrics."""
         totals: dict[str, float] = {}
         for _, metrics in self.infer(objective, micro_batches, **kwargs):
-            _accumulate(totals, metrics)
+            accumulate(totals, metrics)
         return totals
 
     @torch.no_grad()
@@ -281,23 +281,6 @@ def _scheduler_factory(trainer: TrainerConfig, total_steps: int):
                              num_training_steps=max(total_steps, 1))
 
     return build
-
-
-def combine_metric(key: str, total: float | None, value: float) -> float:
-    """How metric contributions of micro-batches and ranks combine: a key starting with `min_`
-    or `max_` (e.g. `min_reward`) by min or max, every other key by sum."""
-    if total is None:
-        return float(value)
-    if key.startswith("min_"):
-        return min(total, float(value))
-    if key.startswith("max_"):
-        return max(total, float(value))
-    return total + float(value)
-
-
-def _accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
-    for key, value in metrics.items():
-        totals[key] = combine_metric(key, totals.get(key), value)
 
 
 def _to_cpu(value: Any) -> Any:

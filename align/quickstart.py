@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from align.config import STAGES, load_config
 from align.errors import ConfigError
 from align.tracking import read_metrics
-from align.trainers.registry import TRAINERS
+from align.trainers.registry import load_stage_config, run_stage
 
 # (run name, stage, config file, overrides wiring it to earlier runs' outputs; `{out}` in an
 # override is replaced by the quickstart's output folder)
@@ -49,9 +48,9 @@ def run_quickstart(output_dir: str, configs: str | None = None,
         run_dir = out / name
         extra = [f"output_dir={run_dir}", "overwrite=true",
                  *(w.format(out=out) for w in wiring), *scoped_overrides(overrides, name)]
-        cfg = load_config(STAGES[stage], folder / filename, extra)
+        cfg = load_stage_config(stage, folder / filename, extra)
         print(f"\n=== {name}: align {stage} {folder / filename} -> {run_dir}")
-        summary = TRAINERS[stage](cfg, show_progress=not quiet).fit()
+        summary = run_stage(stage, cfg, show_progress=not quiet)
         summaries.append({"run": name, **summary})
     table = format_table(summaries)
     print("\n" + table)

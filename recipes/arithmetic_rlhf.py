@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from align.config import STAGES, load_config
-from align.trainers.registry import TRAINERS
+from align.trainers.registry import load_stage_config, run_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "arithmetic"
 
 
 def run(stage: str, config: str, output_dir: Path, *overrides: str) -> dict:
     """Train one stage from its YAML; returns its summary.json contents."""
-    cfg = load_config(STAGES[stage], CONFIGS / config,
-                      [f"output_dir={output_dir}", "overwrite=true", *overrides])
-    return TRAINERS[stage](cfg).fit()
+    cfg = load_stage_config(stage, CONFIGS / config,
+                            [f"output_dir={output_dir}", "overwrite=true", *overrides])
+    return run_stage(stage, cfg)
 
 
 def main() -> None:

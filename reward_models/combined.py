@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import ConfigError, RewardError
-from reward_models.loaded_reward import LoadedReward
-from reward_models.loading import default_reward_name, load_reward
-from reward_models.protocol import RewardValues, run_coroutine
-from reward_models.spec import RewardSpec
-from reward_models.validation import check_batch, describe_sample
+from reward_models.protocol import (
+    LoadedReward,
+    RewardValues,
+    check_batch,
+    describe_sample,
+    run_coroutine,
+)
+from reward_models.spec import RewardSpec, default_reward_name, load_reward
 
 
 @dataclass

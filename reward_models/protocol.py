@@ -1,4 +1,4 @@
-"""The Reward protocol: what a reward callable looks like, and how async ones are run.
+"""The Reward protocol, the checks on what a reward receives and returns, and LoadedReward.
 
 A reward scores one batch of samples::
 
@@ -9,15 +9,25 @@ functions written for TRL plug in unchanged. ``prompts`` and ``completions`` arr
 arguments; every other dataset column arrives as a keyword list of the same length (a row's
 ``answer`` is ``columns["answer"][i]``). ``None`` for a sample means "this reward does not
 apply to it". ``async def`` rewards are awaited; sync code drives them with ``run_coroutine``.
+
+Every check names the reward (its spec as written in the config) and, for a bad value, the
+0-based sample index in the batch with an excerpt of its prompt, so a person can find the row.
+A ``LoadedReward`` is any reward wrapped with its spec, its name and these checks: any
+exception from the user's code becomes a RewardError that names the spec and keeps the original
+text, chained with ``from``; nothing is swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
+import numbers
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from align.errors import RewardError
 
 RewardValues = list[float | None]
 """One value per sample; ``None`` marks a sample the reward does not apply to."""
@@ -86,3 +96,181 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+_EXCERPT_CHARS = 60
+
+
+def describe_sample(index: int, prompts: Sequence[Any]) -> str:
+    """Name a sample for an error message: ``sample 3 (prompt 'Q: 23+58=')``.
+
+    Args:
+        index: 0-based position of the sample in the batch.
+        prompts: The batch's prompts (used for a short excerpt when available).
+
+    Returns:
+        A short human-readable description.
+    """
+    if 0 <= index < len(prompts):
+        text = str(prompts[index])
+        if len(text) > _EXCERPT_CHARS:
+            text = text[:_EXCERPT_CHARS] + "..."
+        return f"sample {index} (prompt {text!r})"
+    return f"sample {index}"
+
+
+def check_batch(
+    label: str, prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, Any]
+) -> None:
+    """Check that prompts, completions and list-valued columns describe the same samples.
+
+    Args:
+        label: The reward spec, for the message.
+        prompts: One prompt per sample.
+        completions: One completion per sample.
+        columns: Other dataset columns; list or tuple values must have one entry per sample.
+            Other values (a trainer's extras) are passed through unchecked.
+
+    Raises:
+        RewardError: When a length differs, naming the reward and the column.
+    """
+    for what, value in (("prompts", prompts), ("completions", completions)):
+        if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+            raise RewardError(
+                f"reward {label!r}: {what} must be a list, got {type(value).__name__}"
+            )
+    n = len(prompts)
+    if len(completions) != n:
+        raise RewardError(f"reward {label!r}: got {n} prompts but {len(completions)} completions")
+    for key, value in columns.items():
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            raise RewardError(
+                f"reward {label!r}: column {key!r} has {len(value)} values for {n} samples"
+            )
+
+
+def check_values(label: str, values: Any, prompts: Sequence[Any]) -> RewardValues:
+    """Validate a reward's output for a batch and convert it to ``list[float | None]``.
+
+    Lists and tuples are accepted, and so are 1-D arrays and tensors (anything with
+    ``tolist()``). Each entry must be a real number (bools count as 0/1) or ``None``; a
+    one-element tensor entry is unwrapped with ``item()``.
+
+    Args:
+        label: The reward spec, for the message.
+        values: What the reward returned.
+        prompts: The batch's prompts; their count is the expected length.
+
+    Returns:
+        The values as Python floats, ``None`` kept.
+
+    Raises:
+        RewardError: On a non-list, a wrong length, a non-number, NaN or infinity, naming the
+            reward and (for a value) the sample.
+    """
+    n = len(prompts)
+    if not isinstance(values, (list, tuple)) and hasattr(values, "tolist"):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward {label!r} returned {type(values).__name__}, expected a list of {n} "
+            "numbers (or None for samples it does not apply to)"
+        )
+    if len(values) != n:
+        raise RewardError(f"reward {label!r} returned {len(values)} values for {n} samples")
+    return [_check_value(label, value, index, prompts) for index, value in enumerate(values)]
+
+
+def _check_value(label: str, value: Any, index: int, prompts: Sequence[Any]) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) and hasattr(value, "item"):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError, TypeError):
+            pass  # a multi-element array: reported as a non-number just below
+    if not isinstance(value, numbers.Real):
+        shown = repr(value)
+        if len(shown) > _EXCERPT_CHARS:
+            shown = shown[:_EXCERPT_CHARS] + "..."
+        raise RewardError(
+            f"reward {label!r} returned {type(value).__name__} {shown} for "
+            f"{describe_sample(index, prompts)}; expected a number or None"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise RewardError(
+            f"reward {label!r} returned {number} for {describe_sample(index, prompts)}; "
+            "rewards must be finite (return None if the reward does not apply)"
+        )
+    return number
+
+
+class LoadedReward:
+    """A reward function with the spec it came from and validation of what it returns.
+
+    Args:
+        fn: A callable with the Reward protocol signature (sync or async).
+        label: The spec as the user wrote it; every message names it.
+        name: Short name for metrics (``rewards/<name>/mean``).
+        reload: A picklable zero-argument callable that loads this reward again (the loader
+            passes ``functools.partial(load_reward, spec, base_dir)``), so a file-based reward
+            pickles as its spec and is loaded again on the other side (e.g. in a Ray actor);
+            None pickles ``fn`` itself.
+    """
+
+    def __init__(self, fn: Callable[..., Any], label: str, name: str,
+                 reload: Callable[[], LoadedReward] | None = None) -> None:
+        self.fn = fn
+        self.label = label
+        self.name = name
+        self.reload = reload
+
+    def __repr__(self) -> str:
+        return f"LoadedReward(name={self.name!r}, spec={self.label!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.reload is None:
+            return (LoadedReward, (self.fn, self.label, self.name))
+        return (self.reload, ())
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardValues:
+        """Score a batch; an async reward is run to completion.
+
+        Raises:
+            RewardError: If the reward raises or returns something invalid; the message names
+                the spec and, for a bad value, the sample.
+        """
+        result = self.start(prompts, completions, **columns)
+        if inspect.isawaitable(result):
+            return run_coroutine(result)
+        return result
+
+    def start(
+        self, prompts: list[str], completions: list[str], **columns: Any
+    ) -> RewardValues | Awaitable[RewardValues]:
+        """Call the reward; return checked values, or a coroutine that yields them.
+
+        This is the building block that lets CombinedReward run all async rewards
+        concurrently: sync rewards finish here, async ones are awaited together later.
+        """
+        check_batch(self.label, prompts, completions, columns)
+        try:
+            result = self.fn(prompts=prompts, completions=completions, **columns)
+        except Exception as err:
+            raise self._wrap(err) from err
+        if inspect.isawaitable(result):
+            return self._finish(result, prompts)
+        return check_values(self.label, result, prompts)
+
+    async def _finish(self, pending: Awaitable[Any], prompts: list[str]) -> RewardValues:
+        try:
+            result = await pending
+        except Exception as err:
+            raise self._wrap(err) from err
+        return check_values(self.label, result, prompts)
+
+    def _wrap(self, err: Exception) -> RewardError:
+        if isinstance(err, RewardError):  # our adapters' messages already say what happened
+            return RewardError(f"reward {self.label!r}: {err}")
+        return RewardError(f"reward {self.label!r} raised {type(err).__name__}: {err}")

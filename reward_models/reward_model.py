@@ -1,13 +1,20 @@
-"""A trained reward-model folder as a reward: ``load_reward("runs/arithmetic/rm/final")``.
+"""Trained reward models: scoring text with one, the same way everywhere, and a folder as a
+reward (``load_reward("runs/arithmetic/rm/final")``).
 
-Importing this module registers the folder kind with ``register_spec_kind``, so any spec that
-names a folder holding ``config.json`` (a full model) or ``adapter_config.json`` (a LoRA
-adapter) is scored by a ``RewardModelScorer``. Torch, Ray and the model are loaded only when
-such a spec is loaded.
+Training (`align rm`), `align eval-rm`, `align serve-rm` and a reward-model folder used as a
+reward all score through `score_batch` / `score_texts`, so one model gives one number for one
+text wherever it runs. A (prompt, completion) pair is encoded as `align.data.preference`
+encodes training pairs: prompt ids + completion ids + EOS for strings, the chat template for
+message lists, no special tokens added. Rows are right-padded with an attention mask; the
+Hugging Face sequence-classification head reads the score at the last token that is not
+`pad_token_id` (for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
+`pair_sums` and `pair_means` turn chosen/rejected scores into the metrics TRL users know:
+`accuracy`, `margin`, `mean_reward`, `min_reward`, `max_reward`.
 
-The scorer starts a Ray actor group of its own (``align.distributed.WorkerGroup``): each actor
-holds a frozen copy of the model and scores its share of every batch. Options, as spec
-``kwargs``::
+As a reward, a folder holding ``config.json`` (a full model) or ``adapter_config.json`` (a
+LoRA adapter) is scored by a ``RewardModelScorer``, which starts a Ray actor group of its own
+(``align.distributed.WorkerGroup``): each actor (``RewardModelWorker``) holds a frozen copy of
+the model and scores its share of every batch. Options, as spec ``kwargs``::
 
     - spec: runs/arithmetic/rm/final
       kwargs: {num_workers: 2, cpus_per_worker: 0.5, batch_size: 128}
@@ -17,15 +24,208 @@ holds a frozen copy of the model and scores its share of every batch. Options, a
 
 from __future__ import annotations
 
-import difflib
 import inspect
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from align.errors import ConfigError, ModelError, RewardError
-from reward_models.function_loader import resolve_path
-from reward_models.loading import is_model_folder, register_spec_kind
-from reward_models.spec import RewardSpec
+import torch
+
+from align.config import ModelConfig
+from align.data.batching import collate_padded
+from align.data.conversations import is_messages, split_completion
+from align.data.sft import TokenizedExample
+from align.data.text import encode, eos_token_id, with_eos
+from align.distributed.worker import BaseWorker
+from align.errors import ConfigError, ModelError, RewardError, did_you_mean
+from align.model_loading import load_model, load_tokenizer
+
+SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
+
+
+def load_reward_model(path: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a reward-model folder (a full model, or a LoRA adapter over a base) for inference.
+
+    Args:
+        path: a folder written by `align rm` (final/) or any Hugging Face sequence classifier
+            with one label.
+        dtype: `auto` (bf16 on a GPU that supports it, else fp32), `float32`, `bfloat16`,
+            `float16`.
+
+    Returns:
+        (model, tokenizer): the model frozen in eval mode, on the GPU when one is visible.
+
+    Raises:
+        ModelError: the folder is missing, or holds something other than a one-output
+            sequence classifier (for example a causal LM).
+    """
+    folder = Path(path).expanduser()
+    adapter = folder / "adapter_config.json"
+    if not (folder / "config.json").is_file() and adapter.is_file():
+        settings = json.loads(adapter.read_text())
+        if settings.get("task_type") != "SEQ_CLS":
+            raise ModelError(f"{folder} holds a LoRA adapter for task "
+                             f"{settings.get('task_type')!r}, not a reward model (SEQ_CLS)")
+        cfg = ModelConfig(name_or_path=settings["base_model_name_or_path"],
+                          tokenizer=str(folder), dtype=dtype)
+        tokenizer = load_tokenizer(cfg)
+        from peft import PeftModel
+
+        base = load_model(cfg, tokenizer, "sequence_classification")
+        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    else:
+        check_reward_model_config(folder)
+        cfg = ModelConfig(name_or_path=str(folder), dtype=dtype)
+        tokenizer = load_tokenizer(cfg)
+        model = load_model(cfg, tokenizer, "sequence_classification")
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def check_reward_model_config(folder: Path) -> None:
+    """Refuse a folder whose config.json is not a one-label sequence classifier: loading, say,
+    an SFT model as a reward model would silently score with a random head."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{folder} is not a model folder (no config.json); point at the "
+                         "final/ folder of an `align rm` run")
+    settings = json.loads(config.read_text())
+    architectures = settings.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelError(f"{folder} holds {', '.join(architectures) or 'an unknown model'}, "
+                         "not a reward model (a ...ForSequenceClassification); train one with "
+                         "`align rm`")
+    labels = len(settings.get("id2label") or {}) or settings.get("num_labels", 1)
+    if labels != 1:
+        raise ModelError(f"{folder} is a classifier with {labels} labels; a reward model has "
+                         "one output (num_labels=1)")
+
+
+def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int | None = None,
+                  index: int = 0) -> list[int]:
+    """Token ids of one (prompt, completion), as training pairs are encoded.
+
+    Strings: prompt ids + completion ids + EOS. Message lists: the chat template's rendering,
+    no EOS appended. When longer than `max_length` the completion is cut (and loses its EOS).
+
+    Raises:
+        RewardError: the prompt alone fills `max_length`, or the sample is not text.
+    """
+    if is_messages(prompt):
+        prompt_text, completion_text = split_completion(
+            tokenizer, prompt, completion, SCORED_BATCH, index + 1, "completion")
+        prompt_ids, completion_ids = encode(tokenizer, prompt_text), encode(tokenizer,
+                                                                            completion_text)
+    elif isinstance(prompt, str) and isinstance(completion, str):
+        prompt_ids = encode(tokenizer, prompt)
+        completion_ids = with_eos(encode(tokenizer, completion), eos_token_id(tokenizer))
+    else:
+        raise RewardError(f"sample {index}: prompt and completion must both be strings (or "
+                          f"message lists), got {type(prompt).__name__} and "
+                          f"{type(completion).__name__}")
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room <= 0:
+            raise RewardError(f"sample {index}: the prompt has {len(prompt_ids)} tokens, leaving "
+                              f"no room for the completion within max_length={max_length}")
+        completion_ids = completion_ids[:room]
+    return prompt_ids + completion_ids
+
+
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores of a right-padded batch.
+
+    Args:
+        model: a sequence classifier with one label (a plain, peft or DeepSpeed-wrapped module).
+        batch: `input_ids` and `attention_mask`, each (N, T).
+
+    Returns:
+        (N,) float32 scores, differentiable when the model is.
+    """
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    return out.logits[:, 0].float()
+
+
+def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token-id lists into `input_ids` and `attention_mask`."""
+    batch = collate_padded([TokenizedExample(list(s), list(s)) for s in sequences], pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
+                completions: Sequence[Any], batch_size: int = 64,
+                max_length: int | None = None) -> list[float]:
+    """One score per (prompt, completion), in order.
+
+    Args:
+        model, tokenizer: as returned by `load_reward_model`.
+        prompts, completions: strings, or message lists (TRL's conversational format).
+        batch_size: sequences per forward pass.
+        max_length: longest sequence scored; default the model's `max_position_embeddings`.
+
+    Raises:
+        RewardError: the lists differ in length, or a sample cannot be encoded.
+    """
+    if len(prompts) != len(completions):
+        raise RewardError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    if max_length is None:
+        max_length = getattr(model.config, "max_position_embeddings", None)
+    sequences = [encode_sample(tokenizer, p, c, max_length, i)
+                 for i, (p, c) in enumerate(zip(prompts, completions))]
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)).tolist()
+    return scores
+
+
+def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Additive statistics of a batch of pairs, to add up over batches and ranks.
+
+    `min_reward` and `max_reward` are the exception: they combine by min and max (see
+    `align.metrics.combine_metric`). `pair_means` turns the totals into metrics.
+
+    Args:
+        chosen, rejected: (B,) scores of the preferred and the other completions, B >= 1.
+    """
+    c, r = chosen.detach().float(), rejected.detach().float()
+    both = torch.cat([c, r])
+    return {"pairs": float(len(c)), "correct": float((c > r).sum()),
+            "margin_sum": float((c - r).sum()), "chosen_sum": float(c.sum()),
+            "rejected_sum": float(r.sum()), "min_reward": float(both.min()),
+            "max_reward": float(both.max())}
+
+
+def pair_means(sums: dict[str, float]) -> dict[str, float]:
+    """TRL's reward-model metrics from `pair_sums` totals.
+
+    Returns:
+        `accuracy` (share of pairs scored chosen > rejected; a tie counts as wrong, as in TRL),
+        `margin` (mean r_c - r_r), `mean_reward`, `min_reward`, `max_reward` (over both sides),
+        and `chosen_reward`, `rejected_reward` (mean of each side).
+    """
+    n = sums["pairs"]
+    return {"accuracy": sums["correct"] / n, "margin": sums["margin_sum"] / n,
+            "mean_reward": (sums["chosen_sum"] + sums["rejected_sum"]) / (2 * n),
+            "min_reward": sums["min_reward"], "max_reward": sums["max_reward"],
+            "chosen_reward": sums["chosen_sum"] / n, "rejected_reward": sums["rejected_sum"] / n}
+
+
+class RewardModelWorker(BaseWorker):
+    """One rank: loads the folder once, then scores the samples it is sent."""
+
+    def load(self, path: str, dtype: str, batch_size: int, max_length: int | None) -> None:
+        self.model, self.tokenizer = load_reward_model(path, dtype)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def score(self, prompts: list[Any], completions: list[Any]) -> list[float]:
+        return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
+                           self.max_length)
 
 
 class RewardModelScorer:
@@ -57,14 +257,11 @@ class RewardModelScorer:
         self.path = Path(path)
         self.group = None
         if num_workers == 0:
-            from reward_models.scorer import load_reward_model
-
             self.model, self.tokenizer = load_reward_model(self.path, dtype)
             self.batch_size, self.max_length = batch_size, max_length
             return
         from align.config import DistributedConfig
         from align.distributed import WorkerGroup
-        from reward_models.model_worker import RewardModelWorker
 
         dist = DistributedConfig(num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                                  gpus_per_worker=gpus_per_worker, ray_address=ray_address)
@@ -72,29 +269,24 @@ class RewardModelScorer:
         self.group.call("load", str(self.path), dtype, batch_size, max_length)
 
     @classmethod
-    def from_spec(cls, spec: RewardSpec, base_dir: Path) -> RewardModelScorer:
-        """Build from a config entry: ``spec`` is the folder, ``kwargs`` the options above.
+    def from_options(cls, path: Path, label: str, options: dict[str, Any]) -> RewardModelScorer:
+        """Build from a config entry: `path` the folder, `options` its spec ``kwargs``.
 
         Raises:
             ConfigError: an unknown or ill-typed option (the closest valid one suggested).
             RewardError: the folder does not hold a reward model.
         """
-        _check_options(spec)
-        path = resolve_path(spec.spec, base_dir)
-        from reward_models.scorer import check_reward_model_config
-
+        _check_options(label, options)
         try:
             if not (path / "adapter_config.json").is_file():
                 check_reward_model_config(path)  # fail before any actor starts
-            return cls(path, **spec.kwargs)
+            return cls(path, **options)
         except ModelError as err:
-            raise RewardError(f"reward {spec.label!r}: {err}") from None
+            raise RewardError(f"reward {label!r}: {err}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
         """One score per sample; other columns are accepted and ignored."""
         if self.group is None:
-            from reward_models.scorer import score_texts
-
             return score_texts(self.model, self.tokenizer, prompts, completions,
                                self.batch_size, self.max_length)
         n, size = len(prompts), self.group.size
@@ -116,31 +308,18 @@ class RewardModelScorer:
             pass
 
 
-def is_reward_model_folder(spec: RewardSpec, base_dir: Path) -> bool:
-    """Whether ``spec`` names a folder with a full model or a LoRA adapter in it."""
-    if is_model_folder(spec, base_dir):
-        return True
-    if spec.spec.startswith(("http://", "https://")):
-        return False
-    return (resolve_path(spec.spec, base_dir) / "adapter_config.json").is_file()
-
-
-def _check_options(spec: RewardSpec) -> None:
+def _check_options(label: str, options: dict[str, Any]) -> None:
     params = inspect.signature(RewardModelScorer.__init__).parameters
     valid = [name for name in params if name not in ("self", "path")]
-    for key in spec.kwargs:
+    for key in options:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; options: {valid}"
-            raise ConfigError(f"reward {spec.label!r}: unknown reward-model option {key!r}{hint}")
-    workers = spec.kwargs.get("num_workers", 1)
+            hint = did_you_mean(key, valid, otherwise=f"; options: {valid}")
+            raise ConfigError(f"reward {label!r}: unknown reward-model option {key!r}{hint}")
+    workers = options.get("num_workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"reward {spec.label!r}: num_workers must be an integer >= 0, got "
+        raise ConfigError(f"reward {label!r}: num_workers must be an integer >= 0, got "
                           f"{workers!r}")
-    batch = spec.kwargs.get("batch_size", 1)
+    batch = options.get("batch_size", 1)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"reward {spec.label!r}: batch_size must be an integer >= 1, got "
+        raise ConfigError(f"reward {label!r}: batch_size must be an integer >= 1, got "
                           f"{batch!r}")
-
-
-register_spec_kind("reward model folder", is_reward_model_folder, RewardModelScorer.from_spec)

@@ -19,17 +19,41 @@ Reward protocol), ``verl`` (``compute_score(data_source, solution_str, ground_tr
 extra_info)`` per sample) or ``openrlhf`` (``reward_func(queries, prompts, labels)``). The prefix
 ``<style>:`` is recognised only when what follows is itself a ``location:function`` target, so a
 module that happens to be called ``verl`` (``verl:fn``) is still read as a module.
+
+``load_reward`` turns a spec into a checked ``LoadedReward``; the kinds, tried in order:
+
+1. ``http://...`` or ``https://...``: an ``HttpReward`` (``kwargs`` are its options).
+2. An existing directory: a trained reward-model folder (``config.json``, or
+   ``adapter_config.json`` for a LoRA adapter), scored by a ``RewardModelScorer``; torch and
+   Ray are imported only then.
+3. ``pkg.module:fn`` or ``path/to/file.py:fn``, adapted to its ``style`` (see style_adapters).
+   ``pkg.module:fn`` imports the module normally; ``path/to/file.py:fn`` executes that one file
+   (its folder is not put on ``sys.path``) as a private module, once per process. ``fn`` may be
+   dotted (``module:Scorer.score``) to reach an attribute of an attribute.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
 import math
 import numbers
+import re
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import ModuleType
 from typing import Any
+from urllib.parse import urlparse
 
-from align.errors import ConfigError
+from align.errors import AlignError, ConfigError, RewardError, did_you_mean
+from reward_models.http_reward import HttpReward
+from reward_models.protocol import LoadedReward
+from reward_models.style_adapters import adapt
 
 STYLES = ("trl", "verl", "openrlhf")
 """Calling conventions a function reward may be written in; ``trl`` is the Reward protocol."""
@@ -122,8 +146,7 @@ class RewardSpec:
         known = [f.name for f in fields(cls)]
         for key in value:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {known}"
+                hint = did_you_mean(key, known, otherwise=f"; valid keys: {known}")
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}")
         if "spec" not in value:
             raise ConfigError(f"{where}: missing 'spec' (what to load, e.g. 'pkg.module:fn')")
@@ -144,3 +167,207 @@ def split_style_prefix(text: str) -> tuple[str | None, str]:
     if sep and head.lower() in STYLES and ":" in rest:
         return head.lower(), rest
     return None, text
+
+
+# ----------------------------------------------------------------------------- functions
+
+_FILE_MODULES: dict[Path, ModuleType] = {}
+_FILE_LOCK = threading.Lock()
+
+
+def is_function_target(target: str) -> bool:
+    """Whether ``target`` has the ``location:function`` shape (both parts non-empty)."""
+    location, sep, attr = target.rpartition(":")
+    return bool(sep and location and attr)
+
+
+def is_file_location(location: str) -> bool:
+    """Whether the part before ``:`` is a file path (ends in .py or contains a slash)."""
+    return location.endswith(".py") or "/" in location or "\\" in location
+
+
+def resolve_path(text: str, base_dir: Path) -> Path:
+    """Resolve a user-written path: ``~`` expanded, relative paths against ``base_dir``."""
+    path = Path(text).expanduser()
+    return (path if path.is_absolute() else base_dir / path).resolve()
+
+
+def load_callable(target: str, base_dir: Path, label: str) -> Callable[..., Any]:
+    """Import the module or file a ``location:function`` target names and return the function.
+
+    Args:
+        target: ``pkg.module:fn`` or ``path/to/file.py:fn`` (no style prefix).
+        base_dir: Folder that relative file paths resolve against.
+        label: The spec as the user wrote it, for messages.
+
+    Returns:
+        The callable object.
+
+    Raises:
+        ConfigError: When the module or file is missing or fails to import, or the attribute is
+            missing or not callable; the message names the spec.
+    """
+    location, _, attr = target.rpartition(":")
+    if is_file_location(location):
+        module = _import_file(resolve_path(location, base_dir), base_dir, label)
+    else:
+        module = _import_module(location, label)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"reward {label!r}: {_missing_attribute(obj, part)}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"reward {label!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _import_module(name: str, label: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
+            raise ConfigError(
+                f"reward {label!r}: no module named {err.name!r} (is it installed? a file path "
+                "must end in .py or contain a slash)"
+            ) from err
+        raise ConfigError(f"reward {label!r}: importing {name!r} failed: {err}") from err
+    except Exception as err:  # user code: report it, never swallow it
+        raise ConfigError(
+            f"reward {label!r}: importing {name!r} failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _import_file(path: Path, base_dir: Path, label: str) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(
+            f"reward {label!r}: file {path} does not exist (relative paths resolve against "
+            f"{base_dir})"
+        )
+    with _FILE_LOCK:
+        cached = _FILE_MODULES.get(path)
+        if cached is not None:
+            return cached
+        # A private, unique module name: two files both called reward.py must not collide.
+        stem = re.sub(r"\W", "_", path.stem)
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        module_name = f"_reward_file_{stem}_{digest}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"reward {label!r}: cannot load {path} as Python source")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses and typing look the module up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # user code: report it, never swallow it
+            del sys.modules[module_name]
+            raise ConfigError(
+                f"reward {label!r}: executing {path} failed: {type(err).__name__}: {err}"
+            ) from err
+        _FILE_MODULES[path] = module
+        return module
+
+
+def _missing_attribute(obj: Any, part: str) -> str:
+    where = f"module {obj.__name__!r}" if isinstance(obj, ModuleType) else repr(obj)
+    if isinstance(obj, ModuleType) and getattr(obj, "__file__", None):
+        where = f"{where} ({obj.__file__})"
+    names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+    return f"{where} has no function {part!r}{did_you_mean(part, names)}"
+
+
+# ------------------------------------------------------------------------------ loading
+
+def load_reward(
+    spec: str | dict[str, Any] | RewardSpec, base_dir: str | Path | None = None
+) -> LoadedReward:
+    """Load one reward from its spec.
+
+    Args:
+        spec: ``"pkg.module:fn"``, ``"path/file.py:fn"``, ``"verl:path/file.py:fn"``, a folder,
+            an ``http(s)://`` URL, a mapping ``{spec, weight, name, style, kwargs}``, or a
+            RewardSpec.
+        base_dir: Folder that relative paths resolve against (default: the current directory);
+            usually the folder of the config file.
+
+    Returns:
+        A LoadedReward: callable as ``fn(prompts, completions, **columns)``, validating output.
+
+    Raises:
+        ConfigError: When the spec cannot be loaded (missing module, file or function, not
+            callable, a signature that does not fit the style); the message names the spec.
+        RewardError: For a folder that is not a reward model.
+    """
+    reward_spec = RewardSpec.coerce(spec)
+    base = Path(base_dir if base_dir is not None else Path.cwd()).expanduser().resolve()
+    fn = _build(reward_spec, base)
+    return LoadedReward(fn, label=reward_spec.label,
+                        name=reward_spec.name or default_reward_name(reward_spec),
+                        reload=functools.partial(load_reward, reward_spec, base))
+
+
+def default_reward_name(spec: RewardSpec) -> str:
+    """A metric name from the spec: the function name, the URL's host, or the folder's name."""
+    target = spec.spec
+    if target.startswith(("http://", "https://")):
+        return urlparse(target).hostname or "http"
+    if is_function_target(target):
+        return target.rpartition(":")[2].rpartition(".")[2]
+    return Path(target.rstrip("/\\")).name or target
+
+
+def holds_model(path: Path) -> bool:
+    """Whether a folder holds a Hugging Face model or a peft adapter for one."""
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
+    target = spec.spec
+    if target.startswith(("http://", "https://")):
+        _refuse_style(spec, "a URL")
+        options = [f.name for f in fields(HttpReward) if f.name != "url"]
+        for key in spec.kwargs:
+            if key not in options:
+                hint = did_you_mean(key, options, otherwise=f"; options: {options}")
+                raise ConfigError(f"reward {spec.label!r}: unknown URL option {key!r}{hint}")
+        return HttpReward(target, **spec.kwargs)
+    path = resolve_path(target, base_dir)
+    if path.is_dir():
+        _refuse_style(spec, "a reward-model folder")
+        if not holds_model(path):
+            raise RewardError(
+                f"reward {spec.label!r}: folder {path} is not a reward model (no config.json); "
+                "point at the final/ folder a reward-model run saved, or at a file.py:function")
+        return _reward_model(path, spec)
+    if is_function_target(target):
+        fn = load_callable(target, base_dir, spec.label)
+        return adapt(fn, spec.style, spec.kwargs, spec.label)
+    if is_file_location(target):
+        raise ConfigError(
+            f"reward {spec.label!r}: {path} is not a folder; a file needs the function to call "
+            "after a colon (path/to/file.py:function)"
+        )
+    raise ConfigError(
+        f"reward {spec.label!r}: cannot tell what this is; expected pkg.module:function, "
+        "path/to/file.py:function, a reward-model folder, or an http(s):// URL"
+    )
+
+
+def _reward_model(path: Path, spec: RewardSpec) -> Callable[..., Any]:
+    """A RewardModelScorer for a model folder; torch and Ray load only here."""
+    from reward_models.reward_model import RewardModelScorer
+
+    try:
+        return RewardModelScorer.from_options(path, spec.label, spec.kwargs)
+    except AlignError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"reward {spec.label!r}: loading the reward model in {path} failed: "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def _refuse_style(spec: RewardSpec, what: str) -> None:
+    if spec.style not in (None, "trl"):
+        raise ConfigError(
+            f"reward {spec.label!r}: style {spec.style!r} applies to functions, not to {what}"
+        )

@@ -27,15 +27,13 @@ For ``verl`` and ``openrlhf``, spec ``kwargs`` may also go to a ``**kwargs`` par
 from __future__ import annotations
 
 import asyncio
-import difflib
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from align.errors import ConfigError, RewardError
-from reward_models.protocol import is_async_callable
-from reward_models.validation import describe_sample
+from align.errors import ConfigError, RewardError, did_you_mean
+from reward_models.protocol import describe_sample, is_async_callable
 
 _VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
 _VAR = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -89,8 +87,7 @@ def _check_kwargs(
     names = [n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
     for key in kwargs:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; it accepts {names}"
+            hint = did_you_mean(key, names, otherwise=f"; it accepts {names}")
             raise ConfigError(f"reward {label!r}: kwargs key {key!r} is not a parameter{hint}")
 
 
@@ -151,31 +148,38 @@ def _adapt_verl(
             return result["score"]
         return result
 
-    if is_async_callable(fn):
-
-        async def call_verl_async(prompts: list[str], completions: list[str], **columns: Any):
-            async def one(i: int) -> Any:
-                try:
-                    result = await fn(**sample_kwargs(i, completions, columns))
-                except Exception as err:
-                    raise _sample_error(err, i, prompts) from err
-                return score_of(result, i, prompts)
-
-            return list(await asyncio.gather(*(one(i) for i in range(len(completions)))))
-
-        return call_verl_async
-
-    def call_verl(prompts: list[str], completions: list[str], **columns: Any) -> list[Any]:
-        scores = []
-        for i in range(len(completions)):
-            try:
-                result = fn(**sample_kwargs(i, completions, columns))
-            except Exception as err:
-                raise _sample_error(err, i, prompts) from err
-            scores.append(score_of(result, i, prompts))
-        return scores
+    def call_verl(prompts: list[str], completions: list[str], **columns: Any) -> Any:
+        # One call per sample; an async function's calls are awaited together below.
+        results = [_guarded(fn, sample_kwargs(i, completions, columns), i, prompts)
+                   for i in range(len(completions))]
+        if is_async_callable(fn):
+            return _gather(results, prompts, score_of)
+        return [score_of(result, i, prompts) for i, result in enumerate(results)]
 
     return call_verl
+
+
+def _guarded(fn: Callable[..., Any], kwargs: dict[str, Any], index: int,
+             prompts: Sequence[str]) -> Any:
+    """`fn(**kwargs)` for sample `index`, its failure naming the sample."""
+    try:
+        return fn(**kwargs)
+    except Exception as err:
+        raise _sample_error(err, index, prompts) from err
+
+
+async def _gather(pending: list[Awaitable[Any]], prompts: Sequence[str],
+                  post: Callable[[Any, int, Sequence[str]], Any]) -> list[Any]:
+    """Await one awaitable per sample concurrently; `post` each result, failures naming the
+    sample."""
+    async def one(index: int, awaitable: Awaitable[Any]) -> Any:
+        try:
+            result = await awaitable
+        except Exception as err:
+            raise _sample_error(err, index, prompts) from err
+        return post(result, index, prompts)
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(pending))))
 
 
 def _verl_arguments(signature: inspect.Signature | None, bound: set[str], label: str) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 from align.checkpoint import FAULT_ENV, CheckpointManager
 from align.config import dump_config
 from align.tracking import read_metrics
-from align.trainers.registry import TRAINERS
+from align.trainers.registry import run_stage
 from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_sft_config
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def interrupted_then_resumed(stage: str, cfg, tmp_path: Path, fault: str) -> Pat
 
 def uninterrupted(stage: str, cfg, tmp_path: Path) -> Path:
     cfg.output_dir = str(tmp_path / "straight")
-    TRAINERS[stage](cfg, show_progress=False).fit()
+    run_stage(stage, cfg, show_progress=False)
     return Path(cfg.output_dir)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from align.config import TaskConfig
+from align.tasks.base import Task
 
 MIN_OPERAND, MAX_OPERAND = 10, 99
 
@@ -108,3 +109,33 @@ def accuracy(completions: list[str], answers: list[str]) -> float:
     if not answers:
         return 0.0
     return sum(is_correct(c, a) for c, a in zip(completions, answers)) / len(answers)
+
+
+class ArithmeticTask(Task):
+    """The task above behind the `Task` interface, sized by the run's `task` settings."""
+
+    name = "arithmetic"
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+
+    def sft_rows(self) -> list[dict]:
+        return sft_rows(self.cfg)
+
+    def preference_rows(self) -> list[dict]:
+        return preference_rows(self.cfg, self.cfg.num_pairs)
+
+    def held_out_preference_rows(self) -> list[dict]:
+        return held_out_preference_rows(self.cfg)
+
+    def rl_rows(self) -> list[dict]:
+        return rl_rows(self.cfg, self.cfg.num_train)
+
+    def held_out_rows(self) -> list[dict]:
+        return eval_rows(self.cfg)
+
+    def reference_completion(self, answer: str) -> str:
+        return completion(int(answer))
+
+    def is_correct(self, completion_text: str, answer: str) -> bool:
+        return is_correct(completion_text, answer)

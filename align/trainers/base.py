@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from align.checkpoint import (
     CheckpointManager,
@@ -28,14 +28,17 @@ from align.model_loading import check_lora_targets, load_tokenizer
 from align.tracking import MetricsLogger
 from align.trainers.batches import total_steps
 
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
 
-class Trainer:
-    """Template for a stage. Subclasses set `stage` and implement the hooks below."""
+
+class Trainer(Generic[ConfigT]):
+    """Template for a stage, generic over its config schema. Subclasses set `stage` (the
+    name it is registered under in `align.trainers.registry`) and implement the hooks below."""
 
     stage = "base"
     model_kind = "causal_lm"
 
-    def __init__(self, cfg: RunConfig, show_progress: bool = True) -> None:
+    def __init__(self, cfg: ConfigT, show_progress: bool = True) -> None:
         self.cfg = cfg
         self.show_progress = show_progress
         self.group: WorkerGroup | None = None
@@ -123,8 +126,9 @@ class Trainer:
     def build_workers(self) -> WorkerGroup:
         cfg = self.cfg
         group = WorkerGroup(PolicyWorker, cfg.distributed, role="policy")
-        group.call("setup", cfg.model, cfg.trainer, cfg.distributed, self.optimizer_steps(),
-                   self.model_kind, reference=self.needs_reference())
+        group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
+                   dist_cfg=cfg.distributed, total_steps=self.optimizer_steps(),
+                   kind=self.model_kind, reference=self.needs_reference())
         return group
 
     def _write_placement(self, out: Path) -> None:

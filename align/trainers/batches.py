@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from align.config import EMBEDDED, DataConfig, RunConfig, TrainerConfig
-from align.data import PreferenceExample, load_rows, tokenize_preference
-from align.errors import ConfigError, DataError
-from align.policy import combine_metric
-from align.tasks import arithmetic
+from align.config import TrainerConfig
+from align.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -78,49 +75,3 @@ def shard_evenly(items: Sequence[T], world_size: int, chunk: int) -> list[list[l
     parts = np.array_split(np.arange(len(items)), world_size * per_rank_chunks)
     chunks = [[items[i] for i in part] for part in parts]
     return [chunks[r * per_rank_chunks:(r + 1) * per_rank_chunks] for r in range(world_size)]
-
-
-def sum_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Add up per-rank metric dicts (`min_*`/`max_*` keys combine by min/max)."""
-    total: dict[str, float] = {}
-    for result in results:
-        for key, value in result.items():
-            total[key] = combine_metric(key, total.get(key), value)
-    return total
-
-
-def load_train_eval_rows(data: DataConfig, seed: int) -> tuple[list[dict], list[dict], str, str]:
-    """(train rows, held-out rows, train source name, held-out source name) of a non-embedded
-    dataset: `data.eval` when given, else `data.eval_fraction` of train held out by `seed`."""
-    rows = load_rows(data.train, data.split)
-    if data.eval:
-        return rows, load_rows(data.eval, data.split), data.train, data.eval
-    if data.eval_fraction <= 0:
-        return rows, [], data.train, data.train
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_eval = max(1, int(len(rows) * data.eval_fraction))
-    if n_eval >= len(rows):
-        raise DataError(f"data.eval_fraction={data.eval_fraction} leaves no training rows",
-                        source=data.train)
-    held = set(order[:n_eval].tolist())
-    return ([r for i, r in enumerate(rows) if i not in held],
-            [r for i, r in enumerate(rows) if i in held], data.train, data.train)
-
-
-def load_preference_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], str, str]:
-    """`load_train_eval_rows` for the preference stages. `data.train: embedded` gives the
-    arithmetic task's `task.num_pairs` pairs from training operands, and one held-out pair per
-    held-out operand pair (sums never seen in training)."""
-    if cfg.data.train == EMBEDDED:
-        return (arithmetic.preference_rows(cfg.task, cfg.task.num_pairs),
-                arithmetic.held_out_preference_rows(cfg.task), "embedded:arithmetic",
-                "embedded:arithmetic(held-out)")
-    return load_train_eval_rows(cfg.data, cfg.trainer.seed)
-
-
-def load_preference_examples(cfg: RunConfig, tokenizer: Any
-                             ) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
-    """Training and held-out preference pairs, read (see load_preference_rows) and tokenised."""
-    train_rows, eval_rows, train_name, eval_name = load_preference_rows(cfg)
-    return (tokenize_preference(train_rows, tokenizer, cfg.data.max_length, train_name),
-            tokenize_preference(eval_rows, tokenizer, cfg.data.max_length, eval_name))

@@ -51,18 +51,17 @@ from align.losses import (
     shift_for_next_token,
 )
 from align.trainers.base import Trainer
-from align.trainers.batches import (
-    StepSchedule,
-    load_preference_examples,
-    shard,
-    shard_evenly,
-    sum_metrics,
+from align.trainers.batches import StepSchedule
+from align.trainers.dispatch import (
+    StepResult,
+    call_infer,
+    call_objective,
+    can_split,
+    collated_shards,
+    infer_in_chunks,
 )
-from align.trainers.evaluation import (
-    embedded_exact_match_rows,
-    exact_match_set,
-    final_exact_match,
-)
+from align.trainers.evaluation import exact_match_set, final_exact_match
+from align.trainers.stage_data import load_preference_examples, stage_evaluator, stage_rows
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def chosen_targets(example: PreferenceExample) -> int:
     return len(example.chosen_ids) - (0 if example.prompt_ids else 1)
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(Trainer[DPOConfig]):
     stage = "dpo"
 
     def __init__(self, cfg: DPOConfig, show_progress: bool = True) -> None:
@@ -180,7 +179,7 @@ class DPOTrainer(Trainer):
         cfg = self.cfg
         self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
         # Exact match after training: the embedded task's held-out prompts and true answers.
-        scored = embedded_exact_match_rows(cfg.task) if cfg.data.train == EMBEDDED else []
+        scored = stage_rows(cfg, "sft").held_out if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
@@ -198,26 +197,31 @@ class DPOTrainer(Trainer):
             batch["reference_logps"] = torch.cat([reference[:, 0], reference[:, 1]])
         return batch
 
-    def _batches(self, split: str, per_rank: list[list[list[int]]]) -> list[list[dict]]:
-        """Collated micro-batches of example indices, with reference log-probs attached:
-        known ones from the driver, else computed now with the reference view."""
+    def _batches(self, split: str, indices: list[int], evenly: bool) -> list[list[dict]]:
+        """Per rank, collated micro-batches of the examples `indices` of `split`, with
+        reference log-probs attached: known ones from the driver, else computed now with the
+        reference view on these very batches."""
         examples, known = (self.train, self.reference["train"]) if split == "train" else (
             self.eval, self.reference["eval"])
-        batches = [[self.collate([examples[i] for i in mb], None if known is None else known[mb])
-                    for mb in rank] for rank in per_rank]
+
+        def collate(mb: list[int]) -> dict[str, torch.Tensor]:
+            return self.collate([examples[i] for i in mb], None if known is None else known[mb])
+
+        batches = collated_shards(indices, self.group, self.cfg.trainer.micro_batch_size,
+                                  collate, evenly)
         if known is None and not self.reference_free:
-            results = self.group.call_each("infer", [(reference_logps, b) for b in batches],
-                                           reference=True)
+            results = call_infer(self.group, reference_logps, batches, reference=True)
             for rank_batches, rank_logps in zip(batches, results):
                 for batch, logps in zip(rank_batches, rank_logps):
                     batch["reference_logps"] = logps
         return batches
 
     def _run(self, method: str, batches: list[list[dict]],
-             examples: list[PreferenceExample]) -> list[Any]:
-        kwargs = {"settings": self.cfg.dpo, "num_pairs": float(len(examples)),
-                  "num_chosen_tokens": float(max(1, sum(map(chosen_targets, examples))))}
-        return self.group.call_each(method, [(dpo_objective, b) for b in batches], **kwargs)
+             examples: list[PreferenceExample]) -> StepResult:
+        return call_objective(
+            self.group, method, dpo_objective, batches, settings=self.cfg.dpo,
+            num_pairs=float(len(examples)),
+            num_chosen_tokens=float(max(1, sum(map(chosen_targets, examples)))))
 
     # ---------------------------------------------------------------- reference
 
@@ -245,7 +249,7 @@ class DPOTrainer(Trainer):
             logger.info("reference log-probs read from %s", path)
         else:
             self.reference["train"] = self._logps_of(self.train, reference=False)
-            if len(self.eval) >= self.group.size:
+            if can_split(self.group, len(self.eval)):
                 self.reference["eval"] = self._logps_of(self.eval, reference=False)
             self.reference_source = "computed"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,44 +261,37 @@ class DPOTrainer(Trainer):
     def _logps_of(self, examples: list[PreferenceExample], reference: bool) -> torch.Tensor:
         """(N, 2) log-probs of every pair under the policy as it is now (or its reference
         view), computed by all workers."""
-        per_rank = shard_evenly(list(range(len(examples))), self.group.size,
-                                self.cfg.trainer.micro_batch_size)
-        batches = [[self.collate([examples[i] for i in mb]) for mb in rank] for rank in per_rank]
-        results = self.group.call_each("infer", [(reference_logps, b) for b in batches],
-                                       reference=reference)
         out = torch.zeros(len(examples), 2)
-        for rank, rank_logps in zip(per_rank, results):
-            for mb, logps in zip(rank, rank_logps):
-                out[mb] = torch.stack(logps.chunk(2), dim=1)
+        for mb, logps in infer_in_chunks(
+                self.group, reference_logps, len(examples),
+                lambda idx: self.collate([examples[i] for i in idx]),
+                self.cfg.trainer.micro_batch_size, reference=reference):
+            out[mb] = torch.stack(logps.chunk(2), dim=1)
         return out
 
     # ---------------------------------------------------------------- steps
 
     def train_step(self, step: int) -> dict[str, float]:
         indices = self.schedule.indices(step)
-        per_rank = shard(indices, self.group.size, self.cfg.trainer.micro_batch_size)
-        results = self._run("train_step", self._batches("train", per_rank),
-                            [self.train[i] for i in indices])
-        sums = sum_metrics([r["sums"] for r in results])
-        return {**pair_means(sums), **results[0]["shared"],
+        result = self._run("train_step", self._batches("train", indices, evenly=False),
+                           [self.train[i] for i in indices])
+        return {**pair_means(result.sums), **result.shared,
                 "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if len(self.eval) >= self.group.size:
+        if can_split(self.group, len(self.eval)):
             if self.reference["eval"] is None and not self.reference_free:
                 # The reference never changes: its held-out log-probs are computed once.
                 self.reference["eval"] = self._logps_of(self.eval, reference=True)
-            # Every rank runs the same number of forward passes (ZeRO-3 gathers collectively).
-            per_rank = shard_evenly(list(range(len(self.eval))), self.group.size,
-                                    self.cfg.trainer.micro_batch_size)
-            sums = sum_metrics(self._run("evaluate", self._batches("eval", per_rank), self.eval))
+            batches = self._batches("eval", list(range(len(self.eval))), evenly=True)
+            sums = self._run("evaluate", batches, self.eval).sums
             metrics = {f"eval/{k}": v for k, v in pair_means(sums).items()}
             metrics["eval/pairs"] = len(self.eval)
         if final:
             metrics.update(final_exact_match(self.group, self.tokenizer, self.eval_prompts,
                                              self.eval_references, self.cfg.eval,
-                                             self.output_dir))
+                                             self.output_dir, stage_evaluator(self.cfg)))
         return metrics
 
 

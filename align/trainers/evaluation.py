@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from align.config import EvalConfig, TaskConfig
+from align.config import EvalConfig
 from align.distributed import WorkerGroup
-from align.tasks import arithmetic
-from align.tasks.arithmetic import is_correct
 from align.trainers.batches import shard_evenly
+from align.trainers.dispatch import can_split
+
+# evaluator(completion, reference) -> correct?
+Evaluator = Callable[[str, str], bool]
 
 
-def embedded_exact_match_rows(task: TaskConfig) -> list[dict]:
-    """The embedded task's held-out `{prompt, completion}` rows (completion: " " + answer)."""
-    return [{"prompt": r["prompt"], "completion": " " + r["answer"]}
-            for r in arithmetic.eval_rows(task)]
+def exact_match(completion: str, reference: str) -> bool:
+    """The default evaluator: equal after stripping surrounding white space."""
+    return completion.strip() == reference.strip()
 
 
 def exact_match_set(rows: list[dict], max_samples: int) -> tuple[list[str], list[str]]:
@@ -29,13 +31,14 @@ def exact_match_set(rows: list[dict], max_samples: int) -> tuple[list[str], list
 
 
 def final_exact_match(group: WorkerGroup, tokenizer, prompts: list[str], references: list[str],
-                      cfg: EvalConfig, output_dir: Path) -> dict[str, float]:
+                      cfg: EvalConfig, output_dir: Path,
+                      is_correct: Evaluator = exact_match) -> dict[str, float]:
     """`exact_match_eval` at the end of a run, samples in `output_dir/eval_samples.jsonl`;
     {} when `eval.exact_match` is off or there are fewer prompts than workers."""
-    if not cfg.exact_match or len(prompts) < group.size:
+    if not cfg.exact_match or not can_split(group, len(prompts)):
         return {}
     return exact_match_eval(group, tokenizer, prompts, references, cfg,
-                            output_dir / "eval_samples.jsonl")
+                            output_dir / "eval_samples.jsonl", is_correct)
 
 
 def generate_texts(group: WorkerGroup, tokenizer, prompts: list[str], max_new_tokens: int,
@@ -55,8 +58,10 @@ def generate_texts(group: WorkerGroup, tokenizer, prompts: list[str], max_new_to
 
 
 def exact_match_eval(group: WorkerGroup, tokenizer, prompts: list[str], references: list[str],
-                     cfg: EvalConfig, samples_path: Path | None = None) -> dict[str, float]:
-    """`eval/accuracy`: share of greedy completions equal to the reference (spaces stripped).
+                     cfg: EvalConfig, samples_path: Path | None = None,
+                     is_correct: Evaluator = exact_match) -> dict[str, float]:
+    """`eval/accuracy`: share of greedy completions `is_correct` accepts against the reference
+    (default: equal with spaces stripped; a task passes its own evaluator).
 
     Every prompt, reference and generation is written to `samples_path` (JSONL) if given.
     """

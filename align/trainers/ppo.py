@@ -23,12 +23,14 @@ import torch
 
 from align.advantages import TOKEN_REWARD_ESTIMATORS, compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
-from align.data import load_rows, tokenize_prompts
+from align.data import tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
-from align.tasks import arithmetic
+from align.metrics import accumulate
+from align.tasks import load_task
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule, shard, sum_metrics
+from align.trainers.batches import StepSchedule
+from align.trainers.dispatch import StepResult, can_split, train_objective
 from align.trainers.evaluation import generate_texts
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
@@ -39,9 +41,11 @@ from align.trainers.ppo_objectives import (
     value_objective,
 )
 from align.trainers.rollout import Rollout, generate_rollout, infer_rows
+from align.trainers.stage_data import stage_rows
+from reward_models.builtin import exact_match
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(Trainer[PPOConfig]):
     stage = "ppo"
 
     def __init__(self, cfg: PPOConfig, show_progress: bool = True) -> None:
@@ -58,17 +62,14 @@ class PPOTrainer(Trainer):
         from reward_models import CombinedReward
 
         cfg = self.cfg
-        if cfg.data.train == EMBEDDED:
-            rows, name = arithmetic.rl_rows(cfg.task, cfg.task.num_train), "embedded:arithmetic"
-            eval_rows = arithmetic.eval_rows(cfg.task)
-        else:
-            rows, name = load_rows(cfg.data.train, cfg.data.split), cfg.data.train
-            eval_rows = load_rows(cfg.data.eval, cfg.data.split) if cfg.data.eval else []
-        self.prompts = tokenize_prompts(rows, self.tokenizer, cfg.data.max_length, name)
-        if cfg.eval.max_samples:
-            eval_rows = eval_rows[: cfg.eval.max_samples]
+        rows = stage_rows(cfg, "rl")
+        self.prompts = tokenize_prompts(rows.train, self.tokenizer, cfg.data.max_length,
+                                        rows.train_name)
+        eval_rows = rows.held_out[: cfg.eval.max_samples or None]
         self.eval_prompts = (tokenize_prompts(eval_rows, self.tokenizer, cfg.data.max_length,
-                                              cfg.data.eval or name) if eval_rows else [])
+                                              rows.held_out_name) if eval_rows else [])
+        # Held-out accuracy: the task's evaluator, or exact match with an `answer` column.
+        self.task = load_task(cfg.task) if cfg.data.train == EMBEDDED else None
         self.rewards = CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.rewards])
         self.gold = (CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.gold_rewards])
                      if cfg.gold_rewards else None)
@@ -95,16 +96,18 @@ class PPOTrainer(Trainer):
         cfg = self.cfg
         policy_dist, critic_dist = self._role_resources()
         self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy")
-        self.group.call("setup", cfg.model, cfg.trainer, policy_dist, self.optimizer_steps(),
-                        "causal_lm", True, True)
+        self.group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
+                        dist_cfg=policy_dist, total_steps=self.optimizer_steps(),
+                        kind="causal_lm", trainable=True, reference=True)
         if self.use_critic:
             critic_model = dataclasses.replace(
                 cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
             critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)
             critic = WorkerGroup(PolicyWorker, critic_dist, role="critic")
             self.extra_groups["critic"] = critic
-            critic.call("setup", critic_model, critic_trainer, critic_dist,
-                        self.optimizer_steps(), "sequence_classification")
+            critic.call("setup", model_cfg=critic_model, trainer_cfg=critic_trainer,
+                        dist_cfg=critic_dist, total_steps=self.optimizer_steps(),
+                        kind="sequence_classification")
         return self.group
 
     def _role_resources(self):
@@ -206,16 +209,15 @@ class PPOTrainer(Trainer):
                 index = order[start:start + batch_size]
                 normalizer = (float(response_mask(rollout.rows(index)).sum())
                               if alg.loss_aggregation == "token" else float(len(index)))
-                results = self._train_role(self.group, ppo_objective, rollout, index, micro,
-                                           normalizer=normalizer, **policy_kw)
-                _add(sums, sum_metrics([r["sums"] for r in results]))
-                _add(sums, {"grad_norm": results[0]["shared"]["grad_norm"]})
+                result = self._train_role(self.group, ppo_objective, rollout, index, micro,
+                                          normalizer=normalizer, **policy_kw)
+                accumulate(sums, {**result.sums, "grad_norm": result.shared["grad_norm"]})
                 if self.use_critic:
-                    results = self._train_role(
+                    result = self._train_role(
                         self.extra_groups["critic"], value_objective, rollout, index, micro,
                         clip_eps=alg.value_clip_eps, aggregation=alg.loss_aggregation,
                         normalizer=normalizer)
-                    _add(sums, sum_metrics([r["sums"] for r in results]))
+                    accumulate(sums, result.sums)
                 minibatches += 1
         tokens = max(sums["tokens"], 1.0)
         metrics = {"policy_loss": sums["policy_loss"] / minibatches,
@@ -229,10 +231,8 @@ class PPOTrainer(Trainer):
 
     @staticmethod
     def _train_role(group: WorkerGroup, objective: Any, rollout: Rollout, index: list[int],
-                    micro: int, **kwargs: Any) -> list[dict[str, Any]]:
-        per_rank = shard(index, group.size, micro)
-        batches = [[rollout.rows(mb) for mb in rank] for rank in per_rank]
-        return group.call_each("train_step", [(objective, b) for b in batches], **kwargs)
+                    micro: int, **kwargs: Any) -> StepResult:
+        return train_objective(group, objective, index, rollout.rows, micro, **kwargs)
 
     def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any,
                          kl: torch.Tensor) -> dict[str, float]:
@@ -252,7 +252,7 @@ class PPOTrainer(Trainer):
 
     def evaluate(self, final: bool) -> dict[str, float]:
         """Greedy completions of held-out prompts: reward, gold reward, exact match."""
-        if len(self.eval_prompts) < self.group.size:
+        if not can_split(self.group, len(self.eval_prompts)):
             return {}
         cfg = self.cfg.eval
         prompts = [p.text for p in self.eval_prompts]
@@ -265,12 +265,9 @@ class PPOTrainer(Trainer):
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))
         answers = columns.get("answer")
         if answers and all(isinstance(a, str) for a in answers):
-            metrics["eval/accuracy"] = arithmetic.accuracy(texts, answers)
+            metrics["eval/accuracy"] = (
+                self.task.accuracy(texts, answers) if self.task is not None
+                else float(np.mean(exact_match(prompts, texts, answer=answers))))
         metrics["eval/samples"] = len(prompts)
         return metrics
-
-
-def _add(total: dict[str, float], values: dict[str, float]) -> None:
-    for key, value in values.items():
-        total[key] = total.get(key, 0.0) + value
 

@@ -16,14 +16,10 @@ from align.config import RMConfig
 from align.data import PreferenceExample, collate_preference
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
-from align.trainers.batches import (
-    StepSchedule,
-    load_preference_examples,
-    shard,
-    shard_evenly,
-    sum_metrics,
-)
-from reward_models.scorer import pair_means, pair_sums, score_batch
+from align.trainers.batches import StepSchedule
+from align.trainers.dispatch import evaluate_objective, train_objective
+from align.trainers.stage_data import load_preference_examples
+from reward_models.reward_model import pair_means, pair_sums, score_batch
 
 
 def reward_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_pairs: float,
@@ -45,12 +41,9 @@ def reward_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], num
     return loss, {"loss": loss.item(), **pair_sums(chosen, rejected)}
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(Trainer[RMConfig]):
     stage = "rm"
     model_kind = "sequence_classification"
-
-    def __init__(self, cfg: RMConfig, show_progress: bool = True) -> None:
-        super().__init__(cfg, show_progress)
 
     # ---------------------------------------------------------------- data
 
@@ -68,29 +61,24 @@ class RewardTrainer(Trainer):
             batch.pop("margin", None)
         return batch
 
-    def _run(self, method: str, per_rank: list[list[list[PreferenceExample]]],
-             num_pairs: int) -> list:
-        batches = [[self.collate(mb) for mb in rank] for rank in per_rank]
-        return self.group.call_each(method, [(reward_objective, b) for b in batches],
-                                    num_pairs=float(num_pairs),
-                                    center_coef=self.cfg.rm.center_coef)
+    def _objective_kwargs(self, num_pairs: int) -> dict[str, float]:
+        return {"num_pairs": float(num_pairs), "center_coef": self.cfg.rm.center_coef}
 
     # ---------------------------------------------------------------- steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg.trainer
         examples = [self.train[i] for i in self.schedule.indices(step)]
-        per_rank = shard(examples, self.group.size, cfg.micro_batch_size)
-        results = self._run("train_step", per_rank, len(examples))
-        sums = sum_metrics([r["sums"] for r in results])
-        return {"loss": sums["loss"], **pair_means(sums), **results[0]["shared"],
+        result = train_objective(self.group, reward_objective, examples, self.collate,
+                                 self.cfg.trainer.micro_batch_size,
+                                 **self._objective_kwargs(len(examples)))
+        return {"loss": result.sums["loss"], **pair_means(result.sums), **result.shared,
                 "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
-        if len(self.eval) < self.group.size:
+        sums = evaluate_objective(self.group, reward_objective, self.eval, self.collate,
+                                  self.cfg.trainer.micro_batch_size,
+                                  **self._objective_kwargs(len(self.eval)))
+        if not sums:
             return {}
-        # Every rank runs the same number of forward passes (ZeRO-3 gathers collectively).
-        per_rank = shard_evenly(self.eval, self.group.size, self.cfg.trainer.micro_batch_size)
-        sums = sum_metrics(self._run("evaluate", per_rank, len(self.eval)))
         metrics = {"loss": sums["loss"], **pair_means(sums), "pairs": len(self.eval)}
         return {f"eval/{key}": value for key, value in metrics.items()}

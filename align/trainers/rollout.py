@@ -16,6 +16,7 @@ from align.data.prompts import PromptExample
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
 from align.trainers.batches import shard_evenly
+from align.trainers.dispatch import infer_in_chunks
 
 
 @dataclass
@@ -83,11 +84,8 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]],
 def infer_rows(group: WorkerGroup, fn: Any, rollout: Rollout, micro_batch_size: int,
                **kwargs: Any) -> torch.Tensor:
     """Run worker function `fn` (returning (rows, T-1)) over the whole rollout, in row order."""
-    per_rank = shard_evenly(list(range(rollout.size)), group.size, micro_batch_size)
-    batches = [[rollout.rows(chunk) for chunk in rank] for rank in per_rank]
-    results = group.call_each("infer", [(fn, b) for b in batches], **kwargs)
     out = torch.zeros(rollout.size, rollout.batch["input_ids"].shape[1] - 1)
-    for rank, outputs in zip(per_rank, results):
-        for chunk, value in zip(rank, outputs):
-            out[torch.tensor(chunk)] = value.float()
+    for chunk, value in infer_in_chunks(group, fn, rollout.size, rollout.rows, micro_batch_size,
+                                        **kwargs):
+        out[torch.tensor(chunk)] = value.float()
     return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from align.config import EMBEDDED, SFTConfig
+from align.config import SFTConfig
 from align.data import (
     TokenizedExample,
     collate_packed,
@@ -20,20 +20,11 @@ from align.data import (
     tokenize_sft,
 )
 from align.losses import IGNORE_INDEX, sft_loss
-from align.tasks import arithmetic
 from align.trainers.base import Trainer
-from align.trainers.batches import (
-    StepSchedule,
-    load_train_eval_rows,
-    shard,
-    shard_evenly,
-    sum_metrics,
-)
-from align.trainers.evaluation import (
-    embedded_exact_match_rows,
-    exact_match_set,
-    final_exact_match,
-)
+from align.trainers.batches import StepSchedule
+from align.trainers.dispatch import evaluate_objective, train_objective
+from align.trainers.evaluation import exact_match_set, final_exact_match
+from align.trainers.stage_data import stage_evaluator, stage_rows
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -52,24 +43,21 @@ def target_tokens(example: TokenizedExample) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(Trainer[SFTConfig]):
     stage = "sft"
-
-    def __init__(self, cfg: SFTConfig, show_progress: bool = True) -> None:
-        super().__init__(cfg, show_progress)
 
     # ---------------------------------------------------------------- data
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        train_rows, eval_rows, train_name, eval_name = self._rows()
-        self.train, truncated = tokenize_sft(train_rows, self.tokenizer, cfg.data.max_length,
-                                             cfg.data.completion_only_loss, train_name)
-        self.eval, _ = tokenize_sft(eval_rows, self.tokenizer, cfg.data.max_length,
-                                    cfg.data.completion_only_loss, eval_name)
+        rows = stage_rows(cfg, "sft")
+        self.train, truncated = tokenize_sft(rows.train, self.tokenizer, cfg.data.max_length,
+                                             cfg.data.completion_only_loss, rows.train_name)
+        self.eval, _ = tokenize_sft(rows.held_out, self.tokenizer, cfg.data.max_length,
+                                    cfg.data.completion_only_loss, rows.held_out_name)
         self.truncated = truncated
         # Exact match needs a string prompt and a string reference completion.
-        self.eval_prompts, self.eval_references = exact_match_set(eval_rows,
+        self.eval_prompts, self.eval_references = exact_match_set(rows.held_out,
                                                                   cfg.eval.max_samples)
         order_fn = None
         if cfg.data.group_by_length and not cfg.data.packing:
@@ -80,14 +68,6 @@ class SFTTrainer(Trainer):
                                      cfg.trainer.seed, order_fn)
         return len(self.train)
 
-    def _rows(self) -> tuple[list[dict], list[dict], str, str]:
-        data = self.cfg.data
-        if data.train == EMBEDDED:
-            held_out = embedded_exact_match_rows(self.cfg.task)
-            return (arithmetic.sft_rows(self.cfg.task), held_out, "embedded:arithmetic",
-                    "embedded:arithmetic(held-out)")
-        return load_train_eval_rows(data, self.cfg.trainer.seed)
-
     def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         if self.cfg.data.packing:
             return collate_packed(examples)
@@ -96,29 +76,22 @@ class SFTTrainer(Trainer):
     # ---------------------------------------------------------------- steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
         examples = [self.train[i] for i in self.schedule.indices(step)]
         num_tokens = float(sum(target_tokens(e) for e in examples))
-        per_rank = shard(examples, self.group.size, cfg.trainer.micro_batch_size)
-        batches = [[self.collate(mb) for mb in rank] for rank in per_rank]
-        results = self.group.call_each("train_step", [(sft_objective, b) for b in batches],
-                                       num_tokens=num_tokens)
-        metrics = sum_metrics([r["sums"] for r in results])
-        return {"loss": metrics["loss"], **results[0]["shared"],
-                "tokens": metrics["tokens"], "epoch": step / self.schedule.steps_per_epoch}
+        result = train_objective(self.group, sft_objective, examples, self.collate,
+                                 self.cfg.trainer.micro_batch_size, num_tokens=num_tokens)
+        return {"loss": result.sums["loss"], **result.shared, "tokens": result.sums["tokens"],
+                "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
         metrics: dict[str, Any] = {}
-        if len(self.eval) >= self.group.size:
-            num_tokens = float(sum(target_tokens(e) for e in self.eval))
-            per_rank = shard_evenly(self.eval, self.group.size,
-                                    self.cfg.trainer.micro_batch_size)
-            batches = [[self.collate(mb) for mb in rank] for rank in per_rank]
-            results = self.group.call_each("evaluate", [(sft_objective, b) for b in batches],
-                                           num_tokens=num_tokens)
-            metrics["eval/loss"] = sum_metrics(results)["loss"]
+        num_tokens = float(sum(target_tokens(e) for e in self.eval))
+        sums = evaluate_objective(self.group, sft_objective, self.eval, self.collate,
+                                  self.cfg.trainer.micro_batch_size, num_tokens=num_tokens)
+        if sums:
+            metrics["eval/loss"] = sums["loss"]
         if final:
             metrics.update(final_exact_match(self.group, self.tokenizer, self.eval_prompts,
                                              self.eval_references, self.cfg.eval,
-                                             self.output_dir))
+                                             self.output_dir, stage_evaluator(self.cfg)))
         return metrics

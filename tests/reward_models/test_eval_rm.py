@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from reward_models.evaluation import evaluate_reward_model
-from reward_models.scorer import load_reward_model, score_texts
+from reward_models.reward_model import load_reward_model, score_texts
+from reward_models.server import evaluate_reward_model
 from tests.test_cli import run_align
 
 ROWS = [{"prompt": "Q: 23+58=", "chosen": " 81", "rejected": " 71"},

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import reward_models.loading as loading
 from align.errors import ConfigError, RewardError
-from reward_models import LoadedReward, RewardSpec, is_model_folder, load_reward, register_spec_kind
+from reward_models import LoadedReward, RewardSpec, load_reward
 
 PROMPTS = ["Q: 23+58=", "Q: 1+2=", "Q: 99+99="]
 COMPLETIONS = [" 81</s>", " 4", " 198"]
@@ -78,7 +77,7 @@ def test_verl_style_prefix_per_sample_with_dict_score(tmp_path):
     """,
     )
     reward = load_reward("verl:verl_rm.py:compute_score", base_dir=tmp_path)
-    assert reward.spec.style == "verl"
+    assert reward.label == "verl:verl_rm.py:compute_score"  # the prefix was read as a style
     values = reward(
         ["p0", "p1", "p2"],
         [" 7", " 8", " 9"],
@@ -168,11 +167,11 @@ def test_async_function(tmp_path):
     reward = load_reward("async_rm.py:slow_len", base_dir=tmp_path)
     assert reward(["a", "b"], ["xy", "xyz"]) == [2.0, 3.0]
 
-    async def inside_a_running_loop() -> tuple[list, list]:
-        # both the sync entry point (nested loop) and the async one work from async code
-        return reward(["a"], ["abcd"]), await reward.ascore(["a"], ["ab"])
+    async def inside_a_running_loop() -> list:
+        # the sync entry point works from async code too (the coroutine runs on its own loop)
+        return reward(["a"], ["abcd"])
 
-    assert asyncio.run(inside_a_running_loop()) == ([4.0], [2.0])
+    assert asyncio.run(inside_a_running_loop()) == [4.0]
 
 
 def test_kwargs_bound_like_partial():
@@ -197,21 +196,12 @@ def test_folder_without_config_json_is_not_a_reward_model(tmp_path):
         load_reward("run", base_dir=tmp_path)
 
 
-def test_model_folder_needs_registered_loader(tmp_path, monkeypatch):
+def test_folder_with_a_model_that_is_no_reward_model_is_refused(tmp_path):
     folder = tmp_path / "final"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    monkeypatch.setattr(loading, "_REGISTERED_KINDS", [])
-    with pytest.raises(RewardError, match=r"'final'.*needs the reward-model loader"):
+    (folder / "config.json").write_text('{"model_type": "llama", "num_labels": 3}')
+    with pytest.raises(RewardError, match=r"'final'"):
         load_reward("final", base_dir=tmp_path)
-
-    def build(spec: RewardSpec, base_dir: Path):
-        return lambda prompts, completions, **columns: [spec.kwargs["bias"]] * len(prompts)
-
-    register_spec_kind("reward model folder", is_model_folder, build)  # the one-line plug-in
-    reward = load_reward({"spec": "final", "kwargs": {"bias": 0.5}}, base_dir=tmp_path)
-    assert reward.name == "final"
-    assert reward(["a", "b"], ["c", "d"]) == [0.5, 0.5]
 
 
 # --- load-time failures: ConfigError naming the spec ---------------------------------------

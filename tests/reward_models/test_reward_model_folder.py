@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from align.errors import ConfigError, RewardError
 from reward_models import RewardModelScorer, load_reward
-from reward_models.scorer import score_texts
+from reward_models.reward_model import score_texts
 
 PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99=", "Q: 40+2="]
 COMPLETIONS = [" 81", " 20", " 198 and some more words", " 4"]  # lengths differ: padding

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from reward_models import load_reward
-from reward_models.scorer import load_reward_model, score_texts
+from reward_models.reward_model import load_reward_model, score_texts
 from reward_models.server import RewardModelServer
 
 PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99="]

@@ -14,11 +14,12 @@ from align.config import RMConfig, load_config
 from align.data import collate_preference, tokenize_preference
 from align.errors import ConfigError
 from align.losses import pairwise_loss
-from align.trainers.batches import load_train_eval_rows, sum_metrics
+from align.metrics import combine_metrics
 from align.trainers.reward import RewardTrainer, reward_objective
+from align.trainers.stage_data import load_train_eval_rows
 from reward_models import load_reward
-from reward_models.evaluation import evaluate_reward_model
-from reward_models.scorer import pair_means
+from reward_models.reward_model import pair_means
+from reward_models.server import evaluate_reward_model
 from tests.conftest import tiny_rm_config
 from tests.reward_models.test_reward_model_folder import direct_scores
 
@@ -55,7 +56,7 @@ def test_objective_is_split_invariant(tiny_reward_model_dir):
     halves = [reward_objective(model, collate_preference(part, tok.pad_token_id), num_pairs=8)
               for part in (examples[:3], examples[3:])]
     torch.testing.assert_close(halves[0][0] + halves[1][0], loss)
-    split = pair_means(sum_metrics([m for _, m in halves]))
+    split = pair_means(combine_metrics([m for _, m in halves]))
     for key, value in pair_means(metrics).items():
         assert split[key] == pytest.approx(value, abs=1e-5), key
     assert split["min_reward"] == pytest.approx(float(torch.cat([chosen, rejected]).min()))
@@ -88,7 +89,7 @@ def test_run_learns_and_final_reloads_with_same_scores(tmp_path, ray_local):
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     assert summary["eval/accuracy"] > 0.8, summary
     # final/ is a plain Hugging Face reward model: it reproduces the workers' held-out figures.
-    _, held_out, _, _ = load_train_eval_rows(cfg.data, cfg.trainer.seed)
+    held_out = load_train_eval_rows(cfg.data, cfg.trainer.seed).held_out
     report = evaluate_reward_model(run / "final", write_jsonl(tmp_path / "held.jsonl", held_out))
     for key in ("accuracy", "margin", "mean_reward", "min_reward", "max_reward"):
         assert report[key] == pytest.approx(summary[f"eval/{key}"], abs=1e-4), key
@@ -114,7 +115,7 @@ def test_zero3_lora_two_workers_trains_and_reloads(tmp_path, ray_local, tiny_mod
     losses = [m["loss"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
                                      .read_text().splitlines()) if "loss" in m]
     assert losses[-1] < losses[0], losses
-    _, held_out, _, _ = load_train_eval_rows(cfg.data, cfg.trainer.seed)
+    held_out = load_train_eval_rows(cfg.data, cfg.trainer.seed).held_out
     report = evaluate_reward_model(final, write_jsonl(tmp_path / "held.jsonl", held_out))
     for key in ("accuracy", "margin", "min_reward", "max_reward"):
         assert report[key] == pytest.approx(summary[f"eval/{key}"], abs=1e-4), key
