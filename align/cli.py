@@ -1,4 +1,5 @@
-"""Command line: `align sft|rm|... CONFIG [key=value ...]`, `eval-rm`, `serve-rm`, `quickstart`.
+"""Command line: `align sft|rm|... CONFIG [key=value ...]`, `report`, `eval-rm`, `serve-rm`,
+`quickstart`.
 
 Every project error is printed as one message, without a traceback, and exits with status 2.
 """
@@ -43,6 +44,23 @@ def _run_eval_rm(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise OutputDirError(f"--output {args.output}: cannot write it: {exc}") from None
     print(f"written to {args.output}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from align.report import load_run, write_report
+
+    runs = [load_run(folder) for folder in args.runs]
+    names = [run.name for run in runs]
+    for i, run in enumerate(runs):  # two runs both called final/ stay apart
+        if names.count(run.name) > 1:
+            run.name = f"{run.folder.parent.name}-{run.name}-{i}"
+    output = Path(args.output) if args.output else (
+        runs[0].folder if len(runs) == 1 else Path("report"))
+    path = write_report(runs, output, title=args.title)
+    print(f"written to {path}")
     return 0
 
 
@@ -101,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "grpo:trainer.max_steps=20)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(handler=_run_quickstart)
+    r = sub.add_parser("report", help="report.md with plots for one or more run folders")
+    r.add_argument("runs", nargs="+", help="run folders (the output_dir of a stage)")
+    r.add_argument("--output", default=None,
+                   help="folder for report.md and plots/ (default: the run folder for one "
+                        "run, ./report for several)")
+    r.add_argument("--title", default="Report", help="the report's title")
+    r.set_defaults(handler=_run_report)
     e = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference data")
     e.add_argument("model", help="reward-model folder (e.g. runs/arithmetic/rm/final)")
     e.add_argument("data", help="preference file, save_to_disk folder, hub name, or `embedded`")

@@ -17,9 +17,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from align.errors import ConfigError, did_you_mean
+from align.trackers import check_trackers
 
 T = TypeVar("T")
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 EMBEDDED = "embedded"  # model/data source name for the built-in arithmetic task
 
 
@@ -110,6 +112,8 @@ class TrainerConfig:
     eval_every: int = 0  # steps between eval-loss passes; 0: only at the end
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept in output_dir/checkpoints
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow
+    log_completions_every: int = 0  # RL: iterations between tables of sampled completions; 0 off
 
 
 @dataclass
@@ -121,7 +125,7 @@ class DistributedConfig:
     gpus_per_worker: float | None = None  # None: 1 when Ray sees GPUs, else 0
     torch_threads: int | None = None  # torch threads per worker; None: its CPU share
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: PlacementStrategy = "PACK"  # how Ray spreads a role's bundles over nodes
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
 
 
@@ -497,5 +501,8 @@ def validate_common(config: Any) -> None:
         raise ConfigError("data.eval_fraction must be in [0, 1)")
     if config.model.lora.enabled and config.model.lora.r < 1:
         raise ConfigError("model.lora.r must be at least 1")
+    check_trackers(tr.report_to)
+    if tr.log_completions_every < 0:
+        raise ConfigError("trainer.log_completions_every must be >= 0")
     if len(tr.adam_betas) != 2:
         raise ConfigError("trainer.adam_betas must have two numbers, e.g. [0.9, 0.999]")

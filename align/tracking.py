@@ -1,4 +1,5 @@
-"""Run tracking: one JSON object per logged step in metrics.jsonl, and a tqdm progress bar."""
+"""Run tracking: one JSON object per logged step in metrics.jsonl, a tqdm progress bar, and
+the trackers of `trainer.report_to` (see align.trackers) fed the same scalars."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from align.trackers import Tracker
+
 # Shown in the progress bar, when present, in this order.
 BAR_KEYS = ("loss", "eval/loss", "reward", "rewards/accuracies", "accuracy", "kl")
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 class MetricsLogger:
@@ -21,10 +25,14 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0,
-                 desc: str = "train", show_progress: bool = True) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
+                 desc: str = "train", show_progress: bool = True,
+                 trackers: list[Tracker] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
         _truncate_after(self.path, start_step)
+        _truncate_after(self.output_dir / COMPLETIONS_FILE, start_step)
         self.file = self.path.open("a")
+        self.trackers = trackers or []
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                         dynamic_ncols=True, disable=not show_progress)
 
@@ -32,9 +40,28 @@ class MetricsLogger:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log_scalars(step, scalars)
         shown = {k: f"{metrics[k]:.4g}" for k in BAR_KEYS if k in metrics}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        """The resolved config, as hyperparameters of every tracker."""
+        for tracker in self.trackers:
+            tracker.log_config(config)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sampled completions with their rewards: appended to completions.jsonl (one object
+        per sample, with its step) and shown as a table by every tracker."""
+        with (self.output_dir / COMPLETIONS_FILE).open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        for tracker in self.trackers:
+            tracker.log_table(step, "completions", rows)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
@@ -42,6 +69,8 @@ class MetricsLogger:
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -10,37 +10,24 @@ Copy this file and swap in your own configs to build your pipeline.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from align.recipe import parse_args, run
 
-from align.trainers.registry import load_stage_config, run_stage
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "arithmetic"
-
-
-def run(stage: str, config: str, output_dir: Path, *overrides: str) -> dict:
-    """Train one stage from its YAML; returns its summary.json contents."""
-    cfg = load_stage_config(stage, CONFIGS / config,
-                            [f"output_dir={output_dir}", "overwrite=true", *overrides])
-    return run_stage(stage, cfg)
+RUNS = ("sft", "rm", "ppo_rm", "dpo")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/recipe"))
-    parser.add_argument("overrides", nargs="*", help="applied to every stage")
-    args = parser.parse_args()
-    out, extra = args.output_dir, args.overrides
+    args = parse_args(__doc__.splitlines()[0], "runs/recipe")
+    out, extra = args.output_dir, dict(overrides=args.overrides, runs=RUNS, quiet=args.quiet)
 
-    sft = run("sft", "sft.yaml", out / "sft", *extra)
+    sft = run("sft", "arithmetic/sft.yaml", out / "sft", **extra)
     sft_model = f"model.name_or_path={out / 'sft' / 'final'}"
 
-    rm = run("rm", "rm.yaml", out / "rm", sft_model, *extra)
+    rm = run("rm", "arithmetic/rm.yaml", out / "rm", sft_model, **extra)
 
-    ppo = run("ppo", "ppo_rm.yaml", out / "ppo_rm", sft_model,
-              f"rewards.0.spec={out / 'rm' / 'final'}", *extra)
+    ppo = run("ppo", "arithmetic/ppo_rm.yaml", out / "ppo_rm", sft_model,
+              f"rewards.0.spec={out / 'rm' / 'final'}", **extra)
 
-    dpo = run("dpo", "dpo.yaml", out / "dpo", sft_model, *extra)
+    dpo = run("dpo", "arithmetic/dpo.yaml", out / "dpo", sft_model, **extra)
 
     print(f"SFT      held-out exact match  {sft['eval/accuracy']:.1%}")
     print(f"RM       held-out pairwise     {rm['eval/accuracy']:.1%}")

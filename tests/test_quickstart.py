@@ -33,11 +33,11 @@ def test_quickstart_runs_every_stage(tmp_path, ray_local):
 
 def test_overrides_can_be_scoped_to_one_run():
     from align.errors import ConfigError
-    from align.quickstart import scoped_overrides
+    from align.recipe import scoped_overrides
 
     items = ["trainer.lr=1e-3", "grpo:rollout.prompts_per_step=4", "rm:task.num_pairs=10"]
     assert scoped_overrides(items, "grpo") == ["trainer.lr=1e-3", "rollout.prompts_per_step=4"]
     assert scoped_overrides(items, "sft") == ["trainer.lr=1e-3"]
     assert scoped_overrides(["rewards.0.spec=a.b:c"], "sft") == ["rewards.0.spec=a.b:c"]
-    with pytest.raises(ConfigError, match="not a quickstart run"):
-        scoped_overrides(["nope:trainer.lr=1"], "sft")
+    with pytest.raises(ConfigError, match="not a run of this recipe"):
+        scoped_overrides(["nope:trainer.lr=1"], "sft", runs=[n for n, *_ in PIPELINE])

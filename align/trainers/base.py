@@ -21,10 +21,11 @@ from align.checkpoint import (
     read_state,
     resolve_resume,
 )
-from align.config import RunConfig, dump_config
+from align.config import RunConfig, dump_config, to_dict
 from align.distributed import PolicyWorker, WorkerGroup
 from align.errors import TrainingError
 from align.model_loading import check_lora_targets, load_tokenizer
+from align.trackers import open_trackers
 from align.tracking import MetricsLogger
 from align.trainers.batches import total_steps
 
@@ -139,8 +140,11 @@ class Trainer(Generic[ConfigT]):
 
     def _loop(self, step: int, checkpoints: CheckpointManager) -> tuple[float, int]:
         cfg = self.cfg.trainer
+        trackers = open_trackers(cfg.report_to, self.output_dir, self.output_dir.name)
         logger = MetricsLogger(self.output_dir, self.total_steps, step, desc=self.stage,
-                               show_progress=self.show_progress)
+                               show_progress=self.show_progress, trackers=trackers)
+        logger.log_config(to_dict(self.cfg))
+        self.logger = logger
         seconds, samples = 0.0, 0
         try:
             while step < self.total_steps:

@@ -44,6 +44,21 @@ from align.trainers.rollout import Rollout, generate_rollout, infer_rows
 from align.trainers.stage_data import stage_rows
 from reward_models.builtin import exact_match
 
+COMPLETIONS_LOGGED = 8  # samples per completions table
+
+
+def completion_rows(rollout: Rollout, scores: Any, gold: Any) -> list[dict[str, Any]]:
+    """The first samples of a rollout with their rewards, for a completions table."""
+    rows = []
+    for i in range(min(COMPLETIONS_LOGGED, rollout.size)):
+        row = {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
+               "reward": scores.total[i]}
+        row.update({f"rewards/{name}": values[i] for name, values in scores.per_reward.items()})
+        if gold is not None:
+            row["reward/gold"] = gold.total[i]
+        rows.append(row)
+    return rows
+
 
 class PPOTrainer(Trainer[PPOConfig]):
     stage = "ppo"
@@ -161,6 +176,9 @@ class PPOTrainer(Trainer[PPOConfig]):
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
         metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
                         "time/experience": t3 - t2, "time/train": t4 - t3})
+        every = cfg.trainer.log_completions_every
+        if every and (step + 1) % every == 0:
+            self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
         self.kl.update(metrics["kl"])
         return metrics
 
