@@ -28,7 +28,7 @@ from align.data import (
 from align.distributed import PolicyWorker, WorkerGroup
 from align.model_loading import load_model, load_tokenizer
 from align.tasks import arithmetic
-from align.trainers.batches import shard
+from align.trainers.dispatch import train_objective
 from align.trainers.dpo import chosen_targets, dpo_objective
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -182,13 +182,11 @@ def one_step(groups, case: Case, split: tuple, grad_clip: float) -> tuple[float,
     assert facts == {"zero_stage": zero, "offload": offload,
                      "accumulation": GLOBAL_BATCH // (workers * micro)}, facts
     before = group.call("full_state_dict")[0]
-    per_rank = shard(list(range(GLOBAL_BATCH)), workers, micro)
-    batches = [[case.collate(mb) for mb in rank] for rank in per_rank]
-    results = group.call_each("train_step", [(case.objective, b) for b in batches],
-                              **case.kwargs)
+    result = train_objective(group, case.objective, list(range(GLOBAL_BATCH)), case.collate,
+                             micro, **case.kwargs)
     after = group.call("full_state_dict")[0]
     update = torch.cat([(after[k].float() - before[k].float()).flatten() for k in sorted(before)])
-    return results[0]["shared"]["grad_norm"], update
+    return result.shared["grad_norm"], update
 
 
 def assert_same_step(reference: tuple[float, torch.Tensor], got: tuple[float, torch.Tensor],
