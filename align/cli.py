@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(handler=_run_report)
     e = sub.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference data")
     e.add_argument("model", help="reward-model folder (e.g. runs/arithmetic/rm/final)")
-    e.add_argument("data", help="preference file, save_to_disk folder, hub name, or `embedded`")
+    e.add_argument("data", help="preference file, save_to_disk folder, hub name, or `embedded` "
+                   "(the held-out pairs of the task settings in the run's config.yaml)")
     e.add_argument("--output", default="eval_rm.json", help="JSON report path")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per forward")
     e.add_argument("--max-length", type=_positive_int, default=None,

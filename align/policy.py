@@ -135,7 +135,9 @@ class Policy:
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}) on rank {self.rank}; "
                                     "lower trainer.lr or check the data")
-            engine.backward(loss * self.world_size)  # backward() itself divides by accumulation
+            # The loss is already this micro-batch's share of the global mean: undo the
+            # rank average (x world size) and skip backward()'s division by accumulation.
+            engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 # DeepSpeed's fp32 stage-0 path clips without keeping the norm; measure it here.
                 grad_norm = _grad_norm(self.model)

@@ -12,8 +12,9 @@ requests never oversubscribe the cores. There is no authentication: the server b
 
 `align eval-rm MODEL DATA` (`evaluate_reward_model`): pairwise accuracy and reward margin.
 It runs in this process (no Ray). The data is any preference source `align rm` trains on (a
-file, a `save_to_disk` folder, a hub name) or `embedded` for the task's held-out pairs; rows are
-tokenised exactly as in training (`align.data.tokenize_preference`).
+file, a `save_to_disk` folder, a hub name) or `embedded` for the task's held-out pairs, under
+the task settings of the model's own run (its `config.yaml`); rows are tokenised exactly as in
+training (`align.data.tokenize_preference`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import torch
 
-from align.config import EMBEDDED, TaskConfig
+from align.config import EMBEDDED, TaskConfig, from_dict, read_yaml
 from align.data import collate_preference, load_rows, tokenize_preference
-from align.errors import AlignError
+from align.errors import AlignError, ConfigError
 from align.tasks import load_task
 from reward_models.reward_model import (
     load_reward_model,
@@ -147,8 +148,8 @@ def evaluate_reward_model(model_dir: str | Path, data: str, batch_size: int = 64
 
     Args:
         model_dir: a reward-model folder (see `reward_models.reward_model.load_reward_model`).
-        data: a preference source, or `embedded` for the arithmetic task's held-out pairs
-            (the default task settings, as `align rm` uses them).
+        data: a preference source, or `embedded` for the task's held-out pairs under the task
+            settings the model was trained with (see `run_task_settings`).
         batch_size: pairs per forward pass (2 x batch_size sequences).
         max_length: longest prompt + completion; default the model's max_position_embeddings.
         split: the split to read from a folder or hub dataset.
@@ -161,9 +162,10 @@ def evaluate_reward_model(model_dir: str | Path, data: str, batch_size: int = 64
     Raises:
         ModelError: the folder holds no reward model.
         DataError: the data is missing or malformed (file, row and column named).
+        ConfigError: `embedded` for a model whose run's task settings cannot be read.
     """
     if data == EMBEDDED:
-        rows = load_task(TaskConfig()).held_out_preference_rows()
+        rows = load_task(run_task_settings(model_dir)).held_out_preference_rows()
         source = EMBEDDED_HELD_OUT
     else:
         rows, source = load_rows(data, split), data  # before the model: a typo fails fast
@@ -181,6 +183,20 @@ def evaluate_reward_model(model_dir: str | Path, data: str, batch_size: int = 64
             rejected.append(r)
     sums = pair_sums(torch.cat(chosen), torch.cat(rejected))
     return {"model": str(model_dir), "data": source, "pairs": len(examples), **pair_means(sums)}
+
+
+def run_task_settings(model_dir: str | Path) -> TaskConfig:
+    """The `task` section of the run that wrote `model_dir` (its `config.yaml` beside final/).
+
+    The held-out pairs depend on it (`task.seed`, `task.num_eval`): with other settings they
+    could be pairs the model trained on.
+    """
+    config = Path(model_dir).parent / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"eval-rm {model_dir} embedded: the held-out pairs depend on the task "
+                          f"settings the model was trained with, read from {config}, which "
+                          "does not exist; evaluate on a preference file instead")
+    return from_dict(TaskConfig, read_yaml(config).get("task") or {}, prefix="task.")
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.model_loading import ModelKind
@@ -30,11 +31,15 @@ class BaseWorker:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def master_address(self) -> tuple[str, int]:
-        """This node's IP and a free port, for rank 0 to host the rendezvous."""
+        """This node's IP and the port of the rendezvous store that rank 0 now hosts.
+
+        The store listens on a port the OS picks (port 0) and keeps it from then on: a port
+        probed free and closed before use could be taken by another process in between.
+        """
         ip = _node_ip()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            return ip, sock.getsockname()[1]
+        self._store = dist.TCPStore(ip, 0, self.world_size, is_master=True,
+                                    timeout=default_pg_timeout, wait_for_workers=False)
+        return ip, self._store.port
 
     def init_distributed(self, master_addr: str, master_port: int, backend: str) -> None:
         import deepspeed
@@ -45,6 +50,12 @@ class BaseWorker:
             # Ray gives each GPU actor only its own device(s), so the local device is 0.
             "LOCAL_RANK": "0",
         })
+        store = getattr(self, "_store", None) or dist.TCPStore(
+            master_addr, master_port, self.world_size, is_master=False,
+            timeout=default_pg_timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank,
+                                world_size=self.world_size, timeout=default_pg_timeout)
+        # DeepSpeed adopts the initialised process group.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=self.rank, world_size=self.world_size)
 

@@ -43,17 +43,23 @@ def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T-1) critic values of the state before each next token.
 
-    The critic is a sequence-classification model (one score); its head is applied at every
-    position instead of only the last, as OpenRLHF's critic does.
+    The critic is a sequence-classification model (one score); its head runs at every
+    position and the model keeps only the last, so the head's full output is read with a
+    hook, as OpenRLHF's critic reads every position. The call goes through `model` itself:
+    a DeepSpeed engine's forward must run, or ZeRO-3 overwrites accumulated gradients.
     """
     hf = model.module if hasattr(model, "module") else model  # DeepSpeed engine
-    if hasattr(hf, "get_base_model"):  # peft: LoRA layers stay active inside
+    if hasattr(hf, "get_base_model"):  # peft: the head is a wrapper around the trained copy
         hf = hf.get_base_model()
-    backbone = getattr(hf, hf.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
     head = getattr(hf, "score", None) or hf.classifier
-    return head(hidden).squeeze(-1)[:, :-1].float()
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _args, out: captured.append(out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1].squeeze(-1)[:, :-1].float()
 
 
 def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,

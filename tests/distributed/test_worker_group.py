@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import socket
 import sys
 import time
 
@@ -14,6 +16,7 @@ from ray.cluster_utils import Cluster
 
 from align.config import DistributedConfig
 from align.distributed import WorkerGroup
+from align.distributed.group import node_cpus
 from align.distributed.worker import BaseWorker
 from align.errors import TrainingError
 
@@ -38,13 +41,27 @@ class EchoWorker(BaseWorker):
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def rendezvous_port_is_held(self) -> bool:
+        """Whether the port master_address hands out is still bound when it is returned."""
+        _, port = self.master_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                return True
+        return False
+
 
 def test_two_workers_form_one_world(ray_local):
     group = WorkerGroup(EchoWorker, DistributedConfig(num_workers=2))
     try:
         assert group.call("world") == [(0, 2, 1), (1, 2, 1)]
-        assert group.call("threads") == [1, 1]  # 2 CPUs shared by 2 workers
+        # Each worker's threads are its share of the node's CPUs.
+        assert group.call("threads") == [max(1, math.floor(node_cpus() / 2))] * 2
         assert group.call_each("echo", [(1,), (2,)]) == [10, 21]
+        # No other process can take the rendezvous port between rank 0 choosing it and the
+        # other ranks joining: it is bound from the moment it is handed out.
+        assert ray.get(group.actors[0].rendezvous_port_is_held.remote())
     finally:
         group.shutdown()
 

@@ -1,0 +1,215 @@
+"""One optimizer step must not depend on how the global batch is split over workers and
+micro-batches: the same `grad_norm` and the same parameter update, for every stage's objective.
+
+Each split also runs under a different DeepSpeed set-up (ZeRO 0-3, optimizer offload), so the
+ZeRO-1 and offload paths take real steps here too. Workers are built once per world size and
+re-set-up for every split, which keeps the test to about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from ray import cloudpickle
+
+from align.config import DistributedConfig, DPOSettings, ModelConfig, TaskConfig, TrainerConfig
+from align.data import (
+    collate_packed,
+    collate_preference,
+    collate_preference_packed,
+    tokenize_preference,
+    tokenize_sft,
+)
+from align.distributed import PolicyWorker, WorkerGroup
+from align.model_loading import load_model, load_tokenizer
+from align.tasks import arithmetic
+from align.trainers.dispatch import train_objective
+from align.trainers.dpo import chosen_targets, dpo_objective
+from align.trainers.ppo_objectives import (
+    ppo_objective,
+    response_mask,
+    token_logprobs,
+    token_values,
+    value_objective,
+)
+from align.trainers.reward import reward_objective
+from align.trainers.rollout import pad_sequences
+from align.trainers.sft import sft_objective, target_tokens
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+GLOBAL_BATCH = 16
+# (workers, micro-batch, ZeRO stage, optimizer offload); the first is the reference.
+SPLITS = [(1, 16, 0, False), (1, 8, 0, False), (1, 4, 3, False), (2, 8, 1, False),
+          (2, 4, 2, True)]
+TOLERANCE = 1e-5  # relative
+
+
+class ProbeWorker(PolicyWorker):
+    def engine_facts(self) -> dict[str, Any]:
+        engine = self.policy.engine
+        return {"zero_stage": engine.zero_optimization_stage(),
+                "offload": bool(engine.zero_cpu_offload()),
+                "accumulation": engine.gradient_accumulation_steps()}
+
+
+@dataclasses.dataclass
+class Case:
+    """One objective with a fixed global batch of GLOBAL_BATCH items."""
+
+    kind: str  # model kind
+    objective: Callable
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]  # item indices -> micro-batch
+    kwargs: dict[str, Any]
+
+
+def model_config() -> ModelConfig:
+    cfg = ModelConfig(dtype="float32")
+    cfg.embedded = dataclasses.replace(cfg.embedded, hidden_size=TINY["hidden_size"],
+                                       num_layers=TINY["num_layers"],
+                                       num_heads=TINY["num_heads"],
+                                       intermediate_size=TINY["intermediate_size"])
+    return cfg
+
+
+def sft_case(tok) -> Case:
+    examples, _ = tokenize_sft(arithmetic.sft_rows(TaskConfig(num_train=GLOBAL_BATCH)), tok, 24,
+                               True)
+    return Case("causal_lm", sft_objective, lambda idx: collate_packed([examples[i] for i in idx]),
+                {"num_tokens": float(sum(map(target_tokens, examples)))})
+
+
+def preference_examples(tok):
+    return tokenize_preference(arithmetic.preference_rows(TaskConfig(), GLOBAL_BATCH), tok, 24)
+
+
+def reward_case(tok) -> Case:
+    examples = preference_examples(tok)
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate_preference([examples[i] for i in idx], tok.pad_token_id)
+        batch.pop("labels")
+        return batch
+
+    return Case("sequence_classification", reward_objective, collate,
+                {"num_pairs": float(GLOBAL_BATCH), "center_coef": 0.01})
+
+
+def dpo_case(tok) -> Case:
+    examples = preference_examples(tok)
+    reference = -20.0 + torch.randn(GLOBAL_BATCH, 2, generator=torch.Generator().manual_seed(0))
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate_preference_packed([examples[i] for i in idx])
+        batch["reference_logps"] = torch.cat([reference[idx, 0], reference[idx, 1]])
+        return batch
+
+    settings = DPOSettings(beta=0.5, nll_coef=0.5)
+    return Case("causal_lm", dpo_objective, collate,
+                {"settings": settings, "num_pairs": float(GLOBAL_BATCH),
+                 "num_chosen_tokens": float(sum(map(chosen_targets, examples)))})
+
+
+def rollout_rows(tok) -> dict[str, torch.Tensor]:
+    """Prompts with completions of varied length, as a PPO rollout lays them out."""
+    rows = arithmetic.rl_rows(TaskConfig(), GLOBAL_BATCH)
+    prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in rows]
+    answers = [tok(" " + r["answer"] * (1 + i % 3)).input_ids for i, r in enumerate(rows)]
+    return pad_sequences(prompts, answers, tok.pad_token_id)
+
+
+def ppo_case(tok) -> Case:
+    batch = rollout_rows(tok)
+    mask = response_mask(batch)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        old = token_logprobs(load_model(model_config(), tok).eval(), batch, temperature=0.7)
+    batch.update(old_logprobs=old, ref_logprobs=old + 0.1 * torch.randn(old.shape, generator=gen),
+                 advantages=torch.randn(old.shape, generator=gen) * mask)
+    kwargs = {"temperature": 0.7, "clip_eps": 0.2, "clip_eps_high": None, "dual_clip": None,
+              "aggregation": "token", "normalizer": float(mask.sum()), "kl_coef": 0.05,
+              "kl_estimator": "k3", "entropy_coef": 0.01}
+    return Case("causal_lm", ppo_objective, lambda idx: {k: v[idx] for k, v in batch.items()},
+                kwargs)
+
+
+def critic_case(tok) -> Case:
+    batch = rollout_rows(tok)
+    mask = response_mask(batch)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        values = token_values(load_model(model_config(), tok, "sequence_classification").eval(),
+                              batch)
+    batch.update(old_values=values, returns=values + torch.randn(values.shape, generator=gen))
+    kwargs = {"clip_eps": 0.2, "aggregation": "token", "normalizer": float(mask.sum())}
+    return Case("sequence_classification", value_objective,
+                lambda idx: {k: v[idx] for k, v in batch.items()}, kwargs)
+
+
+CASES = {"sft": sft_case, "reward": reward_case, "dpo": dpo_case, "ppo_policy": ppo_case,
+         "ppo_critic": critic_case}
+
+
+@pytest.fixture(scope="module")
+def groups():
+    """A 1-worker and a 2-worker group, side by side on the shared cores."""
+    made = {n: WorkerGroup(ProbeWorker, DistributedConfig(num_workers=n, cpus_per_worker=0.5,
+                                                          torch_threads=1))
+            for n in (1, 2)}
+    yield made
+    for group in made.values():
+        group.shutdown()
+
+
+def one_step(groups, case: Case, split: tuple, grad_clip: float) -> tuple[float, torch.Tensor]:
+    """(grad_norm, flat parameter update) of one optimizer step on the global batch."""
+    workers, micro, zero, offload = split
+    group = groups[workers]
+    # A large epsilon makes Adam's first step proportional to the gradient: with the usual
+    # 1e-8 it is lr * sign(g), blind to the gradient's scale.
+    trainer = TrainerConfig(lr=1e-2, adam_eps=1.0, scheduler="constant", grad_clip=grad_clip,
+                            global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
+    dist = DistributedConfig(num_workers=workers, zero_stage=zero, offload_optimizer=offload)
+    group.call("setup", model_config(), trainer, dist, 1, case.kind)
+    facts = group.call("engine_facts")[0]
+    assert facts == {"zero_stage": zero, "offload": offload,
+                     "accumulation": GLOBAL_BATCH // (workers * micro)}, facts
+    before = group.call("full_state_dict")[0]
+    result = train_objective(group, case.objective, list(range(GLOBAL_BATCH)), case.collate,
+                             micro, **case.kwargs)
+    after = group.call("full_state_dict")[0]
+    update = torch.cat([(after[k].float() - before[k].float()).flatten() for k in sorted(before)])
+    return result.shared["grad_norm"], update
+
+
+def assert_same_step(reference: tuple[float, torch.Tensor], got: tuple[float, torch.Tensor],
+                     split: tuple) -> None:
+    (norm_a, update_a), (norm_b, update_b) = reference, got
+    assert norm_b == pytest.approx(norm_a, rel=TOLERANCE), f"grad_norm, split {split}"
+    change = float((update_b - update_a).norm() / update_a.norm())
+    assert change < TOLERANCE, f"parameter update differs by {change:.2e}, split {split}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_step_is_the_same_for_every_split(groups, name):
+    tok = load_tokenizer(model_config())
+    case = CASES[name](tok)
+    reference = one_step(groups, case, SPLITS[0], grad_clip=0.0)
+    assert reference[0] > 0 and reference[1].abs().max() > 0
+    for split in SPLITS[1:]:
+        assert_same_step(reference, one_step(groups, case, split, grad_clip=0.0), split)
+    # With clipping active: a threshold below the true norm but above half of it, so a
+    # gradient shrunk by the accumulation steps would escape the clip and move differently.
+    clip = 0.7 * reference[0]
+    clipped = one_step(groups, case, SPLITS[0], grad_clip=clip)
+    assert clipped[0] == pytest.approx(reference[0], rel=TOLERANCE)  # the norm before clipping
+    assert float(clipped[1].norm()) < float(reference[1].norm())  # the clip acted
+    for split in SPLITS[1:]:
+        assert_same_step(clipped, one_step(groups, case, split, grad_clip=clip), split)
