@@ -235,7 +235,7 @@ class AlgorithmConfig:
     scale_by_std: bool = True  # grpo: divide group-centred rewards by the group std
     whiten_advantages: bool = True  # gae: whiten advantages over the batch
     kl_coef: float = 0.04  # weight of the KL to the reference (initial value when adaptive)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token KL estimator
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: k1 in the reward, k3 in loss
     kl_in_reward: bool | None = None  # per-token reward penalty; None: yes for gae/reinforce_pp
     adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019)
     kl_target: float = 0.1  # adaptive KL: target per-sequence KL
@@ -247,6 +247,16 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # passes over each rollout buffer
     loss_aggregation: Literal["token", "sequence"] = "token"  # see align.losses.ppo_policy_loss
     entropy_coef: float = 0.0  # entropy bonus weight
+
+    def kl_placement(self) -> tuple[bool, str]:
+        """(kl_in_reward, kl_estimator) with their None defaults resolved: the KL is a reward
+        penalty for gae/reinforce_pp and a loss term otherwise, estimated with k1 in the reward
+        and k3 in the loss (the estimators whose expected gradient is that of a KL there)."""
+        from align.advantages import TOKEN_REWARD_ESTIMATORS, default_kl_estimator
+
+        in_reward = (self.kl_in_reward if self.kl_in_reward is not None
+                     else self.estimator in TOKEN_REWARD_ESTIMATORS)
+        return in_reward, self.kl_estimator or default_kl_estimator(in_reward)
 
 
 @dataclass
@@ -289,6 +299,22 @@ class PPOConfig(RunConfig):
             raise ConfigError("rollout.temperature must be positive")
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
+        self._check_kl()
+
+    def _check_kl(self) -> None:
+        """Refuse a KL estimator whose expected gradient is not that of a KL where it goes."""
+        from align.advantages import kl_estimator_problem
+
+        alg = self.algorithm
+        in_reward, estimator = alg.kl_placement()
+        problem = kl_estimator_problem(estimator, in_reward)
+        if problem and (alg.kl_coef > 0 or alg.adaptive_kl):
+            where = "a per-token reward penalty" if in_reward else "a loss term"
+            raise ConfigError(
+                f"algorithm.kl_estimator={estimator} with the KL as {where} "
+                f"(algorithm.estimator={alg.estimator}, algorithm.kl_in_reward="
+                f"{str(alg.kl_in_reward).lower() if alg.kl_in_reward is not None else 'null'}): "
+                f"{problem}. Leave algorithm.kl_estimator unset to get the right one")
 
 
 STAGES: dict[str, type[RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,

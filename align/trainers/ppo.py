@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from align.advantages import TOKEN_REWARD_ESTIMATORS, compute_advantages, kl_penalty
+from align.advantages import compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
 from align.data import load_rows, tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
@@ -48,8 +48,7 @@ class PPOTrainer(Trainer):
         super().__init__(cfg, show_progress)
         alg = cfg.algorithm
         self.use_critic = alg.estimator == "gae"
-        self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
-                             else alg.estimator in TOKEN_REWARD_ESTIMATORS)
+        self.kl_in_reward, self.kl_estimator = alg.kl_placement()
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
 
     # ---------------------------------------------------------------- set-up
@@ -172,7 +171,7 @@ class PPOTrainer(Trainer):
         ref = infer_rows(self.group, token_logprobs, rollout, micro, reference=True,
                          temperature=temp)
         mask = response_mask(rollout.batch)
-        kl = kl_penalty(old, ref, alg.kl_estimator) * mask
+        kl = kl_penalty(old, ref, self.kl_estimator) * mask
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
         values = None
         if self.use_critic:
@@ -195,7 +194,7 @@ class PPOTrainer(Trainer):
         rng = np.random.default_rng([cfg.trainer.seed, step])
         policy_kw = dict(temperature=cfg.rollout.temperature, clip_eps=alg.clip_eps,
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
-                         aggregation=alg.loss_aggregation, kl_estimator=alg.kl_estimator,
+                         aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
                          entropy_coef=alg.entropy_coef)
         sums: dict[str, float] = {}
