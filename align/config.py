@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -54,6 +54,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     trust_remote_code: bool = False  # allow model code from the hub (off: safer)
+    disable_dropout: bool | None = None  # every dropout rate 0; None: on for ppo/dpo/rm, not sft
     lora: LoraConfig = field(default_factory=LoraConfig)
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
 
@@ -139,6 +140,14 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # model.disable_dropout when unset: stages that compare the trained forward with an
+    # eval-mode one (PPO ratios, DPO's reference) or rank two forwards (rm) turn dropout off.
+    dropout_off_by_default: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.model.disable_dropout is None:
+            self.model.disable_dropout = self.dropout_off_by_default
+
 
 @dataclass
 class SFTConfig(RunConfig):
@@ -155,6 +164,7 @@ class RewardModelSettings:
 
 @dataclass
 class RMConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/rm"
     rm: RewardModelSettings = field(default_factory=RewardModelSettings)
 
@@ -179,6 +189,7 @@ class DPOSettings:
 
 @dataclass
 class DPOConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/dpo"
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
@@ -272,6 +283,7 @@ class CriticConfig:
 
 @dataclass
 class PPOConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/ppo"
     rewards: list[RewardConfig] = field(default_factory=list)  # weighted sum is the reward
     gold_rewards: list[RewardConfig] = field(default_factory=list)  # logged only (reward/gold)
@@ -528,5 +540,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError("data.eval_fraction must be in [0, 1)")
     if config.model.lora.enabled and config.model.lora.r < 1:
         raise ConfigError("model.lora.r must be at least 1")
+    if config.model.disable_dropout and config.model.lora.enabled and config.model.lora.dropout:
+        raise ConfigError(f"model.lora.dropout={config.model.lora.dropout} would be set to 0 by "
+                          "model.disable_dropout (on by default for ppo, dpo and rm): set "
+                          "model.lora.dropout=0, or model.disable_dropout=false")
     if len(tr.adam_betas) != 2:
         raise ConfigError("trainer.adam_betas must have two numbers, e.g. [0.9, 0.999]")

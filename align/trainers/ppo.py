@@ -219,6 +219,7 @@ class PPOTrainer(Trainer):
         tokens = max(sums["tokens"], 1.0)
         metrics = {"policy_loss": sums["policy_loss"] / minibatches,
                    "clip_ratio": sums["clip_ratio_sum"] / tokens,
+                   "ratio": sums["ratio_sum"] / tokens,
                    "entropy": sums["entropy_sum"] / tokens,
                    "grad_norm": sums["grad_norm"] / minibatches}
         if self.use_critic:

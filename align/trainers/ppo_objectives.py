@@ -81,8 +81,10 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, normalizer)
     tokens = float(mask.sum())
+    ratio = torch.exp(logp.detach() - batch["old_logprobs"])  # 1 on policy, before any update
     return loss, {
         "policy_loss": policy_loss.item(), "clip_ratio_sum": clip_ratio.item() * tokens,
+        "ratio_sum": float((ratio * mask).sum()),
         "entropy_sum": float((entropy.detach() * mask).sum()),
         "kl_sum": float((kl.detach() * mask).sum()), "tokens": tokens,
     }
