@@ -26,6 +26,7 @@ from align.config import EMBEDDED, PPOConfig
 from align.data import load_rows, tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
+from align.losses import aggregation_normalizer
 from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
@@ -203,8 +204,8 @@ class PPOTrainer(Trainer):
             order = rng.permutation(rollout.size).tolist()
             for start in range(0, rollout.size, batch_size):
                 index = order[start:start + batch_size]
-                normalizer = (float(response_mask(rollout.rows(index)).sum())
-                              if alg.loss_aggregation == "token" else float(len(index)))
+                normalizer = aggregation_normalizer(response_mask(rollout.rows(index)),
+                                                    alg.loss_aggregation)
                 results = self._train_role(self.group, ppo_objective, rollout, index, micro,
                                            normalizer=normalizer, **policy_kw)
                 _add(sums, sum_metrics([r["sums"] for r in results]))
