@@ -250,7 +250,7 @@ class AlgorithmConfig:
     kl_in_reward: bool | None = None  # per-token reward penalty; None: yes for gae/reinforce_pp
     adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019)
     kl_target: float = 0.1  # adaptive KL: target per-sequence KL
-    kl_horizon: int = 100  # adaptive KL: iterations to close the gap
+    kl_horizon: int = 10000  # adaptive KL: samples; gain per iteration = its samples / horizon
     clip_eps: float = 0.2  # PPO ratio clip (lower side, and upper unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip (DAPO clip-higher); None: clip_eps
     dual_clip: float | None = None  # dual clip c > 1 for negative advantages; None: off

@@ -158,7 +158,7 @@ class PPOTrainer(Trainer):
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
         metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
                         "time/experience": t3 - t2, "time/train": t4 - t3})
-        self.kl.update(metrics["kl"])
+        self.kl.update(metrics["kl"], self.buffer_size())
         return metrics
 
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
