@@ -20,6 +20,7 @@ class RewardModelWorker(BaseWorker):
         self.model, self.tokenizer = load_reward_model(path, dtype)
         self.batch_size, self.max_length = batch_size, max_length
 
-    def score(self, prompts: list[Any], completions: list[Any]) -> list[float]:
+    def score(self, prompts: list[Any], completions: list[Any],
+              truncated: list[bool] | None = None) -> list[float]:
         return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
-                           self.max_length)
+                           self.max_length, truncated)

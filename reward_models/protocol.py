@@ -9,6 +9,10 @@ functions written for TRL plug in unchanged. ``prompts`` and ``completions`` arr
 arguments; every other dataset column arrives as a keyword list of the same length (a row's
 ``answer`` is ``columns["answer"][i]``). ``None`` for a sample means "this reward does not
 apply to it". ``async def`` rewards are awaited; sync code drives them with ``run_coroutine``.
+
+The PPO-family trainer adds one column of its own, ``completion_truncated`` (TRUNCATED_COLUMN):
+True where a completion stopped at its token budget rather than at EOS. The decoded text does
+not show the difference; a trained reward model scores such a completion without EOS.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import inspect
 import threading
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar, runtime_checkable
+
+TRUNCATED_COLUMN = "completion_truncated"  # per sample: hit the token budget without EOS
 
 RewardValues = list[float | None]
 """One value per sample; ``None`` marks a sample the reward does not apply to."""

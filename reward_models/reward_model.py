@@ -91,15 +91,18 @@ class RewardModelScorer:
             raise RewardError(f"reward {spec.label!r}: {err}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        """One score per sample; other columns are accepted and ignored."""
-        if self.group is None:
-            from reward_models.scorer import score_texts
+        """One score per sample. A `completion_truncated` column (the PPO trainer passes it)
+        scores the completions marked True without EOS; other columns are ignored."""
+        from reward_models.protocol import TRUNCATED_COLUMN
+        from reward_models.scorer import check_truncated, score_texts
 
+        truncated = check_truncated(columns.get(TRUNCATED_COLUMN), len(prompts))
+        if self.group is None:
             return score_texts(self.model, self.tokenizer, prompts, completions,
-                               self.batch_size, self.max_length)
+                               self.batch_size, self.max_length, truncated)
         n, size = len(prompts), self.group.size
         bounds = [n * rank // size for rank in range(size + 1)]
-        shards = [(list(prompts[a:b]), list(completions[a:b]))
+        shards = [(list(prompts[a:b]), list(completions[a:b]), truncated[a:b])
                   for a, b in zip(bounds, bounds[1:])]
         return [score for part in self.group.call_each("score", shards) for score in part]
 

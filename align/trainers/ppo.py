@@ -30,7 +30,7 @@ from align.losses import aggregation_normalizer
 from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
-from align.trainers.evaluation import generate_texts
+from align.trainers.evaluation import generate_completions
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -40,6 +40,7 @@ from align.trainers.ppo_objectives import (
     value_objective,
 )
 from align.trainers.rollout import Rollout, generate_rollout, infer_rows
+from reward_models.protocol import TRUNCATED_COLUMN
 
 
 class PPOTrainer(Trainer):
@@ -147,8 +148,10 @@ class PPOTrainer(Trainer):
                                    ro.max_new_tokens, ro.temperature, ro.top_p,
                                    seed=cfg.trainer.seed * 1_000_003 + step)
         t1 = time.perf_counter()
-        scores = self.rewards.score(rollout.prompts, rollout.completions, **rollout.columns)
-        gold = (self.gold.score(rollout.prompts, rollout.completions, **rollout.columns)
+        # Rewards learn which completions never ended (a reward model scores those without EOS).
+        columns = {**rollout.columns, TRUNCATED_COLUMN: rollout.truncated}
+        scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
+        gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
                 if self.gold else None)
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
@@ -257,10 +260,11 @@ class PPOTrainer(Trainer):
             return {}
         cfg = self.cfg.eval
         prompts = [p.text for p in self.eval_prompts]
-        texts = generate_texts(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
-                               cfg.batch_size)
+        texts, truncated = generate_completions(self.group, self.tokenizer, prompts,
+                                                cfg.max_new_tokens, cfg.batch_size)
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
+        columns[TRUNCATED_COLUMN] = truncated
         metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
         if self.gold is not None:
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))
