@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# veRL's clamps for k3 (its low_var_kl): the log-ratio before exp, and the estimate itself.
+K3_LOG_RATIO_CLAMP = 20.0
+K3_VALUE_CLAMP = 10.0
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -25,8 +28,13 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
       - "k1": d. Unbiased, can be negative per token.
       - "k2": d^2 / 2. Biased, low variance, >= 0.
       - "k3": exp(-d) - 1 + d, i.e. exp(ref - logp) - (ref - logp) - 1. Unbiased, >= 0; the one
-        GRPO adds to its loss (TRL, OpenRLHF). Not clamped, as in TRL (OpenRLHF clamps -d to
-        [-10, 10]).
+        GRPO adds to its loss (TRL, OpenRLHF). Clamped as veRL's low_var_kl: -d to [-20, 20]
+        before the exp (float32 exp overflows past 88) and the estimate to at most 10, so one
+        token the policy made far less likely than the reference cannot make the loss infinite;
+        a clamped token passes no gradient.
+
+    Which estimator gives the gradient of a KL depends on where the estimate goes: see
+    `kl_estimator_problem`.
 
     Positions where both inputs are 0 (masked by gather_logprobs) give 0 for every estimator.
 
@@ -44,8 +52,41 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
     if estimator == "k2":
         return 0.5 * d**2
     if estimator == "k3":
-        return torch.exp(-d) - 1 + d
+        neg = (-d).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+        return (torch.exp(neg) - 1 - neg).clamp(max=K3_VALUE_CLAMP)
     raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def default_kl_estimator(kl_in_reward: bool) -> str:
+    """The estimator whose expected gradient regularises towards the reference where the KL
+    goes: k1 as a reward penalty (OpenRLHF's default), k3 as a loss term (GRPO, TRL)."""
+    return "k1" if kl_in_reward else "k3"
+
+
+def kl_estimator_problem(estimator: str, kl_in_reward: bool) -> str | None:
+    """Why `estimator` does not give the gradient of a KL where it goes; None when it does.
+
+    On-policy, with p = pi(y), r = ref(y), d = log p - log r, and g = grad log p:
+      - as a detached reward penalty k, the policy gradient is E_p[k(d) g]. For k1 that is
+        E_p[d g] = grad KL(pi||ref) exactly. For k3 it is grad KL(pi||ref) - grad KL(ref||pi):
+        the two cancel near the reference and the sign flips far from it. For k2 it is second
+        order in d, so it vanishes near the reference.
+      - as a loss term k(d) (differentiated through log p only), the gradient is E_p[k'(d) g].
+        k1: E_p[g] = 0, no regularisation at all. k2: E_p[d g] = grad KL(pi||ref) exactly.
+        k3: E_p[(1 - r / p) g] = grad KL(ref||pi), the reverse KL, also minimal at pi = ref.
+    tests/test_advantages.py checks these on an exact softmax.
+    """
+    if kl_in_reward and estimator in ("k2", "k3"):
+        return (f"as a reward penalty the expected gradient of {estimator} is not that of a KL "
+                + ("(it is grad KL(pi||ref) - grad KL(ref||pi): near-cancelling close to the "
+                   "reference, raising the KL far from it)" if estimator == "k3" else
+                   "(it is second order in the log-ratio: almost no pull near the reference)")
+                + "; use k1, whose expected gradient is exactly grad KL(pi||ref)")
+    if not kl_in_reward and estimator == "k1":
+        return ("as a loss term the expected gradient of k1 is 0 (E_pi[grad log pi]): it does "
+                "not regularise; use k3 (GRPO's: the gradient of KL(ref||pi)) or k2 (exactly "
+                "grad KL(pi||ref))")
+    return None
 
 
 @torch.no_grad()

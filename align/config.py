@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -55,6 +55,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     trust_remote_code: bool = False  # allow model code from the hub (off: safer)
+    disable_dropout: bool | None = None  # every dropout rate 0; None: on for ppo/dpo/rm, not sft
     lora: LoraConfig = field(default_factory=LoraConfig)
     embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
 
@@ -143,6 +144,14 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # model.disable_dropout when unset: stages that compare the trained forward with an
+    # eval-mode one (PPO ratios, DPO's reference) or rank two forwards (rm) turn dropout off.
+    dropout_off_by_default: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.model.disable_dropout is None:
+            self.model.disable_dropout = self.dropout_off_by_default
+
 
 @dataclass
 class SFTConfig(RunConfig):
@@ -159,6 +168,7 @@ class RewardModelSettings:
 
 @dataclass
 class RMConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/rm"
     rm: RewardModelSettings = field(default_factory=RewardModelSettings)
 
@@ -183,6 +193,7 @@ class DPOSettings:
 
 @dataclass
 class DPOConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/dpo"
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
@@ -239,11 +250,11 @@ class AlgorithmConfig:
     scale_by_std: bool = True  # grpo: divide group-centred rewards by the group std
     whiten_advantages: bool = True  # gae: whiten advantages over the batch
     kl_coef: float = 0.04  # weight of the KL to the reference (initial value when adaptive)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token KL estimator
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: k1 in the reward, k3 in loss
     kl_in_reward: bool | None = None  # per-token reward penalty; None: yes for gae/reinforce_pp
     adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019)
     kl_target: float = 0.1  # adaptive KL: target per-sequence KL
-    kl_horizon: int = 100  # adaptive KL: iterations to close the gap
+    kl_horizon: int = 10000  # adaptive KL: samples; gain per iteration = its samples / horizon
     clip_eps: float = 0.2  # PPO ratio clip (lower side, and upper unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip (DAPO clip-higher); None: clip_eps
     dual_clip: float | None = None  # dual clip c > 1 for negative advantages; None: off
@@ -251,6 +262,16 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # passes over each rollout buffer
     loss_aggregation: Literal["token", "sequence"] = "token"  # see align.losses.ppo_policy_loss
     entropy_coef: float = 0.0  # entropy bonus weight
+
+    def kl_placement(self) -> tuple[bool, str]:
+        """(kl_in_reward, kl_estimator) with their None defaults resolved: the KL is a reward
+        penalty for gae/reinforce_pp and a loss term otherwise, estimated with k1 in the reward
+        and k3 in the loss (the estimators whose expected gradient is that of a KL there)."""
+        from align.advantages import TOKEN_REWARD_ESTIMATORS, default_kl_estimator
+
+        in_reward = (self.kl_in_reward if self.kl_in_reward is not None
+                     else self.estimator in TOKEN_REWARD_ESTIMATORS)
+        return in_reward, self.kl_estimator or default_kl_estimator(in_reward)
 
 
 @dataclass
@@ -266,6 +287,7 @@ class CriticConfig:
 
 @dataclass
 class PPOConfig(RunConfig):
+    dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/ppo"
     rewards: list[RewardConfig] = field(default_factory=list)  # weighted sum is the reward
     gold_rewards: list[RewardConfig] = field(default_factory=list)  # logged only (reward/gold)
@@ -293,6 +315,22 @@ class PPOConfig(RunConfig):
             raise ConfigError("rollout.temperature must be positive")
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
+        self._check_kl()
+
+    def _check_kl(self) -> None:
+        """Refuse a KL estimator whose expected gradient is not that of a KL where it goes."""
+        from align.advantages import kl_estimator_problem
+
+        alg = self.algorithm
+        in_reward, estimator = alg.kl_placement()
+        problem = kl_estimator_problem(estimator, in_reward)
+        if problem and (alg.kl_coef > 0 or alg.adaptive_kl):
+            where = "a per-token reward penalty" if in_reward else "a loss term"
+            raise ConfigError(
+                f"algorithm.kl_estimator={estimator} with the KL as {where} "
+                f"(algorithm.estimator={alg.estimator}, algorithm.kl_in_reward="
+                f"{str(alg.kl_in_reward).lower() if alg.kl_in_reward is not None else 'null'}): "
+                f"{problem}. Leave algorithm.kl_estimator unset to get the right one")
 
 
 # --------------------------------------------------------------------------- loading
@@ -504,5 +542,9 @@ def validate_common(config: Any) -> None:
     check_trackers(tr.report_to)
     if tr.log_completions_every < 0:
         raise ConfigError("trainer.log_completions_every must be >= 0")
+    if config.model.disable_dropout and config.model.lora.enabled and config.model.lora.dropout:
+        raise ConfigError(f"model.lora.dropout={config.model.lora.dropout} would be set to 0 by "
+                          "model.disable_dropout (on by default for ppo, dpo and rm): set "
+                          "model.lora.dropout=0, or model.disable_dropout=false")
     if len(tr.adam_betas) != 2:
         raise ConfigError("trainer.adam_betas must have two numbers, e.g. [0.9, 0.999]")

@@ -115,6 +115,26 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
 
 
+def aggregation_normalizer(mask: torch.Tensor, aggregation: str) -> float:
+    """The `normalizer` of `aggregate` for a whole (global) batch with valid-token `mask`.
+
+    "token": its valid-token count; "sequence": its sequences with at least one valid token,
+    the same ones `aggregate` averages over without a normalizer. At least 1, so a batch with
+    nothing valid gives loss 0 rather than 0 / 0.
+
+    Args:
+        mask: (B, T) 1 on valid tokens of every sequence of the batch.
+        aggregation: "token" or "sequence".
+    """
+    if aggregation == "token":
+        count = mask.sum()
+    elif aggregation == "sequence":
+        count = (mask.sum(-1) > 0).sum()
+    else:
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    return max(float(count), 1.0)
+
+
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor,
                    average: bool = False) -> torch.Tensor:
     """Log-probability of each sequence: the sum (or per-token mean) over its valid tokens.
@@ -437,12 +457,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_eps_high: upper clip range, r <= 1 + clip_eps_high; None means clip_eps_low.
         dual_clip: c > 1 bounding the loss of negative-advantage tokens; None disables it.
         aggregation: "token" or "sequence" (above).
-        normalizer: divide the summed loss by this (the global batch's valid-token count for
-            "token", its sequence count for "sequence") instead of by this batch's own count.
+        normalizer: divide the summed loss by this (`aggregation_normalizer` of the global
+            batch) instead of by this batch's own count.
 
     Returns:
-        (loss, clip_ratio): scalar loss, and the fraction of valid tokens whose clipped term was
-        the active one (detached; a ratio exactly at 1 +- eps counts as not clipped).
+        (loss, clip_ratio): scalar loss, and the fraction of valid tokens whose loss is a clip
+        bound, the PPO clip or the dual clip, so no gradient flows through their ratio
+        (detached; a ratio exactly at a bound counts as not clipped).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be greater than 1, got {dual_clip}")
@@ -453,11 +474,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1 - clip_eps_low, 1 + high) * advantages
     objective = torch.min(surr1, surr2)
+    clipped = surr2 < surr1
     if dual_clip is not None:
-        objective = torch.where(advantages < 0, torch.max(objective, dual_clip * advantages),
-                                objective)
+        dual = (advantages < 0) & (dual_clip * advantages > objective)
+        objective = torch.where(dual, dual_clip * advantages, objective)
+        clipped = clipped | dual
     loss = aggregate(-objective, mask, aggregation, normalizer)
-    clip_ratio = masked_mean((surr2 < surr1).to(ratio.dtype), mask).detach()
+    clip_ratio = masked_mean(clipped.to(ratio.dtype), mask).detach()
     return loss, clip_ratio
 
 

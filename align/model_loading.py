@@ -191,3 +191,28 @@ class _seeded:
 
     def __exit__(self, *exc: object) -> None:
         torch.random.set_rng_state(self.state)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout rate of `model` to 0, as TRL's `disable_dropout_in_model` does.
+
+    Besides `nn.Dropout` modules (and LoRA's), attention layers keep their rate as a float
+    (Llama's `attention_dropout`, OPT's `dropout`) and a few models read it from their config
+    during forward (Falcon, GPT-Neo): all are zeroed, so a train-mode forward computes exactly
+    what an eval-mode one does. The saved config therefore records rate 0.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        _zero_dropout_rates(module)
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        _zero_dropout_rates(config)
+
+
+def _zero_dropout_rates(obj: object) -> None:
+    """Zero the float attributes of `obj` named like a dropout rate (`*dropout*`, `*pdrop`)."""
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")
+                                         or name == "layerdrop"):
+            setattr(obj, name, 0.0)

@@ -24,6 +24,7 @@ from align.metrics import accumulate
 from align.model_loading import (
     ModelKind,
     apply_lora,
+    disable_dropout,
     is_embedded,
     load_model,
     load_tokenizer,
@@ -79,6 +80,8 @@ class Policy:
         model = load_model(model_cfg, self.tokenizer, kind)
         if model_cfg.lora.enabled:
             model = apply_lora(model, model_cfg.lora, kind)
+        if model_cfg.disable_dropout:  # train-mode forwards then equal eval-mode ones
+            disable_dropout(model)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.engine = None

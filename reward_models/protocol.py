@@ -10,6 +10,10 @@ arguments; every other dataset column arrives as a keyword list of the same leng
 ``answer`` is ``columns["answer"][i]``). ``None`` for a sample means "this reward does not
 apply to it". ``async def`` rewards are awaited; sync code drives them with ``run_coroutine``.
 
+The PPO-family trainer adds one column of its own, ``completion_truncated`` (TRUNCATED_COLUMN):
+True where a completion stopped at its token budget rather than at EOS. The decoded text does
+not show the difference; a trained reward model scores such a completion without EOS.
+
 Every check names the reward (its spec as written in the config) and, for a bad value, the
 0-based sample index in the batch with an excerpt of its prompt, so a person can find the row.
 A ``LoadedReward`` is any reward wrapped with its spec, its name and these checks: any
@@ -28,6 +32,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from align.errors import RewardError
+
+TRUNCATED_COLUMN = "completion_truncated"  # per sample: hit the token budget without EOS
 
 RewardValues = list[float | None]
 """One value per sample; ``None`` marks a sample the reward does not apply to."""

@@ -5,9 +5,12 @@ Training (`align rm`), `align eval-rm`, `align serve-rm` and a reward-model fold
 reward all score through `score_batch` / `score_texts`, so one model gives one number for one
 text wherever it runs. A (prompt, completion) pair is encoded as `align.data.preference`
 encodes training pairs: prompt ids + completion ids + EOS for strings, the chat template for
-message lists, no special tokens added. Rows are right-padded with an attention mask; the
-Hugging Face sequence-classification head reads the score at the last token that is not
-`pad_token_id` (for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
+message lists, no special tokens added. A string completion marked truncated (generation
+stopped at its token budget, not at EOS; the PPO trainer passes the column
+`completion_truncated`) is scored as it is, without the EOS, so the reward model sees that it
+did not end. Rows are right-padded with an attention mask; the Hugging Face
+sequence-classification head reads the score at the last token that is not `pad_token_id`
+(for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
 `pair_sums` and `pair_means` turn chosen/rejected scores into the metrics TRL users know:
 `accuracy`, `margin`, `mean_reward`, `min_reward`, `max_reward`.
 
@@ -40,6 +43,7 @@ from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
 from align.errors import ConfigError, ModelError, RewardError, did_you_mean
 from align.model_loading import load_model, load_tokenizer
+from reward_models.protocol import TRUNCATED_COLUMN
 
 SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
 
@@ -104,11 +108,13 @@ def check_reward_model_config(folder: Path) -> None:
 
 
 def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int | None = None,
-                  index: int = 0) -> list[int]:
+                  index: int = 0, truncated: bool = False) -> list[int]:
     """Token ids of one (prompt, completion), as training pairs are encoded.
 
-    Strings: prompt ids + completion ids + EOS. Message lists: the chat template's rendering,
-    no EOS appended. When longer than `max_length` the completion is cut (and loses its EOS).
+    Strings: prompt ids + completion ids + EOS, without the EOS when `truncated` (the text did
+    not end). Message lists: the chat template's rendering, no EOS appended (the template closes
+    the turn whatever `truncated` says). When longer than `max_length` the completion is cut
+    (and loses its EOS).
 
     Raises:
         RewardError: the prompt alone fills `max_length`, or the sample is not text.
@@ -120,7 +126,9 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
                                                                             completion_text)
     elif isinstance(prompt, str) and isinstance(completion, str):
         prompt_ids = encode(tokenizer, prompt)
-        completion_ids = with_eos(encode(tokenizer, completion), eos_token_id(tokenizer))
+        completion_ids = encode(tokenizer, completion)
+        if not truncated:
+            completion_ids = with_eos(completion_ids, eos_token_id(tokenizer))
     else:
         raise RewardError(f"sample {index}: prompt and completion must both be strings (or "
                           f"message lists), got {type(prompt).__name__} and "
@@ -159,7 +167,8 @@ def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, 
 @torch.no_grad()
 def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
                 completions: Sequence[Any], batch_size: int = 64,
-                max_length: int | None = None) -> list[float]:
+                max_length: int | None = None,
+                truncated: Sequence[bool] | None = None) -> list[float]:
     """One score per (prompt, completion), in order.
 
     Args:
@@ -167,21 +176,39 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
         prompts, completions: strings, or message lists (TRL's conversational format).
         batch_size: sequences per forward pass.
         max_length: longest sequence scored; default the model's `max_position_embeddings`.
+        truncated: per sample, whether the completion stopped without ending (scored without
+            EOS, see `encode_sample`); None: every completion ended.
 
     Raises:
         RewardError: the lists differ in length, or a sample cannot be encoded.
     """
     if len(prompts) != len(completions):
         raise RewardError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    truncated = check_truncated(truncated, len(prompts))
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None)
-    sequences = [encode_sample(tokenizer, p, c, max_length, i)
-                 for i, (p, c) in enumerate(zip(prompts, completions))]
+    sequences = [encode_sample(tokenizer, p, c, max_length, i, cut)
+                 for i, (p, c, cut) in enumerate(zip(prompts, completions, truncated))]
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)).tolist()
     return scores
+
+
+def check_truncated(truncated: Sequence[Any] | None, n: int) -> list[bool]:
+    """The `truncated` flags of n samples (all False when None).
+
+    Raises:
+        RewardError: not a list of n booleans.
+    """
+    if truncated is None:
+        return [False] * n
+    if (not isinstance(truncated, Sequence) or len(truncated) != n
+            or not all(isinstance(t, bool) for t in truncated)):
+        raise RewardError(f"'{TRUNCATED_COLUMN}' must be a list of {n} booleans (one per "
+                          f"sample), got {truncated!r:.80}")
+    return list(truncated)
 
 
 def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
@@ -223,9 +250,10 @@ class RewardModelWorker(BaseWorker):
         self.model, self.tokenizer = load_reward_model(path, dtype)
         self.batch_size, self.max_length = batch_size, max_length
 
-    def score(self, prompts: list[Any], completions: list[Any]) -> list[float]:
+    def score(self, prompts: list[Any], completions: list[Any],
+              truncated: list[bool] | None = None) -> list[float]:
         return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
-                           self.max_length)
+                           self.max_length, truncated)
 
 
 class RewardModelScorer:
@@ -285,13 +313,15 @@ class RewardModelScorer:
             raise RewardError(f"reward {label!r}: {err}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        """One score per sample; other columns are accepted and ignored."""
+        """One score per sample. A `completion_truncated` column (the PPO trainer passes it)
+        scores the completions marked True without EOS; other columns are ignored."""
+        truncated = check_truncated(columns.get(TRUNCATED_COLUMN), len(prompts))
         if self.group is None:
             return score_texts(self.model, self.tokenizer, prompts, completions,
-                               self.batch_size, self.max_length)
+                               self.batch_size, self.max_length, truncated)
         n, size = len(prompts), self.group.size
         bounds = [n * rank // size for rank in range(size + 1)]
-        shards = [(list(prompts[a:b]), list(completions[a:b]))
+        shards = [(list(prompts[a:b]), list(completions[a:b]), truncated[a:b])
                   for a, b in zip(bounds, bounds[1:])]
         return [score for part in self.group.call_each("score", shards) for score in part]
 

@@ -2,7 +2,8 @@
 
 `align serve-rm`: a trained reward model behind the JSON API that `HttpReward` calls.
 
-``POST /`` or ``POST /score`` with ``{"prompts": [...], "completions": [...], ...}`` (other
+``POST /`` or ``POST /score`` with ``{"prompts": [...], "completions": [...], ...}`` (an
+optional ``completion_truncated`` list scores the completions marked true without EOS; other
 columns are accepted and ignored) answers ``{"rewards": [...]}``, one number per sample.
 ``GET /health`` answers ``{"status": "ok", "model": ...}``. A malformed request gets 400 and
 ``{"error": "..."}``; a body over the size limit gets 413 without being read. The standard
@@ -31,6 +32,7 @@ from align.config import EMBEDDED, TaskConfig, from_dict, read_yaml
 from align.data import collate_preference, load_rows, tokenize_preference
 from align.errors import AlignError, ConfigError
 from align.tasks import load_task
+from reward_models.protocol import TRUNCATED_COLUMN
 from reward_models.reward_model import (
     load_reward_model,
     pair_means,
@@ -83,9 +85,10 @@ class RewardModelServer(ThreadingHTTPServer):
                 raise ValueError(f"'{key}' must be a list, got {type(value).__name__}")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        truncated = body.get(TRUNCATED_COLUMN)  # optional; sent by HttpReward from PPO
         with self.lock:
             return score_texts(self.model, self.tokenizer, prompts, completions,
-                               self.batch_size)
+                               self.batch_size, truncated=truncated)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -82,6 +82,36 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory):
+    """Factory: a tiny GPT-2 or OPT with dropout 0.1 everywhere, saved with its tokenizer.
+
+    Weights are drawn with std 0.5 (not 0.02) so the logits are large and dropout moves the
+    log-probs visibly: a train-mode forward with dropout on differs from an eval-mode one by
+    far more than float noise.
+    """
+    cache: dict[str, str] = {}
+
+    def make(arch: str = "gpt2") -> str:
+        if arch not in cache:
+            tok = ByT5Tokenizer()
+            config = tiny_config(arch, len(tok))
+            if arch == "gpt2":
+                config.update({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+                               "initializer_range": 0.5})
+            else:
+                config.update({"dropout": 0.1, "attention_dropout": 0.1, "init_std": 0.5})
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+            path = tmp_path_factory.mktemp(f"dropout-{arch}")
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_model_dir(tmp_path_factory) -> str:
     """A tiny random Llama reward model (one-label sequence classifier) with its tokenizer."""
     tok = ByT5Tokenizer()

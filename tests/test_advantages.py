@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from align.advantages import (
+    KL_ESTIMATORS,
     compute_advantages,
     compute_gae,
     grpo_advantages,
+    kl_estimator_problem,
     kl_penalty,
     reinforce_pp_advantages,
     reinforce_pp_returns,
@@ -18,6 +20,9 @@ from align.advantages import (
     token_level_rewards,
     whiten,
 )
+from align.config import PPOConfig
+from align.errors import ConfigError
+from tests.conftest import tiny_ppo_config
 
 F64 = torch.float64
 
@@ -51,6 +56,94 @@ def test_kl_k3_gradient_flows_to_policy():
     kl_penalty(logprobs, t([[math.log(0.25)]]), "k3").sum().backward()
     # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = -q/p + 1 = 1 - 0.5
     assert logprobs.grad.item() == pytest.approx(0.5)
+
+
+def test_k3_is_clamped_as_verl_does():
+    # d = -100: exp(100) overflows float32 (past 88); veRL clamps -d to 20 and k3 to 10.
+    logprobs = torch.tensor([[-100.0, -1.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.0, 0.0]])
+    kl = kl_penalty(logprobs, ref, "k3")
+    assert torch.isfinite(kl).all(), kl
+    assert kl[0, 0].item() == pytest.approx(10.0)
+    kl.sum().backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 0] == 0  # clamped: no pull
+    # far from the clamps the value is the unclamped formula
+    d = torch.tensor([0.3, -0.7, 2.0])
+    torch.testing.assert_close(kl_penalty(d, torch.zeros(3), "k3"), torch.exp(-d) - 1 + d)
+
+
+# Exact expected gradients on a 5-way softmax: every outcome weighted by its probability, no
+# sampling. On-policy, a detached reward penalty k gives the policy-gradient surrogate
+# sum_x p(x) k(x) log p(x); a loss term gives sum_x p(x) k(x) with p(x) detached.
+def exact_kl_gradients(distance: float, estimator: str, in_reward: bool):
+    gen = torch.Generator().manual_seed(0)
+    ref_logits = torch.randn(5, dtype=F64, generator=gen)
+    direction = torch.randn(5, dtype=F64, generator=gen)
+    theta = (ref_logits + distance * direction / direction.norm()).requires_grad_()
+    ref = torch.log_softmax(ref_logits, -1)
+    logp = torch.log_softmax(theta, -1)
+    p = logp.exp()
+    k = kl_penalty(logp, ref, estimator)
+    surrogate = (p.detach() * k.detach() * logp).sum() if in_reward else (p.detach() * k).sum()
+    grad = torch.autograd.grad(surrogate, theta, retain_graph=True)[0]
+    forward = torch.autograd.grad((p * (logp - ref)).sum(), theta, retain_graph=True)[0]
+    reverse = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta)[0]
+    return grad, forward, reverse
+
+
+@pytest.mark.parametrize("distance", [0.05, 0.5])
+def test_exact_expected_gradient_of_each_estimator_where_it_goes(distance):
+    g = {(e, r): exact_kl_gradients(distance, e, r) for e in KL_ESTIMATORS for r in (True, False)}
+    forward, reverse = g["k1", True][1], g["k1", True][2]
+    torch.testing.assert_close(g["k1", True][0], forward)  # k1 reward: grad KL(pi||ref)
+    torch.testing.assert_close(g["k2", False][0], forward)  # k2 loss: grad KL(pi||ref)
+    torch.testing.assert_close(g["k3", False][0], reverse)  # k3 loss: grad KL(ref||pi)
+    torch.testing.assert_close(g["k1", False][0], torch.zeros_like(forward))  # k1 loss: 0
+    torch.testing.assert_close(g["k3", True][0], forward - reverse)  # k3 reward: the difference
+
+
+def cosine_and_scale(grad: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    return (float(grad @ target / (grad.norm() * target.norm() + 1e-30)),
+            float(grad.norm() / target.norm()))
+
+
+@pytest.mark.parametrize("distance", [0.05, 2.0])
+@pytest.mark.parametrize("in_reward", [True, False], ids=["reward", "loss"])
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+def test_refused_estimators_are_exactly_those_without_a_kl_gradient(estimator, in_reward,
+                                                                    distance):
+    grad, forward, _ = exact_kl_gradients(distance, estimator, in_reward)
+    cosine, scale = cosine_and_scale(grad, forward)
+    if kl_estimator_problem(estimator, in_reward) is None:
+        assert cosine > 0.95 and 0.5 < scale < 2, (cosine, scale)
+    elif distance < 1:  # refused ones barely pull near the reference (k1 loss: not at all)
+        assert scale < 0.05, scale
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
+def test_default_kl_estimator_gives_the_gradient_of_a_kl(tmp_path, estimator):
+    alg = tiny_ppo_config(tmp_path, f"algorithm.estimator={estimator}").algorithm
+    in_reward, kl_estimator = alg.kl_placement()
+    assert in_reward == (estimator in ("gae", "reinforce_pp"))
+    for distance in (0.05, 2.0):
+        grad, forward, _ = exact_kl_gradients(distance, kl_estimator, in_reward)
+        cosine, scale = cosine_and_scale(grad, forward)
+        assert cosine > 0.95 and 0.5 < scale < 2, (kl_estimator, distance, cosine, scale)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["algorithm.estimator=gae", "algorithm.kl_estimator=k3"], "kl_estimator=k3"),
+    (["algorithm.estimator=reinforce_pp", "algorithm.kl_estimator=k2"], "kl_estimator=k2"),
+    (["algorithm.estimator=grpo", "algorithm.kl_estimator=k1"], "kl_estimator=k1"),
+    (["algorithm.estimator=grpo", "algorithm.kl_in_reward=true", "algorithm.kl_estimator=k3"],
+     "kl_in_reward=true"),
+])
+def test_config_refuses_an_estimator_without_a_kl_gradient(tmp_path, overrides, named):
+    with pytest.raises(ConfigError, match=named) as err:
+        tiny_ppo_config(tmp_path, *overrides)
+    assert "algorithm.estimator=" in str(err.value) and "algorithm.kl_in_reward" in str(err.value)
+    # with no KL weight the estimator only labels a metric: allowed
+    assert isinstance(tiny_ppo_config(tmp_path, *overrides, "algorithm.kl_coef=0"), PPOConfig)
 
 
 # ------------------------------------------------------------------------------------------------

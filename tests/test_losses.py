@@ -12,6 +12,7 @@ import torch
 from align.losses import (
     PREFERENCE_LOSSES,
     PreferenceLogps,
+    aggregation_normalizer,
     dpo_loss,
     entropy_from_logits,
     masked_mean,
@@ -256,6 +257,18 @@ def test_ppo_dual_clip():
         policy_loss_at(1.0, 1.0, clip_eps_low=0.2, dual_clip=1.0)
 
 
+def test_clip_ratio_counts_dual_clipped_tokens():
+    # A = -1, r = 5, c = 3: the dual clip bounds the loss (no gradient): a clipped token
+    assert policy_loss_at(5.0, -1.0, clip_eps_low=0.2, dual_clip=3.0)[1:] == (1.0, 0.0)
+    # r = 2.5 < c: neither clip is active, the ratio carries the gradient
+    assert policy_loss_at(2.5, -1.0, clip_eps_low=0.2, dual_clip=3.0)[1] == 0.0
+    # r = 0.5, A = -1: the ordinary lower clip, counted with or without a dual clip
+    assert policy_loss_at(0.5, -1.0, clip_eps_low=0.2, dual_clip=3.0)[1:] == (1.0, 0.0)
+    # exactly at c (whatever exp gives; c is set to hit it): not clipped, as at the PPO bounds
+    ratio = torch.exp(torch.log(t([[3.0]])))
+    assert policy_loss_at(ratio, -1.0, clip_eps_low=0.2, dual_clip=ratio.item())[1] == 0.0
+
+
 def test_ppo_aggregation_and_masking():
     advantages = t([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [50.0, 50.0, 50.0]])
     mask = t([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
@@ -493,3 +506,20 @@ def test_ppo_losses_with_global_normalizer_do_not_depend_on_the_split():
                                      0.2, aggregation=aggregation, normalizer=float(count))[0]
                       for i in (0, 2))
         torch.testing.assert_close(v_parts, v_whole)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_global_normalizer_leaves_out_empty_sequences_as_the_local_mean_does(aggregation):
+    """A sequence with no valid token counts in neither path: micro-batch losses divided by
+    aggregation_normalizer of the whole batch add up to the whole batch's own mean."""
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    mask[:, 0], mask[1] = 1, 0  # row 1 has no valid token
+    normalizer = aggregation_normalizer(mask, aggregation)
+    for loss_fn in (ppo_policy_loss, ppo_value_loss):
+        whole, _ = loss_fn(logp, old, adv, mask, 0.2, aggregation=aggregation)
+        parts = sum(loss_fn(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], 0.2,
+                            aggregation=aggregation, normalizer=normalizer)[0] for i in (0, 2))
+        torch.testing.assert_close(parts, whole)
+    assert aggregation_normalizer(torch.zeros(2, 3), aggregation) == 1.0

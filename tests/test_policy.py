@@ -95,3 +95,27 @@ def test_lora_targets_matching_nothing(tiny_model_dir):
     cfg.lora.target_modules = ["no_such_layer"]
     with pytest.raises(ModelError, match="target_modules"):
         frozen_policy(cfg)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_disable_dropout_makes_train_mode_forward_equal_eval_mode(arch, dropout_model_dir):
+    cfg = ModelConfig(name_or_path=dropout_model_dir(arch), disable_dropout=True)
+    model = frozen_policy(cfg).model
+    expected = logits(model.eval())
+    torch.testing.assert_close(logits(model.train()), expected, rtol=0, atol=0)
+    # the same folder with dropout left on: the train-mode forward is another function
+    kept = frozen_policy(ModelConfig(name_or_path=cfg.name_or_path, disable_dropout=False)).model
+    assert (logits(kept.train()) - expected).abs().max() > 0.1
+
+
+def test_disable_dropout_defaults_per_stage_and_conflicts_with_lora_dropout():
+    from align.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
+    from align.errors import ConfigError
+
+    assert [c().model.disable_dropout for c in (SFTConfig, RMConfig, DPOConfig, PPOConfig)] == [
+        False, True, True, True]
+    assert load_config(SFTConfig, None, ["model.disable_dropout=true"]).model.disable_dropout
+    with pytest.raises(ConfigError, match="model.lora.dropout"):
+        load_config(DPOConfig, None, ["model.lora.enabled=true", "model.lora.dropout=0.05"])
+    assert load_config(DPOConfig, None, ["model.lora.enabled=true", "model.lora.dropout=0.05",
+                                         "model.disable_dropout=false"]).model.lora.dropout

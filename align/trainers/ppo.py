@@ -21,17 +21,18 @@ import numpy as np
 import ray
 import torch
 
-from align.advantages import TOKEN_REWARD_ESTIMATORS, compute_advantages, kl_penalty
+from align.advantages import compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
 from align.data import tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
+from align.losses import aggregation_normalizer
 from align.metrics import accumulate
 from align.tasks import load_task
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import StepResult, can_split, train_objective
-from align.trainers.evaluation import generate_texts
+from align.trainers.evaluation import generate_completions
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -43,6 +44,7 @@ from align.trainers.ppo_objectives import (
 from align.trainers.rollout import Rollout, generate_rollout, infer_rows
 from align.trainers.stage_data import stage_rows
 from reward_models.builtin import exact_match
+from reward_models.protocol import TRUNCATED_COLUMN
 
 COMPLETIONS_LOGGED = 8  # samples per completions table
 
@@ -67,8 +69,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         super().__init__(cfg, show_progress)
         alg = cfg.algorithm
         self.use_critic = alg.estimator == "gae"
-        self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
-                             else alg.estimator in TOKEN_REWARD_ESTIMATORS)
+        self.kl_in_reward, self.kl_estimator = alg.kl_placement()
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
 
     # ---------------------------------------------------------------- set-up
@@ -165,8 +166,10 @@ class PPOTrainer(Trainer[PPOConfig]):
                                    ro.max_new_tokens, ro.temperature, ro.top_p,
                                    seed=cfg.trainer.seed * 1_000_003 + step)
         t1 = time.perf_counter()
-        scores = self.rewards.score(rollout.prompts, rollout.completions, **rollout.columns)
-        gold = (self.gold.score(rollout.prompts, rollout.completions, **rollout.columns)
+        # Rewards learn which completions never ended (a reward model scores those without EOS).
+        columns = {**rollout.columns, TRUNCATED_COLUMN: rollout.truncated}
+        scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
+        gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
                 if self.gold else None)
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
@@ -179,7 +182,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         every = cfg.trainer.log_completions_every
         if every and (step + 1) % every == 0:
             self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
-        self.kl.update(metrics["kl"])
+        self.kl.update(metrics["kl"], self.buffer_size())
         return metrics
 
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         ref = infer_rows(self.group, token_logprobs, rollout, micro, reference=True,
                          temperature=temp)
         mask = response_mask(rollout.batch)
-        kl = kl_penalty(old, ref, alg.kl_estimator) * mask
+        kl = kl_penalty(old, ref, self.kl_estimator) * mask
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
         values = None
         if self.use_critic:
@@ -216,7 +219,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         rng = np.random.default_rng([cfg.trainer.seed, step])
         policy_kw = dict(temperature=cfg.rollout.temperature, clip_eps=alg.clip_eps,
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
-                         aggregation=alg.loss_aggregation, kl_estimator=alg.kl_estimator,
+                         aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
                          entropy_coef=alg.entropy_coef)
         sums: dict[str, float] = {}
@@ -225,8 +228,8 @@ class PPOTrainer(Trainer[PPOConfig]):
             order = rng.permutation(rollout.size).tolist()
             for start in range(0, rollout.size, batch_size):
                 index = order[start:start + batch_size]
-                normalizer = (float(response_mask(rollout.rows(index)).sum())
-                              if alg.loss_aggregation == "token" else float(len(index)))
+                normalizer = aggregation_normalizer(response_mask(rollout.rows(index)),
+                                                    alg.loss_aggregation)
                 result = self._train_role(self.group, ppo_objective, rollout, index, micro,
                                           normalizer=normalizer, **policy_kw)
                 accumulate(sums, {**result.sums, "grad_norm": result.shared["grad_norm"]})
@@ -240,6 +243,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         tokens = max(sums["tokens"], 1.0)
         metrics = {"policy_loss": sums["policy_loss"] / minibatches,
                    "clip_ratio": sums["clip_ratio_sum"] / tokens,
+                   "ratio": sums["ratio_sum"] / tokens,
                    "entropy": sums["entropy_sum"] / tokens,
                    "grad_norm": sums["grad_norm"] / minibatches}
         if self.use_critic:
@@ -274,10 +278,11 @@ class PPOTrainer(Trainer[PPOConfig]):
             return {}
         cfg = self.cfg.eval
         prompts = [p.text for p in self.eval_prompts]
-        texts = generate_texts(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
-                               cfg.batch_size)
+        texts, truncated = generate_completions(self.group, self.tokenizer, prompts,
+                                                cfg.max_new_tokens, cfg.batch_size)
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
+        columns[TRUNCATED_COLUMN] = truncated
         metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
         if self.gold is not None:
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))

@@ -69,8 +69,9 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss (+ KL-to-reference loss term, - entropy bonus) of one micro-batch.
 
-    `normalizer` is the global minibatch's token count ("token") or sequence count
-    ("sequence"), so micro-batch losses add up to the minibatch loss whatever the split.
+    `normalizer` is `aggregation_normalizer` of the global minibatch (its token count, or its
+    count of sequences with a generated token), so micro-batch losses add up to the minibatch
+    loss whatever the split.
     `kl_coef` > 0 adds the KL as a loss term (the GRPO way); 0 when KL is in the reward.
     """
     logits = _logits(model, batch, temperature)
@@ -87,8 +88,10 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, normalizer)
     tokens = float(mask.sum())
+    ratio = torch.exp(logp.detach() - batch["old_logprobs"])  # 1 on policy, before any update
     return loss, {
         "policy_loss": policy_loss.item(), "clip_ratio_sum": clip_ratio.item() * tokens,
+        "ratio_sum": float((ratio * mask).sum()),
         "entropy_sum": float((entropy.detach() * mask).sum()),
         "kl_sum": float((kl.detach() * mask).sum()), "tokens": tokens,
     }

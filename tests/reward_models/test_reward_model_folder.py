@@ -19,14 +19,17 @@ def direct(folder: str, prompts: list[str], completions: list[str]) -> list[floa
                          AutoTokenizer.from_pretrained(folder), prompts, completions)
 
 
-def direct_scores(model, tok, prompts: list[str], completions: list[str]) -> list[float]:
-    """Plain transformers, one unpadded sequence at a time: prompt + completion + EOS."""
+def direct_scores(model, tok, prompts: list[str], completions: list[str],
+                  truncated: list[bool] | None = None) -> list[float]:
+    """Plain transformers, one unpadded sequence at a time: prompt + completion + EOS (no EOS
+    where `truncated`)."""
     model.eval()
     out = []
     with torch.no_grad():
-        for p, c in zip(prompts, completions):
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            end = [] if truncated and truncated[i] else [tok.eos_token_id]
             ids = (tok(p, add_special_tokens=False).input_ids
-                   + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
+                   + tok(c, add_special_tokens=False).input_ids + end)
             out.append(model(torch.tensor([ids])).logits[0, 0].item())
     return out
 
@@ -38,6 +41,22 @@ def test_in_process_scores_match_the_model(tiny_reward_model_dir):
     assert len(set(expected)) == len(expected)  # the samples really are told apart
     assert reward(PROMPTS, COMPLETIONS, answer=["81", "20", "198", "42"]) == pytest.approx(
         expected, abs=1e-5)
+
+
+def test_truncated_completions_are_scored_as_they_are(tiny_reward_model_dir):
+    """A completion that hit its token budget gets no EOS: the model can tell it from one that
+    ended (the trainer passes `completion_truncated`)."""
+    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": {"num_workers": 0}})
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
+    truncated = [False, True, False, True]
+    expected = direct_scores(model, tok, PROMPTS, COMPLETIONS, truncated)
+    ended = direct_scores(model, tok, PROMPTS, COMPLETIONS)
+    assert expected[1] != pytest.approx(ended[1], abs=1e-3)  # EOS or not changes the score
+    got = reward(PROMPTS, COMPLETIONS, completion_truncated=truncated)
+    assert got == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(RewardError, match="completion_truncated"):
+        reward(PROMPTS, COMPLETIONS, completion_truncated=[True])
 
 
 def test_batching_does_not_change_scores(tiny_reward_model_dir):
@@ -67,5 +86,10 @@ def test_ray_actor_group_scores_match_the_model(tiny_reward_model_dir, ray_local
         expected = direct(tiny_reward_model_dir, PROMPTS, COMPLETIONS)
         assert reward(PROMPTS, COMPLETIONS) == pytest.approx(expected, abs=1e-5)
         assert reward(PROMPTS[:1], COMPLETIONS[:1]) == pytest.approx(expected[:1], abs=1e-5)
+        truncated = [True, False, False, True]  # each rank's shard gets its own flags
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir)
+        tok = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
+        assert reward(PROMPTS, COMPLETIONS, completion_truncated=truncated) == pytest.approx(
+            direct_scores(model, tok, PROMPTS, COMPLETIONS, truncated), abs=1e-5)
     finally:
         reward.fn.close()

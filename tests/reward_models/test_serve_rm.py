@@ -59,6 +59,16 @@ def test_http_reward_gets_the_model_scores(server, tiny_reward_model_dir):
     assert got == pytest.approx(expected(tiny_reward_model_dir), abs=1e-6)
 
 
+def test_http_reward_passes_truncation_to_the_server(server, tiny_reward_model_dir):
+    reward = load_reward({"spec": server.url, "kwargs": {"max_tries": 1}})
+    truncated = [True, False, True]
+    model, tok = load_reward_model(tiny_reward_model_dir)
+    want = score_texts(model, tok, PROMPTS, COMPLETIONS, truncated=truncated)
+    assert want != pytest.approx(expected(tiny_reward_model_dir), abs=1e-6)
+    assert reward(PROMPTS, COMPLETIONS, completion_truncated=truncated) == pytest.approx(
+        want, abs=1e-6)
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     (b"{not json", "Expecting"),
     (b"[1, 2]", "JSON object"),

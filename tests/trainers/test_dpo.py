@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,16 @@ def test_logged_metrics_equal_losses_on_plain_transformers(tmp_path, ray_local, 
     for key, value in expected_metrics(policy, lengths, reference, cfg.dpo).items():
         assert summary[f"eval/{key}"] == pytest.approx(value, abs=1e-5), key
     assert abs(summary["eval/rewards/margins"]) > 1e-4  # the check is not of zeros
+
+
+def test_implicit_rewards_are_zero_at_step_one_on_a_model_with_dropout(tmp_path, ray_local,
+                                                                       dropout_model_dir):
+    """The reference log-probs come from eval mode, the loss forward from train mode: with
+    dropout off (the dpo default) policy = reference at step 1, so every reward is 0."""
+    cfg = tiny_dpo_config(tmp_path, f"model.name_or_path={dropout_model_dir('gpt2')}",
+                          "trainer.max_steps=1", "eval.exact_match=false")
+    DPOTrainer(cfg, show_progress=False).fit()
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[key] == pytest.approx(0.0, abs=1e-5), key
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)

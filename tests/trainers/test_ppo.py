@@ -58,6 +58,22 @@ def test_grpo_learns_a_simple_reward(tmp_path, ray_local):
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
 
 
+def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_local,
+                                                              dropout_model_dir):
+    """Old log-probs come from eval mode, the loss forward from train mode: with dropout off
+    (the ppo default) they agree, so before any update every ratio is 1. The same run checks
+    that rewards receive `completion_truncated` (a reward of 1 for each completion that ended)."""
+    cfg = tiny_ppo_config(tmp_path, f"model.name_or_path={dropout_model_dir('gpt2')}",
+                          "trainer.max_steps=1", "trainer.global_batch_size=16",
+                          "trainer.micro_batch_size=16", "eval.max_samples=0", "task.num_eval=0",
+                          f"rewards=[{{spec: '{REWARD_FILE}:ended', name: ended}}]")
+    PPOTrainer(cfg, show_progress=False).fit()
+    (first,) = records(tmp_path / "run")  # one iteration of one minibatch: no update before it
+    assert first["clip_ratio"] == 0
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["rewards/ended/mean"] == pytest.approx(1 - first["completions/clipped_ratio"])
+
+
 def test_roles_on_two_nodes(tmp_path):
     """A simulated 2-node cluster: the policy and the critic land on different nodes."""
     ray.shutdown()
