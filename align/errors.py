@@ -44,3 +44,7 @@ class TrainingError(AlignError):
 
 class OutputDirError(AlignError):
     """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+
+
+class CheckpointError(AlignError):
+    """A checkpoint cannot be loaded safely: it needs code to load, or it is unreadable."""
