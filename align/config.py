@@ -123,6 +123,7 @@ class DistributedConfig:
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
+    call_timeout_s: float | None = 3600.0  # longest one call on the workers may run; None: no limit
 
 
 @dataclass
@@ -480,6 +481,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3; got {dist.zero_stage}")
     if dist.num_workers < 1:
         raise ConfigError("distributed.num_workers must be at least 1")
+    if dist.call_timeout_s is not None and not dist.call_timeout_s > 0:
+        raise ConfigError(f"distributed.call_timeout_s must be positive (or null for no "
+                          f"limit); got {dist.call_timeout_s}")
     for name in ("global_batch_size", "micro_batch_size"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"trainer.{name} must be at least 1")

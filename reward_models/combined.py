@@ -107,22 +107,32 @@ class CombinedReward:
         parsed = [RewardSpec.coerce(s, where=f"rewards[{i}]") for i, s in enumerate(specs)]
         explicit = {s.name for s in parsed if s.name}
         used: set[str] = set()
-        rewards = []
-        for index, spec in enumerate(parsed):
-            if spec.name is None:
-                base = name = default_reward_name(spec)
-                suffix = 2
-                while name in used or name in explicit:
-                    name, suffix = f"{base}_{suffix}", suffix + 1
-                if name != base:  # kept in the spec, so it survives pickling
-                    spec = dataclasses.replace(spec, name=name)
-            try:
-                reward = load_reward(spec, base_dir)
-            except ConfigError as err:
-                raise ConfigError(f"rewards[{index}]: {err}") from err
-            used.add(reward.name)
-            rewards.append(reward)
-        return cls(rewards, [s.weight for s in parsed])
+        rewards: list[LoadedReward] = []
+        try:
+            for index, spec in enumerate(parsed):
+                if spec.name is None:
+                    base = name = default_reward_name(spec)
+                    suffix = 2
+                    while name in used or name in explicit:
+                        name, suffix = f"{base}_{suffix}", suffix + 1
+                    if name != base:  # kept in the spec, so it survives pickling
+                        spec = dataclasses.replace(spec, name=name)
+                try:
+                    reward = load_reward(spec, base_dir)
+                except ConfigError as err:
+                    raise ConfigError(f"rewards[{index}]: {err}") from err
+                used.add(reward.name)
+                rewards.append(reward)
+            return cls(rewards, [s.weight for s in parsed])
+        except BaseException:  # the rewards loaded so far may hold Ray actors
+            for reward in rewards:
+                reward.close()
+            raise
+
+    def close(self) -> None:
+        """Release every reward's resources (reward-model actors); safe to call twice."""
+        for reward in self.rewards:
+            reward.close()
 
     @property
     def names(self) -> list[str]:

@@ -45,6 +45,13 @@ class LoadedReward:
         self.spec = spec
         self.base_dir = base_dir
 
+    def close(self) -> None:
+        """Release what the reward holds (a reward model's Ray actors): calls the wrapped
+        callable's own ``close()`` when it has one. Safe to call twice."""
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
+
     def __repr__(self) -> str:
         return f"LoadedReward(name={self.name!r}, spec={self.label!r})"
 

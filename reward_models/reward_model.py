@@ -69,7 +69,11 @@ class RewardModelScorer:
         dist = DistributedConfig(num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                                  gpus_per_worker=gpus_per_worker, ray_address=ray_address)
         self.group = WorkerGroup(RewardModelWorker, dist, role=f"reward model {self.path}")
-        self.group.call("load", str(self.path), dtype, batch_size, max_length)
+        try:
+            self.group.call("load", str(self.path), dtype, batch_size, max_length)
+        except BaseException:  # Ctrl-C included: the actors must not outlive a failed start
+            self.close()
+            raise
 
     @classmethod
     def from_spec(cls, spec: RewardSpec, base_dir: Path) -> RewardModelScorer:
@@ -104,7 +108,8 @@ class RewardModelScorer:
         return [score for part in self.group.call_each("score", shards) for score in part]
 
     def close(self) -> None:
-        """Stop the actors and free their resources (safe to call twice)."""
+        """Stop the actors and free their resources (safe to call twice). Trainers call it
+        when a run ends; `__del__` is only a fallback."""
         if self.group is not None:
             self.group.shutdown()
             self.group = None

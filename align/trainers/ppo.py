@@ -59,6 +59,7 @@ class PPOTrainer(Trainer):
         self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
                              else alg.estimator in ("gae", "reinforce_pp"))
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
+        self.rewards = self.gold = None  # loaded in prepare_data; released in close()
 
     # ---------------------------------------------------------------- set-up
 
@@ -83,6 +84,15 @@ class PPOTrainer(Trainer):
         self.schedule = StepSchedule(len(self.prompts), cfg.rollout.prompts_per_step,
                                      cfg.trainer.seed)
         return len(self.prompts)
+
+    def close(self) -> None:
+        """The actor groups, then the reward models' own actor groups."""
+        try:
+            super().close()
+        finally:
+            for rewards in (self.rewards, self.gold):
+                if rewards is not None:
+                    rewards.close()
 
     def count_steps(self, num_examples: int) -> int:
         if self.cfg.trainer.max_steps > 0:

@@ -18,3 +18,36 @@ def test_non_finite_training_metric_stops_the_run(key, value):
 
 def test_finite_metrics_and_other_keys_pass():
     _check_finite({"loss": 1.0, "grad_norm": 0.0, "clip_ratio": float("nan")}, step=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "occurrence"), [
+    ("init_distributed", 1),  # inside the reward model's WorkerGroup.__init__
+    ("load", 1),  # the reward model's actors started, loading it
+    ("init_distributed", 2),  # inside the policy's WorkerGroup.__init__
+    ("setup", 1),  # build_workers: the policy's actors building their model
+])
+def test_ctrl_c_during_set_up_leaves_no_actor_or_placement_group(
+        tmp_path, ray_local, monkeypatch, tiny_reward_model_dir, method, occurrence):
+    from align.distributed import WorkerGroup
+    from align.trainers.ppo import PPOTrainer
+    from tests.conftest import tiny_ppo_config
+    from tests.distributed.test_worker_group import live_actors_and_groups, wait_until_released
+
+    cfg = tiny_ppo_config(tmp_path, f"rewards=[{{spec: '{tiny_reward_model_dir}', "
+                                    "kwargs: {num_workers: 1, cpus_per_worker: 0.5}}]")
+    original, seen = WorkerGroup.call, []
+
+    def call(self, name, *args, **kwargs):
+        seen.append(name)
+        if name == method and seen.count(name) == occurrence:
+            for actor in self.actors:  # the call is under way when Ctrl-C arrives
+                getattr(actor, name).remote(*args, **kwargs)
+            raise KeyboardInterrupt
+        return original(self, name, *args, **kwargs)
+
+    before = live_actors_and_groups()
+    monkeypatch.setattr(WorkerGroup, "call", call)
+    with pytest.raises(KeyboardInterrupt):
+        PPOTrainer(cfg, show_progress=False).fit()
+    assert wait_until_released(before) == (set(), set())
