@@ -209,6 +209,7 @@ class RewardConfig:
     name: str | None = None  # metric name (rewards/<name>/mean); default derived from spec
     style: Literal["trl", "verl", "openrlhf"] | None = None  # calling convention of the function
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound arguments / client options
+    timeout_s: float | None = 600.0  # seconds one call may take before the run stops; null: none
 
 
 @dataclass

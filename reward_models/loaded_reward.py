@@ -9,13 +9,14 @@ the other side, so a file-based reward can be shipped to a Ray actor.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from align.errors import RewardError
-from reward_models.protocol import RewardValues, run_coroutine
+from reward_models.protocol import CallTimeout, RewardValues, call_with_timeout, run_coroutine
 from reward_models.spec import RewardSpec
 from reward_models.validation import check_batch, check_values
 
@@ -29,6 +30,8 @@ class LoadedReward:
         name: Short name for metrics (``rewards/<name>/mean``).
         spec: The RewardSpec it was loaded from, if any (used for pickling).
         base_dir: Folder relative paths in ``spec`` resolved against.
+        timeout_s: Seconds one call may take (an async reward included) before it fails
+            with a RewardError; None: no limit. Default: the spec's ``timeout_s``.
     """
 
     def __init__(
@@ -38,12 +41,14 @@ class LoadedReward:
         name: str,
         spec: RewardSpec | None = None,
         base_dir: Path | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.fn = fn
         self.label = label
         self.name = name
         self.spec = spec
         self.base_dir = base_dir
+        self.timeout_s = timeout_s if timeout_s is not None or spec is None else spec.timeout_s
 
     def close(self) -> None:
         """Release what the reward holds (a reward model's Ray actors): calls the wrapped
@@ -57,7 +62,8 @@ class LoadedReward:
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self.spec is None:
-            return (LoadedReward, (self.fn, self.label, self.name, None, self.base_dir))
+            return (LoadedReward, (self.fn, self.label, self.name, None, self.base_dir,
+                                   self.timeout_s))
         from reward_models.loading import load_reward  # loading imports this module
 
         return (load_reward, (self.spec, self.base_dir))
@@ -93,7 +99,10 @@ class LoadedReward:
         """
         check_batch(self.label, prompts, completions, columns)
         try:
-            result = self.fn(prompts=prompts, completions=completions, **columns)
+            result = call_with_timeout(self.fn, self.timeout_s, prompts=prompts,
+                                       completions=completions, **columns)
+        except CallTimeout:
+            raise self._timed_out() from None
         except Exception as err:
             raise self._wrap(err) from err
         if inspect.isawaitable(result):
@@ -102,10 +111,17 @@ class LoadedReward:
 
     async def _finish(self, pending: Awaitable[Any], prompts: list[str]) -> RewardValues:
         try:
-            result = await pending
+            result = await asyncio.wait_for(pending, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
         except Exception as err:
             raise self._wrap(err) from err
         return check_values(self.label, result, prompts)
+
+    def _timed_out(self) -> RewardError:
+        return RewardError(f"reward {self.label!r} did not return within timeout_s="
+                           f"{self.timeout_s} s; the run stops rather than wait on it (raise "
+                           "the reward's timeout_s if it is legitimately this slow)")
 
     def _wrap(self, err: Exception) -> RewardError:
         if isinstance(err, RewardError):  # our adapters' messages already say what happened

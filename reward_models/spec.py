@@ -52,6 +52,7 @@ class RewardSpec:
     style: str | None = None  # calling convention of a function: trl (default), verl, openrlhf
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound to the function like
     # functools.partial; for a URL or folder, options of that loader (e.g. timeout_s)
+    timeout_s: float | None = None  # seconds one call may take before the run stops; None: no limit
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
@@ -83,6 +84,11 @@ class RewardSpec:
             raise ConfigError(
                 f"reward {self.label!r}: name must be a non-empty string, got {self.name!r}"
             )
+        timeout = self.timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, numbers.Real) or not 0 < timeout < math.inf):
+            raise ConfigError(f"reward {self.label!r}: timeout_s must be a positive number of "
+                              f"seconds (or null for no limit), got {timeout!r}")
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise ConfigError(
                 f"reward {self.label!r}: kwargs must be a mapping of names to values, "

@@ -51,3 +51,27 @@ def test_ctrl_c_during_set_up_leaves_no_actor_or_placement_group(
     with pytest.raises(KeyboardInterrupt):
         PPOTrainer(cfg, show_progress=False).fit()
     assert wait_until_released(before) == (set(), set())
+
+
+@pytest.mark.slow
+def test_a_hanging_reward_ends_the_run_within_its_timeout(tmp_path, ray_local, capsys):
+    import time
+
+    from align.cli import main
+    from align.config import dump_config
+    from tests.conftest import tiny_ppo_config
+
+    called = tmp_path / "called"
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\n"
+                    "def score(prompts, completions, **kw):\n"
+                    f"    open({str(called)!r}, 'w').write(str(time.time()))\n"
+                    "    time.sleep(600)\n")
+    cfg = tiny_ppo_config(tmp_path, f"rewards=[{{spec: '{hang}:score', timeout_s: 2}}]")
+    config = tmp_path / "ppo.yaml"
+    dump_config(cfg, config)
+    assert main(["ppo", str(config), "--quiet"]) == 2
+    ended = time.time()
+    err = capsys.readouterr().err
+    assert "hang.py:score' did not return within timeout_s=2.0 s" in err, err
+    assert ended - float(called.read_text()) < 2 + 10  # the timeout, and the workers' shutdown
