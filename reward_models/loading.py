@@ -85,8 +85,9 @@ def load_reward(
         spec: ``"pkg.module:fn"``, ``"path/file.py:fn"``, ``"verl:path/file.py:fn"``, a folder,
             an ``http(s)://`` URL, a mapping ``{spec, weight, name, style, kwargs}``, or a
             RewardSpec.
-        base_dir: Folder that relative paths resolve against (default: the current directory);
-            usually the folder of the config file.
+        base_dir: Folder that relative paths resolve against (default: the current directory,
+            which is what trainers use: a config's reward paths resolve like its other paths,
+            against the directory the command runs in, not the config file's folder).
 
     Returns:
         A LoadedReward: callable as ``fn(prompts, completions, **columns)``, validating output.
