@@ -25,7 +25,7 @@ from reward_models.loaded_reward import LoadedReward
 from reward_models.loading import default_reward_name, load_reward
 from reward_models.protocol import RewardValues, run_coroutine
 from reward_models.spec import RewardSpec
-from reward_models.validation import check_batch, describe_sample
+from reward_models.validation import REWARD_LIMIT, check_batch, describe_sample
 
 
 @dataclass
@@ -182,7 +182,15 @@ class CombinedReward:
                     f"every reward returned None for {describe_sample(s, prompts)} "
                     f"(rewards {labels}); at least one must score each sample"
                 )
-            totals.append(sum(w * value for w, value in terms if value is not None))
+            total = sum(w * value for w, value in terms if value is not None)
+            if not abs(total) <= REWARD_LIMIT:  # NaN too (inf - inf)
+                parts = ", ".join(f"{r.label!r}: {w:g} x {v:g}" for r, (w, v)
+                                  in zip(self.rewards, terms) if v is not None)
+                raise RewardError(
+                    f"the weighted reward of {describe_sample(s, prompts)} is {total:g} "
+                    f"({parts}); it must lie within +-{REWARD_LIMIT:g}: lower the weights"
+                )
+            totals.append(total)
         return totals
 
 

@@ -15,6 +15,9 @@ from align.errors import RewardError
 from reward_models.protocol import RewardValues
 
 _EXCERPT_CHARS = 60
+# Largest reward magnitude accepted, for each reward and for the weighted total: advantages are
+# computed in float32 (max 3.4e38), where squares of larger values (a variance) overflow.
+REWARD_LIMIT = 1e15
 
 
 def describe_sample(index: int, prompts: Sequence[Any]) -> str:
@@ -81,8 +84,8 @@ def check_values(label: str, values: Any, prompts: Sequence[Any]) -> RewardValue
         The values as Python floats, ``None`` kept.
 
     Raises:
-        RewardError: On a non-list, a wrong length, a non-number, NaN or infinity, naming the
-            reward and (for a value) the sample.
+        RewardError: On a non-list, a wrong length, a non-number, NaN or infinity, or a
+            magnitude over ``REWARD_LIMIT``, naming the reward and (for a value) the sample.
     """
     n = len(prompts)
     if not isinstance(values, (list, tuple)) and hasattr(values, "tolist"):
@@ -113,10 +116,23 @@ def _check_value(label: str, value: Any, index: int, prompts: Sequence[Any]) -> 
             f"reward {label!r} returned {type(value).__name__} {shown} for "
             f"{describe_sample(index, prompts)}; expected a number or None"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf if value > 0 else -math.inf
     if not math.isfinite(number):
         raise RewardError(
-            f"reward {label!r} returned {number} for {describe_sample(index, prompts)}; "
+            f"reward {label!r} returned {_short(value)} for {describe_sample(index, prompts)}; "
             "rewards must be finite (return None if the reward does not apply)"
         )
+    if abs(number) > REWARD_LIMIT:
+        raise RewardError(
+            f"reward {label!r} returned {number:g} for {describe_sample(index, prompts)}; "
+            f"rewards must lie within +-{REWARD_LIMIT:g} (the trainer computes in float32)"
+        )
     return number
+
+
+def _short(value: Any) -> str:
+    shown = str(value)
+    return shown if len(shown) <= _EXCERPT_CHARS else shown[:_EXCERPT_CHARS] + "..."
