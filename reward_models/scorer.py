@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,8 @@ def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, 
 @torch.no_grad()
 def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
                 completions: Sequence[Any], batch_size: int = 64,
-                max_length: int | None = None) -> list[float]:
+                max_length: int | None = None,
+                turns: AbstractContextManager | None = None) -> list[float]:
     """One score per (prompt, completion), in order.
 
     Args:
@@ -155,6 +157,8 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
         prompts, completions: strings, or message lists (TRL's conversational format).
         batch_size: sequences per forward pass.
         max_length: longest sequence scored; default the model's `max_position_embeddings`.
+        turns: held around each forward pass, so that callers sharing the model take turns
+            a batch at a time (the server's FairLock); None: no lock.
 
     Raises:
         RewardError: the lists differ in length, or a sample cannot be encoded.
@@ -168,7 +172,9 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
-        scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)).tolist()
+        with turns or nullcontext():
+            scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)
+                                  ).tolist()
     return scores
 
 
