@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -54,6 +55,8 @@ class HttpReward:
     backoff_s: float = 0.5  # wait before the 2nd attempt; doubles for each further one
     max_response_bytes: int = 10 * _MiB  # a longer answer is an error, not read on
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. auth)
+    token_env: str | None = None  # environment variable holding a bearer token (kept out of
+    # the config, which every run copies into its output_dir)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -114,6 +117,7 @@ class HttpReward:
                 "Content-Type": "application/json",
                 "Accept": "application/json",
                 **self.headers,
+                **self._token_header(),
             },
         )
         # A fresh opener per call reads the proxy environment now, not at first import.
@@ -140,6 +144,15 @@ class HttpReward:
         except (ConnectionError, http.client.HTTPException) as err:
             raise _RetryableError(f"connection broke: {type(err).__name__}: {err}") from err
         return self._rewards_from(payload)
+
+    def _token_header(self) -> dict[str, str]:
+        if self.token_env is None:
+            return {}
+        token = os.environ.get(self.token_env)
+        if not token:
+            raise RewardError(f"POST {self.url}: token_env names {self.token_env}, which is "
+                              "not set in the environment")
+        return {"Authorization": f"Bearer {token}"}
 
     def _read_limited(self, response: Any) -> bytes:
         limit = self.max_response_bytes

@@ -187,7 +187,7 @@ def test_a_500_reveals_nothing(server, monkeypatch):
     assert status == 500 and "secret" not in json.dumps(answer)
 
 
-def test_a_token_is_required_when_set(tiny_reward_model_dir):
+def test_a_token_is_required_when_set(tiny_reward_model_dir, monkeypatch):
     with serving(RewardModelServer(("127.0.0.1", 0), tiny_reward_model_dir,
                                    token="s3cret")) as srv:
         assert post(srv.url, SAMPLE)[0] == 401
@@ -195,6 +195,10 @@ def test_a_token_is_required_when_set(tiny_reward_model_dir):
         assert post(srv.url, SAMPLE, Authorization="Bearer s3cret")[0] == 200
         reward = load_reward({"spec": srv.url, "kwargs": {
             "max_tries": 1, "headers": {"Authorization": "Bearer s3cret"}}})
+        assert len(reward(PROMPTS, COMPLETIONS)) == 3
+        monkeypatch.setenv("RM_TOKEN", "s3cret")
+        reward = load_reward({"spec": srv.url, "kwargs": {"max_tries": 1,
+                                                          "token_env": "RM_TOKEN"}})
         assert len(reward(PROMPTS, COMPLETIONS)) == 3
 
 
