@@ -65,17 +65,19 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_serve_rm(args: argparse.Namespace) -> int:
-    from reward_models.server import RewardModelServer
+    from reward_models.server import TOKEN_ENV, RewardModelServer
 
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
-        server = RewardModelServer((args.host, args.port), args.model, args.batch_size)
+        server = RewardModelServer((args.host, args.port), args.model, args.batch_size,
+                                   token=token, max_samples=args.max_samples)
     except OSError as exc:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there: "
                           f"{exc}") from None
     print(f"serving reward model {args.model} at {server.url} (Ctrl-C stops)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("note: the server has no authentication; anyone who can reach this address "
-              "can use it", flush=True)
+    if not server.loopback_only and token is None:
+        print(f"note: no token is set (--token or {TOKEN_ENV}); anyone who can reach this "
+              "address can use the server", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -141,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward")
+    s.add_argument("--max-samples", type=_positive_int, default=1024,
+                   help="most samples one request may hold (more: HTTP 413)")
+    s.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' (default: the "
+                        "ALIGN_SERVE_RM_TOKEN environment variable; unset: no token)")
     s.set_defaults(handler=_run_serve_rm)
     return parser
 

@@ -128,6 +128,7 @@ class DistributedConfig:
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
     placement_strategy: PlacementStrategy = "PACK"  # how Ray spreads a role's bundles over nodes
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
+    call_timeout_s: float | None = 3600.0  # longest one call on the workers may run; None: no limit
 
 
 @dataclass
@@ -231,6 +232,7 @@ class RewardConfig:
     name: str | None = None  # metric name (rewards/<name>/mean); default derived from spec
     style: Literal["trl", "verl", "openrlhf"] | None = None  # calling convention of the function
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound arguments / client options
+    timeout_s: float | None = 600.0  # seconds one call may take before the run stops; null: none
 
 
 @dataclass
@@ -525,6 +527,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3; got {dist.zero_stage}")
     if dist.num_workers < 1:
         raise ConfigError("distributed.num_workers must be at least 1")
+    if dist.call_timeout_s is not None and not dist.call_timeout_s > 0:
+        raise ConfigError(f"distributed.call_timeout_s must be positive (or null for no "
+                          f"limit); got {dist.call_timeout_s}")
     for name in ("global_batch_size", "micro_batch_size"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"trainer.{name} must be at least 1")

@@ -54,3 +54,7 @@ def did_you_mean(word: str, options: list[str], otherwise: str = "", prefix: str
 
     close = difflib.get_close_matches(str(word), options, n=1, cutoff=cutoff)
     return f"; did you mean '{prefix}{close[0]}'?" if close else otherwise
+
+
+class CheckpointError(AlignError):
+    """A checkpoint cannot be loaded safely: it needs code to load, or it is unreadable."""

@@ -271,6 +271,16 @@ class Policy:
         self.engine.save_checkpoint(str(path), tag=tag, save_latest=False)
 
     def load_checkpoint(self, path: str | Path, tag: str = "engine") -> None:
+        """Load `save_checkpoint`'s files with `weights_only=True`: DeepSpeed's own engine
+        would unpickle anything, so a file that needs code to load is refused instead.
+
+        Raises:
+            CheckpointError: a file needs a type outside plain tensors and values.
+        """
+        from align.checkpoint import SafeCheckpointEngine
+
+        if not isinstance(self.engine.checkpoint_engine, SafeCheckpointEngine):
+            self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
         load_path, _ = self.engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise TrainingError(f"could not load the DeepSpeed checkpoint in {path}")

@@ -4,13 +4,18 @@ the trackers of `trainer.report_to` (see align.trackers) fed the same scalars.""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from align.errors import OutputDirError
 from align.trackers import Tracker
+
+logger = logging.getLogger(__name__)
 
 # Shown in the progress bar, when present, in this order.
 BAR_KEYS = ("loss", "eval/loss", "reward", "rewards/accuracies", "accuracy", "kl")
@@ -74,16 +79,37 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file.
+
+    A last line cut short (the process died while writing it) is skipped with a warning; a
+    damaged line before it is an error naming the line.
+    """
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != lines[-1][0]:
+                raise OutputDirError(f"{path}, line {n}: not a JSON object; the metrics file "
+                                     "is damaged") from None
+            logger.warning("%s, line %d: skipped an incomplete last line", path, n)
+    return records
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step`, replacing the file atomically (a kill leaves old or new)."""
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _clean(value: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 from align.errors import ConfigError, RewardError
 from reward_models.protocol import (
+    REWARD_LIMIT,
     LoadedReward,
     RewardValues,
     check_batch,
@@ -110,22 +111,32 @@ class CombinedReward:
         parsed = [RewardSpec.coerce(s, where=f"rewards[{i}]") for i, s in enumerate(specs)]
         explicit = {s.name for s in parsed if s.name}
         used: set[str] = set()
-        rewards = []
-        for index, spec in enumerate(parsed):
-            if spec.name is None:
-                base = name = default_reward_name(spec)
-                suffix = 2
-                while name in used or name in explicit:
-                    name, suffix = f"{base}_{suffix}", suffix + 1
-                if name != base:  # kept in the spec, so it survives pickling
-                    spec = dataclasses.replace(spec, name=name)
-            try:
-                reward = load_reward(spec, base_dir)
-            except ConfigError as err:
-                raise ConfigError(f"rewards[{index}]: {err}") from err
-            used.add(reward.name)
-            rewards.append(reward)
-        return cls(rewards, [s.weight for s in parsed])
+        rewards: list[LoadedReward] = []
+        try:
+            for index, spec in enumerate(parsed):
+                if spec.name is None:
+                    base = name = default_reward_name(spec)
+                    suffix = 2
+                    while name in used or name in explicit:
+                        name, suffix = f"{base}_{suffix}", suffix + 1
+                    if name != base:  # kept in the spec, so it survives pickling
+                        spec = dataclasses.replace(spec, name=name)
+                try:
+                    reward = load_reward(spec, base_dir)
+                except ConfigError as err:
+                    raise ConfigError(f"rewards[{index}]: {err}") from err
+                used.add(reward.name)
+                rewards.append(reward)
+            return cls(rewards, [s.weight for s in parsed])
+        except BaseException:  # the rewards loaded so far may hold Ray actors
+            for reward in rewards:
+                reward.close()
+            raise
+
+    def close(self) -> None:
+        """Release every reward's resources (reward-model actors); safe to call twice."""
+        for reward in self.rewards:
+            reward.close()
 
     @property
     def names(self) -> list[str]:
@@ -175,7 +186,15 @@ class CombinedReward:
                     f"every reward returned None for {describe_sample(s, prompts)} "
                     f"(rewards {labels}); at least one must score each sample"
                 )
-            totals.append(sum(w * value for w, value in terms if value is not None))
+            total = sum(w * value for w, value in terms if value is not None)
+            if not abs(total) <= REWARD_LIMIT:  # NaN too (inf - inf)
+                parts = ", ".join(f"{r.label!r}: {w:g} x {v:g}" for r, (w, v)
+                                  in zip(self.rewards, terms) if v is not None)
+                raise RewardError(
+                    f"the weighted reward of {describe_sample(s, prompts)} is {total:g} "
+                    f"({parts}); it must lie within +-{REWARD_LIMIT:g}: lower the weights"
+                )
+            totals.append(total)
         return totals
 
 

@@ -2,10 +2,15 @@
 
 Protocol: ``POST <url>`` with body ``{"prompts": [...], "completions": [...], <column>: [...]}``
 (every column of the batch, as JSON) answered by ``{"rewards": [...]}``, one number or null per
-sample. Connection failures, timeouts, HTTP 429 and 5xx are retried with exponential backoff up
-to ``max_tries`` attempts in all; other 4xx answers, non-JSON bodies and oversize responses fail
-at once. Environment proxy settings (``http_proxy``, ``no_proxy``) apply, as for any urllib
-client.
+sample (a JSON ``true``/``false`` is refused). Connection failures, timeouts and the transient
+statuses 429, 502, 503 and 504 are retried with exponential backoff up to ``max_tries`` attempts
+in all; a 500 (the server failed on this very batch, and would again), other 4xx answers,
+redirects, non-JSON bodies and oversize responses fail at once. Redirects are never followed:
+they would send the batch, and any ``Authorization`` header, to wherever the server points.
+``timeout_s`` bounds each attempt as a whole, from connecting to the last byte of the answer
+(its sockets are shut down at the deadline), so a server that trickles bytes cannot hold a call;
+a call takes at most ``max_tries * timeout_s`` plus the backoff. Environment proxy settings
+(``http_proxy``, ``no_proxy``) apply, as for any urllib client.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +32,7 @@ from align.errors import ConfigError, RewardError
 _MiB = 1024 * 1024
 _EXCERPT_BYTES = 200
 _READ_CHUNK = 64 * 1024
+_RETRY_STATUS = (429, 502, 503, 504)  # busy or a gateway's hiccup: worth another try
 
 
 class _RetryableError(Exception):
@@ -41,11 +50,13 @@ class HttpReward:
     """
 
     url: str  # http:// or https:// endpoint that takes the batch and returns {"rewards": [...]}
-    timeout_s: float = 30.0  # per attempt: to connect, and between bytes of the answer
+    timeout_s: float = 30.0  # per attempt, from connecting to the last byte of the answer
     max_tries: int = 3  # attempts in all (1 = no retry)
     backoff_s: float = 0.5  # wait before the 2nd attempt; doubles for each further one
     max_response_bytes: int = 10 * _MiB  # a longer answer is an error, not read on
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. auth)
+    token_env: str | None = None  # environment variable holding a bearer token (kept out of
+    # the config, which every run copies into its output_dir)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -88,6 +99,16 @@ class HttpReward:
         raise RewardError(f"POST {self.url} failed after {tries}: {last_error}") from last_error
 
     def _post_once(self, body: bytes) -> list[Any]:
+        with _Deadline(self.timeout_s) as deadline:
+            try:
+                return self._exchange(body, deadline)
+            except (RewardError, _RetryableError, OSError, http.client.HTTPException):
+                if deadline.expired:  # whatever broke, it broke because time was up
+                    raise _RetryableError(
+                        f"no answer within timeout_s={self.timeout_s}") from None
+                raise
+
+    def _exchange(self, body: bytes, deadline: _Deadline) -> list[Any]:
         request = urllib.request.Request(
             self.url,
             data=body,
@@ -96,18 +117,25 @@ class HttpReward:
                 "Content-Type": "application/json",
                 "Accept": "application/json",
                 **self.headers,
+                **self._token_header(),
             },
         )
         # A fresh opener per call reads the proxy environment now, not at first import.
-        opener = urllib.request.build_opener()
+        opener = urllib.request.build_opener(
+            _NoRedirect(), _HTTPHandler(deadline), _HTTPSHandler(deadline))
         try:
             with opener.open(request, timeout=self.timeout_s) as response:
                 payload = self._read_limited(response)
         except urllib.error.HTTPError as err:
-            detail = _excerpt(err.read(_EXCERPT_BYTES) if err.fp else b"")
-            message = f"HTTP {err.code} {err.reason}: {detail}"
-            if err.code == 429 or err.code >= 500:
+            message = f"HTTP {err.code} {err.reason}: {_error_body(err)}"
+            if err.code in _RETRY_STATUS:
                 raise _RetryableError(message) from err
+            if 300 <= err.code < 400:
+                where = err.headers.get("Location", "?") if err.headers else "?"
+                raise RewardError(
+                    f"POST {self.url} answered HTTP {err.code}, a redirect to {where}; "
+                    "redirects are not followed (they would carry the batch and its "
+                    "headers elsewhere): put the final URL in the spec") from None
             raise RewardError(f"POST {self.url} answered {message}") from err
         except urllib.error.URLError as err:
             raise _RetryableError(f"cannot reach the endpoint: {err.reason}") from err
@@ -116,6 +144,15 @@ class HttpReward:
         except (ConnectionError, http.client.HTTPException) as err:
             raise _RetryableError(f"connection broke: {type(err).__name__}: {err}") from err
         return self._rewards_from(payload)
+
+    def _token_header(self) -> dict[str, str]:
+        if self.token_env is None:
+            return {}
+        token = os.environ.get(self.token_env)
+        if not token:
+            raise RewardError(f"POST {self.url}: token_env names {self.token_env}, which is "
+                              "not set in the environment")
+        return {"Authorization": f"Bearer {token}"}
 
     def _read_limited(self, response: Any) -> bytes:
         limit = self.max_response_bytes
@@ -147,6 +184,10 @@ class HttpReward:
         if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
             got = f"keys {sorted(answer)}" if isinstance(answer, dict) else type(answer).__name__
             raise RewardError(f'POST {self.url}: answer must be {{"rewards": [...]}}, got {got}')
+        for index, value in enumerate(answer["rewards"]):
+            if isinstance(value, bool):  # JSON true/false is not a score
+                raise RewardError(f"POST {self.url}: rewards[{index}] is {json.dumps(value)}; "
+                                  "the API takes a number or null per sample")
         return answer["rewards"]
 
 
@@ -165,3 +206,91 @@ def _encode(body: dict[str, Any]) -> bytes:
 def _excerpt(data: bytes) -> str:
     text = data[:_EXCERPT_BYTES].decode("utf-8", errors="replace")
     return repr(text + ("..." if len(data) > _EXCERPT_BYTES else ""))
+
+
+def _error_body(err: urllib.error.HTTPError) -> str:
+    """An excerpt of an error answer's body; a body that cannot be read is no new error."""
+    try:
+        return _excerpt(err.read(_EXCERPT_BYTES) if err.fp else b"")
+    except (OSError, http.client.HTTPException, ValueError):
+        return "(body unreadable)"
+
+
+class _Deadline:
+    """Shuts down the sockets of one attempt when its time is up.
+
+    A socket timeout bounds only each read, so a server sending a byte a second could hold a
+    call for ever; shutting the socket down from a timer ends any read in progress at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> type:
+        deadline = self
+
+        class Connection(base):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                deadline.track(self.sock)
+
+        return Connection
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(self.deadline.connection(http.client.HTTPConnection), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        kwargs: dict[str, Any] = {"context": self._context}
+        if hasattr(self, "_check_hostname"):  # Python < 3.12
+            kwargs["check_hostname"] = self._check_hostname
+        return self.do_open(self.deadline.connection(http.client.HTTPSConnection), req,
+                            **kwargs)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: urllib then raises the 3xx as an HTTPError."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None

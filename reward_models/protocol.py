@@ -9,6 +9,7 @@ functions written for TRL plug in unchanged. ``prompts`` and ``completions`` arr
 arguments; every other dataset column arrives as a keyword list of the same length (a row's
 ``answer`` is ``columns["answer"][i]``). ``None`` for a sample means "this reward does not
 apply to it". ``async def`` rewards are awaited; sync code drives them with ``run_coroutine``.
+``call_with_timeout`` bounds how long a sync reward may run.
 
 The PPO-family trainer adds one column of its own, ``completion_truncated`` (TRUNCATED_COLUMN):
 True where a completion stopped at its token budget rather than at EOS. The decoded text does
@@ -27,7 +28,9 @@ import asyncio
 import inspect
 import math
 import numbers
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -104,7 +107,106 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     return outcome["value"]
 
 
+class CallTimeout(Exception):
+    """A call did not return within its time limit (see ``call_with_timeout``)."""
+
+
+def call_with_timeout(fn: Callable[..., T], timeout_s: float | None, **kwargs: Any) -> T:
+    """``fn(**kwargs)``, raising CallTimeout when it has not returned within ``timeout_s``.
+
+    On the main thread (where trainers call rewards) ``fn`` runs right there, so rewards that
+    use signals themselves (math_verify's SIGALRM timeouts need the main thread) keep working:
+    at the deadline a watchdog thread sends SIGINT to the main thread, which interrupts Python
+    code and blocking system calls alike, and the KeyboardInterrupt is turned into CallTimeout.
+    Off the main thread, or when SIGINT has a handler of someone else's, ``fn`` runs on a
+    helper thread that is abandoned at the deadline. Neither can stop C code that holds the
+    GIL, nor a function that catches KeyboardInterrupt and carries on (an answer it gives
+    after the deadline is discarded).
+
+    Args:
+        fn: The callable.
+        timeout_s: Seconds allowed; None calls ``fn`` with no limit.
+        kwargs: Its keyword arguments.
+    """
+    if timeout_s is None:
+        return fn(**kwargs)
+    main = threading.main_thread()
+    if threading.current_thread() is main and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        return _on_main_thread(fn, timeout_s, kwargs, main.ident)
+    return _on_helper_thread(fn, timeout_s, kwargs)
+
+
+def _on_main_thread(fn: Callable[..., T], timeout_s: float, kwargs: dict[str, Any],
+                    main_id: int | None) -> T:
+    lock = threading.Lock()
+    state = {"running": True, "expired": False}
+
+    def expire() -> None:
+        with lock:  # never interrupts once the call has returned
+            if state["running"]:
+                state["expired"] = True
+                signal.pthread_kill(main_id, signal.SIGINT)
+
+    def stop() -> None:
+        with lock:
+            state["running"] = False
+        timer.cancel()
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            result = fn(**kwargs)
+        finally:
+            stop()
+    except BaseException as err:
+        if not state["expired"]:
+            raise  # fn's own error, or a real Ctrl-C
+        if not isinstance(err, KeyboardInterrupt):  # fn turned the interrupt into another error
+            _absorb_interrupt()
+        raise CallTimeout(f"no answer within {timeout_s} s") from None
+    finally:
+        stop()
+    if state["expired"]:  # fn swallowed the interrupt, or it is still on its way
+        _absorb_interrupt()
+        raise CallTimeout(f"no answer within {timeout_s} s")
+    return result
+
+
+def _absorb_interrupt(seconds: float = 1.0) -> None:
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+
+
+def _on_helper_thread(fn: Callable[..., T], timeout_s: float, kwargs: dict[str, Any]) -> T:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(**kwargs)
+        except BaseException as err:  # handed back to the caller's thread below
+            outcome["error"] = err
+
+    helper = threading.Thread(target=target, name="reward-call", daemon=True)
+    helper.start()
+    helper.join(timeout_s)
+    if helper.is_alive():
+        raise CallTimeout(f"no answer within {timeout_s} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 _EXCERPT_CHARS = 60
+# Largest reward magnitude accepted, for each reward and for the weighted total: advantages are
+# computed in float32 (max 3.4e38), where squares of larger values (a variance) overflow.
+REWARD_LIMIT = 1e15
 
 
 def describe_sample(index: int, prompts: Sequence[Any]) -> str:
@@ -171,8 +273,8 @@ def check_values(label: str, values: Any, prompts: Sequence[Any]) -> RewardValue
         The values as Python floats, ``None`` kept.
 
     Raises:
-        RewardError: On a non-list, a wrong length, a non-number, NaN or infinity, naming the
-            reward and (for a value) the sample.
+        RewardError: On a non-list, a wrong length, a non-number, NaN or infinity, or a
+            magnitude over ``REWARD_LIMIT``, naming the reward and (for a value) the sample.
     """
     n = len(prompts)
     if not isinstance(values, (list, tuple)) and hasattr(values, "tolist"):
@@ -203,13 +305,26 @@ def _check_value(label: str, value: Any, index: int, prompts: Sequence[Any]) -> 
             f"reward {label!r} returned {type(value).__name__} {shown} for "
             f"{describe_sample(index, prompts)}; expected a number or None"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf if value > 0 else -math.inf
     if not math.isfinite(number):
         raise RewardError(
-            f"reward {label!r} returned {number} for {describe_sample(index, prompts)}; "
+            f"reward {label!r} returned {_short(value)} for {describe_sample(index, prompts)}; "
             "rewards must be finite (return None if the reward does not apply)"
         )
+    if abs(number) > REWARD_LIMIT:
+        raise RewardError(
+            f"reward {label!r} returned {number:g} for {describe_sample(index, prompts)}; "
+            f"rewards must lie within +-{REWARD_LIMIT:g} (the trainer computes in float32)"
+        )
     return number
+
+
+def _short(value: Any) -> str:
+    shown = str(value)
+    return shown if len(shown) <= _EXCERPT_CHARS else shown[:_EXCERPT_CHARS] + "..."
 
 
 class LoadedReward:
@@ -223,21 +338,32 @@ class LoadedReward:
             passes ``functools.partial(load_reward, spec, base_dir)``), so a file-based reward
             pickles as its spec and is loaded again on the other side (e.g. in a Ray actor);
             None pickles ``fn`` itself.
+        timeout_s: Seconds one call may take (an async reward included) before it fails
+            with a RewardError; None: no limit (the loader passes the spec's ``timeout_s``).
     """
 
     def __init__(self, fn: Callable[..., Any], label: str, name: str,
-                 reload: Callable[[], LoadedReward] | None = None) -> None:
+                 reload: Callable[[], LoadedReward] | None = None,
+                 timeout_s: float | None = None) -> None:
         self.fn = fn
         self.label = label
         self.name = name
         self.reload = reload
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        """Release what the reward holds (a reward model's Ray actors): calls the wrapped
+        callable's own ``close()`` when it has one. Safe to call twice."""
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
 
     def __repr__(self) -> str:
         return f"LoadedReward(name={self.name!r}, spec={self.label!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self.reload is None:
-            return (LoadedReward, (self.fn, self.label, self.name))
+            return (LoadedReward, (self.fn, self.label, self.name, None, self.timeout_s))
         return (self.reload, ())
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardValues:
@@ -262,7 +388,10 @@ class LoadedReward:
         """
         check_batch(self.label, prompts, completions, columns)
         try:
-            result = self.fn(prompts=prompts, completions=completions, **columns)
+            result = call_with_timeout(self.fn, self.timeout_s, prompts=prompts,
+                                       completions=completions, **columns)
+        except CallTimeout:
+            raise self._timed_out() from None
         except Exception as err:
             raise self._wrap(err) from err
         if inspect.isawaitable(result):
@@ -271,10 +400,17 @@ class LoadedReward:
 
     async def _finish(self, pending: Awaitable[Any], prompts: list[str]) -> RewardValues:
         try:
-            result = await pending
+            result = await asyncio.wait_for(pending, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
         except Exception as err:
             raise self._wrap(err) from err
         return check_values(self.label, result, prompts)
+
+    def _timed_out(self) -> RewardError:
+        return RewardError(f"reward {self.label!r} did not return within timeout_s="
+                           f"{self.timeout_s} s; the run stops rather than wait on it (raise "
+                           "the reward's timeout_s if it is legitimately this slow)")
 
     def _wrap(self, err: Exception) -> RewardError:
         if isinstance(err, RewardError):  # our adapters' messages already say what happened

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,8 @@ def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, 
 def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
                 completions: Sequence[Any], batch_size: int = 64,
                 max_length: int | None = None,
-                truncated: Sequence[bool] | None = None) -> list[float]:
+                truncated: Sequence[bool] | None = None,
+                turns: AbstractContextManager | None = None) -> list[float]:
     """One score per (prompt, completion), in order.
 
     Args:
@@ -178,6 +180,8 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
         max_length: longest sequence scored; default the model's `max_position_embeddings`.
         truncated: per sample, whether the completion stopped without ending (scored without
             EOS, see `encode_sample`); None: every completion ended.
+        turns: held around each forward pass, so that callers sharing the model take turns
+            a batch at a time (the server's FairLock); None: no lock.
 
     Raises:
         RewardError: the lists differ in length, or a sample cannot be encoded.
@@ -192,7 +196,9 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
-        scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)).tolist()
+        with turns or nullcontext():
+            scores += score_batch(model, collate_sequences(chunk, tokenizer.pad_token_id)
+                                  ).tolist()
     return scores
 
 
@@ -294,7 +300,11 @@ class RewardModelScorer:
         dist = DistributedConfig(num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                                  gpus_per_worker=gpus_per_worker, ray_address=ray_address)
         self.group = WorkerGroup(RewardModelWorker, dist, role=f"reward model {self.path}")
-        self.group.call("load", str(self.path), dtype, batch_size, max_length)
+        try:
+            self.group.call("load", str(self.path), dtype, batch_size, max_length)
+        except BaseException:  # Ctrl-C included: the actors must not outlive a failed start
+            self.close()
+            raise
 
     @classmethod
     def from_options(cls, path: Path, label: str, options: dict[str, Any]) -> RewardModelScorer:
@@ -326,7 +336,8 @@ class RewardModelScorer:
         return [score for part in self.group.call_each("score", shards) for score in part]
 
     def close(self) -> None:
-        """Stop the actors and free their resources (safe to call twice)."""
+        """Stop the actors and free their resources (safe to call twice). Trainers call it
+        when a run ends; `__del__` is only a fallback."""
         if self.group is not None:
             self.group.shutdown()
             self.group = None

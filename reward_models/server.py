@@ -5,11 +5,22 @@
 ``POST /`` or ``POST /score`` with ``{"prompts": [...], "completions": [...], ...}`` (an
 optional ``completion_truncated`` list scores the completions marked true without EOS; other
 columns are accepted and ignored) answers ``{"rewards": [...]}``, one number per sample.
-``GET /health`` answers ``{"status": "ok", "model": ...}``. A malformed request gets 400 and
-``{"error": "..."}``; a body over the size limit gets 413 without being read. The standard
-library's threading server is used; one lock serialises the forward passes so concurrent
-requests never oversubscribe the cores. There is no authentication: the server binds
-127.0.0.1 unless told otherwise.
+``GET /health`` answers ``{"status": "ok", "model": <the folder's name>}``.
+
+The API is for programs, not web pages, and refuses what only a browser would send:
+  - a request with an ``Origin`` header (any page's script) gets 403, and so does one whose
+    ``Host`` is not a loopback name while the server listens on loopback (DNS rebinding);
+  - a POST must say ``Content-Type: application/json`` (415 otherwise), which no page can send
+    to another origin without a CORS preflight this server never grants;
+  - with a token (``--token``, or the ``ALIGN_SERVE_RM_TOKEN`` environment variable), every
+    request needs ``Authorization: Bearer <token>`` (401 otherwise).
+
+Limits: a body over ``max_body_bytes`` gets 413 without being read, more than ``max_samples``
+samples 413, a malformed request (bad ``Content-Length``, JSON, nesting or sample shape) 400
+with ``{"error": "..."}``. A 500 says only that scoring failed; the traceback goes to the
+server's log. At most ``max_connections`` requests are handled at once (one thread each); more
+wait in a listen backlog of 256. Forward passes take turns a batch at a time, in arrival order,
+so a small request waits for at most one batch of a large one.
 
 `align eval-rm MODEL DATA` (`evaluate_reward_model`): pairwise accuracy and reward margin.
 It runs in this process (no Ray). The data is any preference source `align rm` trains on (a
@@ -20,7 +31,10 @@ training (`align.data.tokenize_preference`).
 
 from __future__ import annotations
 
+import collections
+import hmac
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,8 +55,14 @@ from reward_models.reward_model import (
     score_texts,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SAMPLES = 1024
+DEFAULT_MAX_CONNECTIONS = 64
+TOKEN_ENV = "ALIGN_SERVE_RM_TOKEN"
 SCORE_PATHS = ("/", "/score")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EMBEDDED_HELD_OUT = "embedded:arithmetic(held-out)"
 
 
@@ -55,28 +75,58 @@ class RewardModelServer(ThreadingHTTPServer):
         batch_size: sequences per forward pass.
         max_body_bytes: largest request body accepted.
         dtype: model dtype (`auto`: bf16 on a GPU that supports it, else fp32).
+        token: when set, requests need `Authorization: Bearer <token>`.
+        max_samples: most samples one request may hold.
+        max_connections: most requests handled at once.
     """
 
     daemon_threads = True  # in-flight requests never keep the process alive at Ctrl-C
+    request_queue_size = 256  # listen backlog: socketserver's 5 reset bursts of connections
 
     def __init__(self, address: tuple[str, int], model_dir: str | Path, batch_size: int = 64,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: str = "auto") -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: str = "auto",
+                 token: str | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.model, self.tokenizer = load_reward_model(model_dir, dtype)
-        self.model_name = str(model_dir)
+        self.model_name = Path(model_dir).resolve().name  # never the absolute path
         self.batch_size, self.max_body_bytes = batch_size, max_body_bytes
-        self.lock = threading.Lock()
+        self.token, self.max_samples = token or None, max_samples
+        self.lock = FairLock()
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+        host = self.server_address[0]
+        self.loopback_only = host in LOOPBACK or host.startswith("127.")
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/score"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Bounded threads: wait for a free slot; a connection that finds none in 5 s is
+        # closed (the client retries), and the rest wait in the kernel's backlog meanwhile.
+        if not self.slots.acquire(timeout=5):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
     def score(self, body: dict[str, Any]) -> list[float]:
         """Validate a request body and score it.
 
         Raises:
-            ValueError: the body is not `{prompts: [...], completions: [...]}` of equal lengths.
+            ValueError: the body is not `{prompts: [...], completions: [...]}` of equal
+                lengths, of strings or chat message lists.
+            TooManySamples: more than `max_samples` samples.
             AlignError: a sample cannot be encoded (e.g. a prompt longer than the model allows).
         """
         prompts, completions = body.get("prompts"), body.get("completions")
@@ -85,10 +135,51 @@ class RewardModelServer(ThreadingHTTPServer):
                 raise ValueError(f"'{key}' must be a list, got {type(value).__name__}")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        if len(prompts) > self.max_samples:
+            raise TooManySamples(f"{len(prompts)} samples exceed the limit of "
+                                 f"{self.max_samples} per request; split the batch")
+        for index, sample in enumerate(zip(prompts, completions)):
+            for what, value in zip(("prompt", "completion"), sample):
+                _check_text(value, what, index)
         truncated = body.get(TRUNCATED_COLUMN)  # optional; sent by HttpReward from PPO
-        with self.lock:
-            return score_texts(self.model, self.tokenizer, prompts, completions,
-                               self.batch_size, truncated=truncated)
+        return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
+                           truncated=truncated, turns=self.lock)
+
+
+class TooManySamples(ValueError):
+    """A request holds more samples than the server's `max_samples` (answered with 413)."""
+
+
+class FairLock:
+    """A lock granted in arrival order (`threading.Lock` may hand it straight back to the
+    thread that just released it, starving the others)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    def __enter__(self) -> None:
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            self._cond.wait_for(lambda: self._queue[0] is ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
+
+
+def _check_text(value: Any, what: str, index: int) -> None:
+    """A prompt or completion is a string or a list of `{role, content}` string messages."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        return
+    raise ValueError(f"sample {index}: the {what} must be a string or a list of "
+                     "{\"role\": str, \"content\": str} messages")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one line per request would drown the URL the user needs
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self._refused():
+            return
         if self.path == "/health":
             self._reply(200, {"status": "ok", "model": self.server.model_name})
         else:
@@ -106,39 +199,93 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path not in SCORE_PATHS:
-            self._reply(404, {"error": f"no such path {self.path!r}; POST to /score"})
+            self._reply(404, {"error": f"no such path {self.path!r}; POST to /score"},
+                        close=True)
             return
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
-            self._reply(400, {"error": "a Content-Length header is required"}, close=True)
+        if self._refused():
             return
-        if int(length) > self.server.max_body_bytes:
-            self._reply(413, {"error": f"request body of {length} bytes exceeds the limit of "
-                                       f"{self.server.max_body_bytes}"}, close=True)
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            self._reply(415, {"error": "the body must be JSON sent with Content-Type: "
+                                       "application/json"}, close=True)
+            return
+        length = self._content_length()
+        if length is None:
             return
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(self.rfile.read(length))
             if not isinstance(body, dict):
                 raise ValueError(f"the body must be a JSON object, got {type(body).__name__}")
             rewards = self.server.score(body)
+        except TooManySamples as err:
+            self._reply(413, {"error": str(err)})
+            return
+        except RecursionError:
+            self._reply(400, {"error": "the JSON is nested too deeply"})
+            return
         except (ValueError, AlignError) as err:  # JSONDecodeError is a ValueError
             self._reply(400, {"error": str(err)})
             return
-        except Exception as err:  # noqa: BLE001 - report it to the client, keep serving
-            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+        except Exception:  # noqa: BLE001 - logged here; the client learns no internals
+            logger.exception("scoring a request failed")
+            self._reply(500, {"error": "scoring failed on the server (its log has the cause)"})
             return
         self._reply(200, {"rewards": rewards})
 
-    def _reply(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
+    def _refused(self) -> bool:
+        """Answer and return True when the request comes from a web page or lacks the token."""
+        if self.headers.get("Origin") is not None:
+            self._reply(403, {"error": "requests from web pages (an Origin header) are "
+                                       "refused"}, close=True)
+            return True
+        host = _hostname(self.headers.get("Host", ""))
+        if self.server.loopback_only and host not in LOOPBACK and not host.startswith("127."):
+            self._reply(403, {"error": f"Host {host!r} is not this server's address"},
+                        close=True)
+            return True
+        token = self.server.token
+        if token is not None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self._reply(401, {"error": "a valid 'Authorization: Bearer <token>' header is "
+                                           "required"}, close=True, auth=True)
+                return True
+        return False
+
+    def _content_length(self) -> int | None:
+        """The declared body size, or None once a 400/413 is sent."""
+        text = self.headers.get("Content-Length", "")
+        if not (text.isascii() and text.isdigit()):
+            self._reply(400, {"error": "a Content-Length header of ASCII digits is required"},
+                        close=True)
+            return None
+        limit = self.server.max_body_bytes
+        if len(text) > len(str(limit)) or int(text) > limit:
+            self._reply(413, {"error": f"request body of {text[:30]} bytes exceeds the limit "
+                                       f"of {limit}"}, close=True)
+            return None
+        return int(text)
+
+    def _reply(self, status: int, payload: dict[str, Any], close: bool = False,
+               auth: bool = False) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if auth:
+            self.send_header("WWW-Authenticate", "Bearer")
         if close:  # the unread body must not be parsed as the next request
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
+
+
+def _hostname(host: str) -> str:
+    """`example.com:8000` -> `example.com`; `[::1]:8000` -> `::1`."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 # ------------------------------------------------------------------------------- eval-rm

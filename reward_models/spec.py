@@ -76,6 +76,7 @@ class RewardSpec:
     style: str | None = None  # calling convention of a function: trl (default), verl, openrlhf
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound to the function like
     # functools.partial; for a URL or folder, options of that loader (e.g. timeout_s)
+    timeout_s: float | None = None  # seconds one call may take before the run stops; None: no limit
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
@@ -107,6 +108,11 @@ class RewardSpec:
             raise ConfigError(
                 f"reward {self.label!r}: name must be a non-empty string, got {self.name!r}"
             )
+        timeout = self.timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, numbers.Real) or not 0 < timeout < math.inf):
+            raise ConfigError(f"reward {self.label!r}: timeout_s must be a positive number of "
+                              f"seconds (or null for no limit), got {timeout!r}")
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise ConfigError(
                 f"reward {self.label!r}: kwargs must be a mapping of names to values, "
@@ -287,8 +293,9 @@ def load_reward(
         spec: ``"pkg.module:fn"``, ``"path/file.py:fn"``, ``"verl:path/file.py:fn"``, a folder,
             an ``http(s)://`` URL, a mapping ``{spec, weight, name, style, kwargs}``, or a
             RewardSpec.
-        base_dir: Folder that relative paths resolve against (default: the current directory);
-            usually the folder of the config file.
+        base_dir: Folder that relative paths resolve against (default: the current directory,
+            which is what trainers use: a config's reward paths resolve like its other paths,
+            against the directory the command runs in, not the config file's folder).
 
     Returns:
         A LoadedReward: callable as ``fn(prompts, completions, **columns)``, validating output.
@@ -303,7 +310,8 @@ def load_reward(
     fn = _build(reward_spec, base)
     return LoadedReward(fn, label=reward_spec.label,
                         name=reward_spec.name or default_reward_name(reward_spec),
-                        reload=functools.partial(load_reward, reward_spec, base))
+                        reload=functools.partial(load_reward, reward_spec, base),
+                        timeout_s=reward_spec.timeout_s)
 
 
 def default_reward_name(spec: RewardSpec) -> str:

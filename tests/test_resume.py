@@ -104,3 +104,21 @@ def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
     straight = uninterrupted("dpo", config(), tmp_path)
     resumed = interrupted_then_resumed("dpo", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, ray_local):
+    """A pickle payload as the model states of `step-9` is refused on resume, never run."""
+    from align.checkpoint import prepare_output_dir
+    from align.errors import CheckpointError
+    from tests.test_checkpoint import save_payload
+
+    cfg = tiny_sft_config(tmp_path, "resume=auto", "eval.exact_match=false")
+    out = prepare_output_dir(cfg.output_dir, overwrite=False, resuming=False)
+    marker = tmp_path / "payload-ran"
+    CheckpointManager(out, 2).save(
+        9, lambda tmp: save_payload(tmp / "engine" / "mp_rank_00_model_states.pt", marker),
+        {"extra": {}})
+    with pytest.raises(CheckpointError, match=r"step-9/engine/mp_rank_00_model_states.pt: it "
+                                              r"needs io.open"):
+        run_stage("sft", cfg, show_progress=False)
+    assert not marker.exists()

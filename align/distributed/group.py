@@ -2,13 +2,17 @@
 
 The group reserves a placement group (one bundle per rank), starts the actors, has rank 0 host
 the rendezvous, and joins them with gloo (CPU) or nccl (GPU). The driver then calls methods on
-all ranks at once; a rank that dies ends the call at once with its role and rank named.
+all ranks at once; a rank that dies ends the call at once with its role and rank named, and a
+call that outlasts `distributed.call_timeout_s` ends the run with the role and method named.
+However set-up ends (an error, Ctrl-C), a group that did not finish starting frees its actors
+and placement group.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,9 +56,19 @@ class WorkerGroup:
 
     def __init__(self, worker_cls: type, dist_cfg: DistributedConfig, role: str = "policy",
                  num_workers: int | None = None) -> None:
-        ensure_ray(dist_cfg.ray_address)
         self.role = role
-        n = num_workers or dist_cfg.num_workers
+        self.actors: list[Any] = []
+        self._pg = None
+        self.call_timeout_s = dist_cfg.call_timeout_s
+        ensure_ray(dist_cfg.ray_address)
+        try:
+            self._start(worker_cls, dist_cfg, num_workers or dist_cfg.num_workers)
+        except BaseException:  # Ctrl-C included: leave no actor or placement group behind
+            self.shutdown()
+            raise
+
+    def _start(self, worker_cls: type, dist_cfg: DistributedConfig, n: int) -> None:
+        role = self.role
         cpus, gpus = _resources(dist_cfg, n)
         threads = dist_cfg.torch_threads or max(1, int(cpus))
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in range(n)]
@@ -62,22 +76,20 @@ class WorkerGroup:
         try:
             ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
-            remove_placement_group(self._pg)
             raise TrainingError(
                 f"{role}: the cluster cannot host {n} workers with {cpus} CPU and {gpus} GPU "
                 f"each (available: {ray.available_resources()}); lower "
                 "distributed.num_workers or distributed.cpus_per_worker") from None
         remote_cls = ray.remote(worker_cls)
         env = {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
-        self.actors = [
-            remote_cls.options(
+        for i in range(n):
+            self.actors.append(remote_cls.options(
                 num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i),
-            ).remote(rank=i, world_size=n, torch_threads=threads)
-            for i in range(n)
-        ]
-        addr, port = self._get([self.actors[0].master_address.remote()], ranks=[0])[0]
+            ).remote(rank=i, world_size=n, torch_threads=threads))
+        addr, port = self._get([self.actors[0].master_address.remote()], ranks=[0],
+                               method="master_address")[0]
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else (
             "nccl" if gpus else "gloo")
         self.call("init_distributed", addr, port, backend)
@@ -89,7 +101,7 @@ class WorkerGroup:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method(*args, **kwargs)` on every rank; returns the results in rank order."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return self._get(refs)
+        return self._get(refs, method=method)
 
     def call_each(self, method: str, per_rank: Sequence[Sequence[Any]],
                   **kwargs: Any) -> list[Any]:
@@ -98,34 +110,47 @@ class WorkerGroup:
             raise ValueError(f"{len(per_rank)} argument lists for {self.size} workers")
         refs = [getattr(a, method).remote(*args, **kwargs)
                 for a, args in zip(self.actors, per_rank)]
-        return self._get(refs)
+        return self._get(refs, method=method)
 
-    def _get(self, refs: list[ray.ObjectRef], ranks: list[int] | None = None) -> list[Any]:
+    def _get(self, refs: list[ray.ObjectRef], ranks: list[int] | None = None,
+             method: str = "call") -> list[Any]:
         """Wait for all refs, failing as soon as any rank fails (no waiting on its peers,
-        which may be blocked forever in a collective with the dead rank)."""
+        which may be blocked forever in a collective with the dead rank), or when the call
+        outlasts `call_timeout_s`."""
         ranks = ranks or list(range(len(refs)))
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
         results: list[Any] = [None] * len(refs)
+        deadline = (None if self.call_timeout_s is None
+                    else time.monotonic() + self.call_timeout_s)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait)
+            if not done:
+                late = sorted(ranks[index[ref]] for ref in pending)
+                self.shutdown()
+                raise TrainingError(
+                    f"{self.role}: {method} did not finish within distributed.call_timeout_s="
+                    f"{self.call_timeout_s} s (ranks {late} still running); the workers were "
+                    "stopped. Raise distributed.call_timeout_s if the call is this slow")
             for ref in done:
-                i = index[ref]
-                try:
-                    results[i] = ray.get(ref)
-                except RayTaskError as exc:
-                    cause = exc.cause if isinstance(exc.cause, BaseException) else None
-                    if isinstance(cause, AlignError):
-                        self.shutdown()
-                        raise cause from None
-                    self.shutdown()
-                    raise TrainingError(f"{self.role} worker rank {ranks[i]} failed: "
-                                        f"{_last_line(exc)}") from None
-                except RayActorError as exc:
-                    self.shutdown()
-                    raise TrainingError(f"{self.role} worker rank {ranks[i]} died: "
-                                        f"{_last_line(exc)}") from None
+                results[index[ref]] = self._result(ref, ranks[index[ref]])
         return results
+
+    def _result(self, ref: ray.ObjectRef, rank: int) -> Any:
+        try:
+            return ray.get(ref)
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else None
+            self.shutdown()
+            if isinstance(cause, AlignError):
+                raise cause from None
+            raise TrainingError(f"{self.role} worker rank {rank} failed: "
+                                f"{_last_line(exc)}") from None
+        except RayActorError as exc:
+            self.shutdown()
+            raise TrainingError(f"{self.role} worker rank {rank} died: "
+                                f"{_last_line(exc)}") from None
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group (safe to call twice)."""

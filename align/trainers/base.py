@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Generic, TypeVar
 from align.checkpoint import (
     CheckpointManager,
     prepare_output_dir,
+    publish_dir,
     read_state,
     resolve_resume,
 )
@@ -85,19 +85,24 @@ class Trainer(Generic[ConfigT]):
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
-        """Run the stage end to end; returns (and writes) the summary."""
+        """Run the stage end to end; returns (and writes) the summary.
+
+        Whatever ends the run (an error, Ctrl-C), every Ray actor group it started is
+        released in `finally` (see `close`).
+        """
         cfg = self.cfg
         started = time.time()
-        self.tokenizer = load_tokenizer(cfg.model)
-        check_lora_targets(cfg.model, self.tokenizer, self.model_kind)
-        num_examples = self.prepare_data()
-        self.total_steps = self.count_steps(num_examples)
-        resume_from = resolve_resume(cfg.output_dir, cfg.resume)
-        out = prepare_output_dir(cfg.output_dir, cfg.overwrite, resuming=resume_from is not None)
-        dump_config(cfg, out / "config.yaml")
-        self.output_dir = out
-        checkpoints = CheckpointManager(out, cfg.trainer.keep_last)
         try:
+            self.tokenizer = load_tokenizer(cfg.model)
+            check_lora_targets(cfg.model, self.tokenizer, self.model_kind)
+            num_examples = self.prepare_data()
+            self.total_steps = self.count_steps(num_examples)
+            resume_from = resolve_resume(cfg.output_dir, cfg.resume)
+            out = prepare_output_dir(cfg.output_dir, cfg.overwrite,
+                                     resuming=resume_from is not None)
+            dump_config(cfg, out / "config.yaml")
+            self.output_dir = out
+            checkpoints = CheckpointManager(out, cfg.trainer.keep_last)
             self.group = self.build_workers()
             self._write_placement(out)
             step = 0
@@ -120,13 +125,19 @@ class Trainer(Generic[ConfigT]):
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             return summary
         finally:
-            for group in [self.group, *self.extra_groups.values()]:
-                if group is not None:
-                    group.shutdown()
+            self.close()
+
+    def close(self) -> None:
+        """Shut down every actor group of the run and free its placement group (safe to call
+        twice). Stages that hold more (reward-model actors) extend it."""
+        for group in [self.group, *self.extra_groups.values()]:
+            if group is not None:
+                group.shutdown()
 
     def build_workers(self) -> WorkerGroup:
         cfg = self.cfg
         group = WorkerGroup(PolicyWorker, cfg.distributed, role="policy")
+        self.group = group  # released by close() even if set-up is interrupted
         group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
                    dist_cfg=cfg.distributed, total_steps=self.optimizer_steps(),
                    kind=self.model_kind, reference=self.needs_reference())
@@ -177,17 +188,20 @@ class Trainer(Generic[ConfigT]):
 
     def _save_final(self, out: Path) -> None:
         """final/ in Hugging Face format, published by rename so it is never half-written."""
-        tmp, final = out / ".tmp-final", out / "final"
+        tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
         self.group.call("save", str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, out / "final")
+
+
+# Metrics that must be finite for training to go on: the loss of every stage, PPO's policy
+# and value losses, the gradient norm, and the reward.
+FINITE_METRICS = ("loss", "policy_loss", "value_loss", "grad_norm", "reward")
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
-    for key in ("loss", "reward"):
+    for key in FINITE_METRICS:
         value = metrics.get(key)
         if value is not None and not math.isfinite(value):
             raise TrainingError(f"step {step}: {key} is {value}; stopping before a checkpoint "

@@ -71,6 +71,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.use_critic = alg.estimator == "gae"
         self.kl_in_reward, self.kl_estimator = alg.kl_placement()
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
+        self.rewards = self.gold = None  # loaded in prepare_data; released in close()
 
     # ---------------------------------------------------------------- set-up
 
@@ -92,6 +93,15 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.schedule = StepSchedule(len(self.prompts), cfg.rollout.prompts_per_step,
                                      cfg.trainer.seed)
         return len(self.prompts)
+
+    def close(self) -> None:
+        """The actor groups, then the reward models' own actor groups."""
+        try:
+            super().close()
+        finally:
+            for rewards in (self.rewards, self.gold):
+                if rewards is not None:
+                    rewards.close()
 
     def count_steps(self, num_examples: int) -> int:
         if self.cfg.trainer.max_steps > 0:

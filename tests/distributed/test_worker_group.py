@@ -86,6 +86,52 @@ def test_dead_worker_fails_fast_with_role_and_rank(ray_local):
     assert group.actors == []  # the rest of the group was torn down
 
 
+def test_call_outlasting_its_timeout_ends_with_role_and_method(ray_local):
+    group = WorkerGroup(EchoWorker, DistributedConfig(num_workers=2), role="critic")
+    group.call_timeout_s = 2.0
+    started = time.monotonic()
+    with pytest.raises(TrainingError, match=r"critic: sleep did not finish within "
+                                            r"distributed.call_timeout_s=2.0 s \(ranks \[0, 1\]"):
+        group.call("sleep", 120)
+    assert time.monotonic() - started < 30
+    assert group.actors == []
+
+
+def live_actors_and_groups() -> tuple[set, set]:
+    """Ids of the actors and placement groups Ray holds alive."""
+    from ray._private.state import actors
+
+    return ({k for k, v in actors().items() if v["State"] != "DEAD"},
+            {k for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"})
+
+
+def wait_until_released(before: tuple[set, set], seconds: float = 60) -> tuple[set, set]:
+    """What the run left alive beyond `before` (ray.kill is asynchronous: poll a while)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        actors, groups = live_actors_and_groups()
+        left = (actors - before[0], groups - before[1])
+        if left == (set(), set()) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def test_ctrl_c_while_starting_leaves_nothing(ray_local, monkeypatch):
+    """A KeyboardInterrupt while the group joins its world frees its actors and its group."""
+    original = WorkerGroup.call
+
+    def interrupted(self, method, *args, **kwargs):
+        if method == "init_distributed":
+            raise KeyboardInterrupt
+        return original(self, method, *args, **kwargs)
+
+    before = live_actors_and_groups()
+    monkeypatch.setattr(WorkerGroup, "call", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        WorkerGroup(EchoWorker, DistributedConfig(num_workers=2))
+    assert wait_until_released(before) == (set(), set())
+
+
 def test_simulated_two_node_cluster():
     """Joining an existing cluster by address; SPREAD puts one rank on each node."""
     ray.shutdown()

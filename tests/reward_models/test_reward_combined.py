@@ -107,3 +107,12 @@ def test_bad_weight_and_empty_list():
         CombinedReward.from_specs(["reward_models.builtin:exact_match", "nope.py:fn"])
     with pytest.raises(ConfigError, match="at least one reward"):
         CombinedReward.from_specs([])
+
+
+def test_a_weighted_total_past_the_limit_is_refused(tmp_path):
+    (tmp_path / "big.py").write_text("def big(prompts, completions, **kw):\n"
+                                     "    return [9e14] * len(completions)\n")
+    combined = CombinedReward.from_specs([{"spec": f"{tmp_path}/big.py:big", "weight": 2.0}])
+    with pytest.raises(RewardError, match=r"weighted reward of sample 0 .* is 1.8e\+15 "
+                                          r"\('.*big.py:big': 2 x 9e\+14\); it must lie within"):
+        combined.score(PROMPTS[:1], COMPLETIONS[:1])

@@ -66,6 +66,44 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"<html>hi!")
         elif self.path == "/nan":
             self.reply(200, {"rewards": [1.0, float("nan")]})
+        elif self.path.startswith("/redirect-"):  # /redirect-307-<port>
+            _, code, port = self.path.split("-")
+            self.send_response(int(code))
+            self.send_header("Location", f"http://127.0.0.1:{port}/score")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/trickle":  # a byte at a time, each well within the socket timeout
+            self.send_response(200)
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            self.trickle([b" "] * 200)
+        elif self.path == "/trickle-headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self.trickle([f"X-Pad-{i}: x\r\n".encode() for i in range(90)])
+        elif self.path == "/slow-error-body":
+            self.send_response(503)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            Handler.release.wait(timeout=3)
+        elif self.path == "/fail":
+            self.reply(500, {"error": "internal error"})
+        elif self.path == "/bool":
+            self.reply(200, {"rewards": [True, 1.0]})
+        elif self.path == "/huge-int":
+            data = b'{"rewards": [1' + b"0" * 400 + b', 1.0]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif self.path == "/near-max":
+            self.reply(200, {"rewards": [1.7e308, 1.0]})
+
+    def trickle(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            if Handler.release.is_set():
+                return
+            self.wfile.write(piece)
+            time.sleep(0.1)
 
     def reply(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -168,3 +206,81 @@ def test_unserialisable_column_and_bad_option():
         load_reward({"spec": "http://127.0.0.1:9/score", "kwargs": {"timeout": 1}})
     with pytest.raises(ConfigError, match=r"timeout_s must be a number > 0.0, got '5'"):
         load_reward({"spec": "http://127.0.0.1:9/score", "kwargs": {"timeout_s": "5"}})
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Where a redirect points: records every request it gets."""
+
+    seen: list = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        Recorder.seen.append((self.command, dict(self.headers)))
+        self.send_response(200)
+        self.send_header("Content-Length", "16")
+        self.end_headers()
+        self.wfile.write(b'{"rewards": [1]}')
+
+    do_POST = do_GET  # noqa: N815
+
+
+@pytest.fixture
+def elsewhere():
+    Recorder.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_redirects_are_refused_and_credentials_stay_home(server, elsewhere, code):
+    spec = f"{server}/redirect-{code}-{elsewhere}"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "headers": {
+        "Authorization": "Bearer s3cret"}}})
+    with pytest.raises(RewardError, match=rf"answered HTTP {code}, a redirect to "
+                                          rf"http://127.0.0.1:{elsewhere}/score"):
+        reward(PROMPTS, COMPLETIONS)
+    assert Recorder.seen == []
+    assert Handler.hits[f"/redirect-{code}-{elsewhere}"] == 1
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers"])
+def test_a_trickling_server_cannot_hold_a_call_past_timeout_s(server, path):
+    spec = f"{server}{path}"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "timeout_s": 1.0, "max_tries": 2}})
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"after 2 tries: no answer within "
+                                          r"timeout_s=1.0"):
+        reward(PROMPTS, COMPLETIONS)
+    assert time.monotonic() - start < 4.0  # 2 x 1 s, the backoff, and some slack
+
+
+def test_a_timeout_while_reading_an_error_body_is_retried_not_raised(server):
+    spec = f"{server}/slow-error-body"
+    reward = load_reward({"spec": spec, "kwargs": {**FAST, "timeout_s": 0.3, "max_tries": 2}})
+    with pytest.raises(RewardError, match=r"after 2 tries"):
+        reward(PROMPTS, COMPLETIONS)
+    assert Handler.hits["/slow-error-body"] == 2
+
+
+def test_a_500_is_not_retried(server):
+    spec = f"{server}/fail"
+    with pytest.raises(RewardError, match=r"HTTP 500 .*internal error"):
+        load_reward({"spec": spec, "kwargs": FAST})(PROMPTS, COMPLETIONS)
+    assert Handler.hits["/fail"] == 1
+
+
+@pytest.mark.parametrize(("path", "needle"), [
+    ("/bool", r"rewards\[0\] is true; the API takes a number or null"),
+    ("/huge-int", r"returned 1000000000.* for sample 0 .*must be finite"),
+    ("/near-max", r"returned 1.7e\+308 for sample 0 .*within \+-1e\+15"),
+])
+def test_bools_huge_ints_and_near_overflow_values_are_refused(server, path, needle):
+    with pytest.raises(RewardError, match=rf"'{server}{path}'.*{needle}"):
+        load_reward(f"{server}{path}")(PROMPTS, COMPLETIONS)

@@ -273,3 +273,22 @@ def test_unrecognised_spec():
 def test_style_prefix_only_before_a_full_target():
     assert RewardSpec("verl:compute").style is None  # a module called verl, not a style
     assert RewardSpec("verl:pkg.mod:fn") == RewardSpec("pkg.mod:fn", style="verl")
+
+
+def test_config_reward_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    """A run's relative reward file resolves against the current directory, as `data.train`
+    and `output_dir` do, not against the folder of the config file."""
+    from align.config import PPOConfig, load_config
+    from align.model_loading import load_tokenizer
+    from align.trainers.ppo import PPOTrainer
+
+    source = "def score(prompts, completions, **kw):\n    return [{}] * len(completions)\n"
+    write(tmp_path / "work", "rewards/r.py", source.format(1.0))
+    write(tmp_path / "configs", "rewards/r.py", source.format(2.0))
+    config = write(tmp_path / "configs", "ppo.yaml", "rewards: [{spec: rewards/r.py:score}]\n"
+                   "task: {num_train: 64, num_eval: 4}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    trainer = PPOTrainer(load_config(PPOConfig, config))
+    trainer.tokenizer = load_tokenizer(trainer.cfg.model)
+    trainer.prepare_data()
+    assert trainer.rewards(["Q: 1+1="], [" 2"]) == [1.0]
