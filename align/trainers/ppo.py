@@ -34,6 +34,7 @@ from align.config import EMBEDDED, PPOConfig
 from align.data import load_rows, tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
+from align.packed_forward import Packing
 from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
@@ -59,6 +60,7 @@ class PPOTrainer(Trainer):
         self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
                              else alg.estimator in ("gae", "reinforce_pp"))
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
+        self.critic_packing: Packing | None = None  # as `self.packing`, for the critic's model
 
     # ---------------------------------------------------------------- set-up
 
@@ -105,6 +107,7 @@ class PPOTrainer(Trainer):
         self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy")
         self.group.call("setup", cfg.model, cfg.trainer, policy_dist, self.optimizer_steps(),
                         "causal_lm", True, True)
+        self.packing = self.packing_of(self.group, "policy")
         if self.use_critic:
             critic_model = dataclasses.replace(
                 cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
@@ -113,6 +116,7 @@ class PPOTrainer(Trainer):
             self.extra_groups["critic"] = critic
             critic.call("setup", critic_model, critic_trainer, critic_dist,
                         self.optimizer_steps(), "sequence_classification")
+            self.critic_packing = self.packing_of(critic, "critic")
         return self.group
 
     def _role_resources(self):
@@ -176,9 +180,10 @@ class PPOTrainer(Trainer):
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
-        old = infer_rows(self.group, token_logprobs, rollout, micro, temperature=temp)
-        ref = infer_rows(self.group, token_logprobs, rollout, micro, reference=True,
+        old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
                          temperature=temp)
+        ref = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
+                         reference=True, temperature=temp)
         mask = response_mask(rollout.batch)
         kl = kl_penalty(old, ref, alg.kl_estimator) * mask
         in_reward = kl if self.kl_in_reward else None
@@ -187,7 +192,7 @@ class PPOTrainer(Trainer):
             rewards = token_level_rewards(scores, mask, in_reward, self.kl.coef)
             if alg.estimator == "gae":
                 values = infer_rows(self.extra_groups["critic"], token_values, rollout,
-                                    micro) * mask
+                                    micro, self.critic_packing) * mask
                 adv, returns = compute_gae(rewards, values, mask, alg.gamma, alg.lam)
                 if alg.whiten_advantages:
                     adv = whiten(adv, mask)
@@ -224,14 +229,14 @@ class PPOTrainer(Trainer):
                 normalizer = (float(response_mask(rollout.rows(index)).sum())
                               if alg.loss_aggregation == "token" else float(len(index)))
                 results = self._train_role(self.group, ppo_objective, rollout, index, micro,
-                                           normalizer=normalizer, **policy_kw)
+                                           self.packing, normalizer=normalizer, **policy_kw)
                 _add(sums, sum_metrics([r["sums"] for r in results]))
                 _add(sums, {"grad_norm": results[0]["shared"]["grad_norm"]})
                 if self.use_critic:
                     results = self._train_role(
                         self.extra_groups["critic"], value_objective, rollout, index, micro,
-                        clip_eps=alg.value_clip_eps, aggregation=alg.loss_aggregation,
-                        normalizer=normalizer)
+                        self.critic_packing, clip_eps=alg.value_clip_eps,
+                        aggregation=alg.loss_aggregation, normalizer=normalizer)
                     _add(sums, sum_metrics([r["sums"] for r in results]))
                 minibatches += 1
         tokens = max(sums["tokens"], 1.0)
@@ -246,9 +251,9 @@ class PPOTrainer(Trainer):
 
     @staticmethod
     def _train_role(group: WorkerGroup, objective: Any, rollout: Rollout, index: list[int],
-                    micro: int, **kwargs: Any) -> list[dict[str, Any]]:
+                    micro: int, packing: Packing | None, **kwargs: Any) -> list[dict[str, Any]]:
         per_rank = shard(index, group.size, micro)
-        batches = [[rollout.rows(mb) for mb in rank] for rank in per_rank]
+        batches = [[rollout.rows(mb, packing) for mb in rank] for rank in per_rank]
         return group.call_each("train_step", [(objective, b) for b in batches], **kwargs)
 
     def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any,
