@@ -67,7 +67,8 @@ class DataConfig:
     split: str = "train"  # split to read from a folder/hub dataset
     eval_fraction: float = 0.0  # fraction of train held out when eval is None
     max_length: int = 64  # tokens per example (prompt + completion)
-    packing: bool = True  # padding-free packing; otherwise padded batches
+    packing: bool | None = None  # pack rows; None: where the start-up check passes; false: pad
+    packing_length: int | None = None  # tokens per packed row; None: 4 x max_length (flash: 1 row)
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
 
@@ -540,6 +541,8 @@ def validate_common(config: Any) -> None:
             f"trainer.micro_batch_size x distributed.num_workers = {per_step}")
     if tr.lr <= 0:
         raise ConfigError(f"trainer.lr must be positive; got {tr.lr}")
+    if config.data.packing_length is not None and config.data.packing_length < 1:
+        raise ConfigError("data.packing_length must be at least 1 (or unset)")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction must be in [0, 1)")
     if config.model.lora.enabled and config.model.lora.r < 1:

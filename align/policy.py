@@ -174,6 +174,13 @@ class Policy:
             return [_to_cpu(fn(module, self._on_device(batch), **kwargs))
                     for batch in micro_batches]
 
+    def check_packing(self) -> dict[str, Any]:
+        """Whether packed forwards of this model equal separate ones (see
+        `align.packed_forward.check_packing`); call on every rank at once."""
+        from align.packed_forward import check_packing
+
+        return check_packing(self.engine or self.model, self.kind)
+
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = self.device
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -39,11 +39,13 @@ import torch
 from align.config import ModelConfig
 from align.data.batching import collate_padded
 from align.data.conversations import is_messages, split_completion
+from align.data.packing import last_token_positions
 from align.data.sft import TokenizedExample
 from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
 from align.errors import ConfigError, ModelError, RewardError, did_you_mean
 from align.model_loading import load_model, load_tokenizer
+from align.packed_forward import head_outputs, unwrap
 from reward_models.protocol import TRUNCATED_COLUMN
 
 SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
@@ -144,15 +146,24 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
 
 
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scores of a right-padded batch.
+    """Scores of a right-padded or packed batch.
 
     Args:
         model: a sequence classifier with one label (a plain, peft or DeepSpeed-wrapped module).
-        batch: `input_ids` and `attention_mask`, each (N, T).
+        batch: `input_ids` and `attention_mask`, each (N, T); or packed rows (see
+            `align.data.packing`), where the head reads each sequence's last token that is not
+            `pad_token_id`, as Hugging Face's head does in a padded row.
 
     Returns:
         (N,) float32 scores, differentiable when the model is.
     """
+    if "sequence_index" in batch:
+        scores = head_outputs(model, batch)  # (rows, W): through the model, as ZeRO-3 needs
+        index = batch["sequence_index"].to(scores.device)
+        pad_id = unwrap(model).config.get_text_config().pad_token_id
+        last = last_token_positions(batch["input_ids"].to(scores.device), index,
+                                    int(index.max()) + 1, pad_id)
+        return scores.flatten()[last].float()
     device = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device), use_cache=False)

@@ -1,5 +1,8 @@
 """Turn tokenized examples into model-ready tensors: padded, packed, or preference batches.
 
+Packed layouts (rows of bounded length, best-fit decreasing) are described in
+`align.data.packing`.
+
 Labels are the input ids with IGNORE_INDEX where no loss is taken; `align.losses` shifts them
 by one (position t predicts token t + 1), so nothing here shifts.
 """
@@ -10,6 +13,7 @@ import random
 
 import torch
 
+from align.data.packing import pack_sequences
 from align.data.preference import PreferenceExample
 from align.data.sft import TokenizedExample
 from align.losses import IGNORE_INDEX
@@ -29,29 +33,21 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, t
     )
 
 
-def collate_packed(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-    """Pack examples into a single row with no padding.
+def collate_packed(examples: list[TokenizedExample], row_length: int | None, pad_id: int,
+                   attention: str = "position_ids") -> dict[str, torch.Tensor | str]:
+    """Pack examples into rows of at most `row_length` tokens, without padding between them.
 
-    Hugging Face models given `position_ids` that restart at 0 and no `attention_mask` (with
-    `use_cache=False`) attend block-diagonally: each example sees only itself, so the logits
-    equal separate forwards. Each example's first label is IGNORE_INDEX so the last token of
-    one example is never trained to predict the first token of the next.
+    Each example keeps its own position ids (restarting at 0), so a model told the boundaries
+    (see `align.packed_forward`) attends within each example only and the logits equal
+    separate forwards. Each example's first label is IGNORE_INDEX so the last token of one
+    example is never trained to predict the first token of the next.
 
     Returns:
-        `input_ids` (1, N), `labels` (1, N), `position_ids` (1, N) where N is the total length.
+        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (R, W), and `attention`
+        (see `align.data.packing`).
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for example in examples:
-        input_ids += example.input_ids
-        labels += [IGNORE_INDEX, *example.labels[1:]]
-        position_ids += range(len(example.input_ids))
-    return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
-    }
+    return pack_sequences([e.input_ids for e in examples], row_length, pad_id, attention,
+                          labels=[e.labels for e in examples])
 
 
 def collate_preference(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -64,6 +60,13 @@ def collate_preference(examples: list[PreferenceExample], pad_id: int) -> dict[s
         `input_ids`, `attention_mask`, `labels`, each (2B, T); and `margin` (B,) float when the
         examples carry margins.
     """
+    sequences, labels = _preference_sequences(examples)
+    return _with_margins(_pad(sequences, labels, pad_id), examples)
+
+
+def _preference_sequences(examples: list[PreferenceExample]
+                          ) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt + completion ids and completion-only labels: the B chosen, then the B rejected."""
     sequences: list[list[int]] = []
     labels: list[list[int]] = []
     for side in ("chosen_ids", "rejected_ids"):
@@ -71,7 +74,10 @@ def collate_preference(examples: list[PreferenceExample], pad_id: int) -> dict[s
             completion = getattr(example, side)
             sequences.append(example.prompt_ids + completion)
             labels.append([IGNORE_INDEX] * len(example.prompt_ids) + completion)
-    batch = _pad(sequences, labels, pad_id)
+    return sequences, labels
+
+
+def _with_margins(batch: dict, examples: list[PreferenceExample]) -> dict:
     margins = [example.margin for example in examples]
     if any(margin is not None for margin in margins):
         if any(margin is None for margin in margins):
@@ -80,40 +86,23 @@ def collate_preference(examples: list[PreferenceExample], pad_id: int) -> dict[s
     return batch
 
 
-def collate_preference_packed(examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-    """The 2B rows of `collate_preference` (B chosen, then B rejected) packed into one row.
+def collate_preference_packed(examples: list[PreferenceExample], row_length: int | None,
+                              pad_id: int, attention: str = "position_ids"
+                              ) -> dict[str, torch.Tensor | str]:
+    """The 2B sequences of `collate_preference` (B chosen, then B rejected) packed into rows.
 
-    Padding-free, as `collate_packed`: position ids restart at 0 for every sequence, so Hugging
-    Face models attend block-diagonally; each sequence's first label is IGNORE_INDEX.
-    `sequence_index` says which of the 2B sequences each token belongs to, so per-sequence
-    sums can be taken from the packed row.
+    As `collate_packed`: rows of at most `row_length` tokens, position ids restarting at 0 for
+    every sequence, each sequence's first label IGNORE_INDEX; labels cover completions only.
+    `sequence_index` (0..2B-1, chosen first) says which sequence each token belongs to, so
+    per-sequence sums can be taken from the packed rows (`align.data.packing.sequence_sums`).
 
     Returns:
-        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (1, N), N the total length.
+        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (R, W), and `attention`;
+        `margin` (B,) float when the examples carry margins.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    sequence_index: list[int] = []
-    sequences = [(e.prompt_ids, e.chosen_ids) for e in examples] + [
-        (e.prompt_ids, e.rejected_ids) for e in examples
-    ]
-    for index, (prompt, completion) in enumerate(sequences):
-        targets = [IGNORE_INDEX] * len(prompt) + completion
-        targets[0] = IGNORE_INDEX  # nothing in this sequence predicts its first token
-        input_ids += prompt + completion
-        labels += targets
-        position_ids += range(len(targets))
-        sequence_index += [index] * len(targets)
-    return {
-        name: torch.tensor([values], dtype=torch.long)
-        for name, values in (
-            ("input_ids", input_ids),
-            ("labels", labels),
-            ("position_ids", position_ids),
-            ("sequence_index", sequence_index),
-        )
-    }
+    sequences, labels = _preference_sequences(examples)
+    batch = pack_sequences(sequences, row_length, pad_id, attention, labels=labels)
+    return _with_margins(batch, examples)
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:

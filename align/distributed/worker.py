@@ -113,6 +113,9 @@ class PolicyWorker(BaseWorker):
               reference: bool = False, **kwargs: Any) -> list[Any]:
         return self.policy.infer(fn, micro_batches, reference, **kwargs)
 
+    def check_packing(self) -> dict[str, Any]:
+        return self.policy.check_packing()
+
     def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:
         return self.policy.generate(prompts, **kwargs)
 

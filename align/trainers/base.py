@@ -25,6 +25,7 @@ from align.config import RunConfig, dump_config, to_dict
 from align.distributed import PolicyWorker, WorkerGroup
 from align.errors import TrainingError
 from align.model_loading import check_lora_targets, load_tokenizer
+from align.packed_forward import Packing, resolve_packing
 from align.trackers import open_trackers
 from align.tracking import MetricsLogger
 from align.trainers.batches import total_steps
@@ -45,6 +46,8 @@ class Trainer(Generic[ConfigT]):
         self.group: WorkerGroup | None = None
         # Roles besides the policy (critic, separate reference...), checkpointed in subfolders.
         self.extra_groups: dict[str, WorkerGroup] = {}
+        # How the policy's batches are packed (None: padded); decided once its workers are up.
+        self.packing: Packing | None = None
 
     # ---------------------------------------------------------------- hooks
 
@@ -141,7 +144,19 @@ class Trainer(Generic[ConfigT]):
         group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
                    dist_cfg=cfg.distributed, total_steps=self.optimizer_steps(),
                    kind=self.model_kind, reference=self.needs_reference())
+        self.packing = self.packing_of(group, "policy")
         return group
+
+    def packing_of(self, group: WorkerGroup, role: str) -> Packing | None:
+        """How `group`'s model packs, checked on the loaded model (see
+        `align.packed_forward`); shuts the group down if packing was required and would leak."""
+        if self.cfg.data.packing is False:
+            return None
+        try:
+            return resolve_packing(self.cfg.data, group.call("check_packing")[0], role)
+        except BaseException:
+            group.shutdown()
+            raise
 
     def _write_placement(self, out: Path) -> None:
         """placement.json: the Ray node of every rank of every role."""

@@ -21,10 +21,11 @@ T = TypeVar("T")
 
 class StepSchedule:
     """Global-batch indices per step: a fresh seeded permutation each epoch, last partial
-    batch dropped. `order_fn(epoch)` may supply the epoch's order (e.g. length-grouped)."""
+    batch dropped. `order_fn(epoch)` may supply the epoch's order (e.g. length-grouped), or
+    None for the default."""
 
     def __init__(self, num_examples: int, global_batch_size: int, seed: int,
-                 order_fn: Callable[[int], list[int]] | None = None) -> None:
+                 order_fn: Callable[[int], list[int] | None] | None = None) -> None:
         if num_examples < global_batch_size:
             raise ConfigError(f"trainer.global_batch_size={global_batch_size} is larger than "
                               f"the training set ({num_examples} examples)")
@@ -35,9 +36,8 @@ class StepSchedule:
 
     def epoch_order(self, epoch: int) -> list[int]:
         if self._cache is None or self._cache[0] != epoch:
-            if self._order_fn is not None:
-                order = self._order_fn(epoch)
-            else:
+            order = self._order_fn(epoch) if self._order_fn is not None else None
+            if order is None:
                 order = np.random.default_rng([self.seed, epoch]).permutation(
                     self.num_examples).tolist()
             self._cache = (epoch, order)

@@ -1,13 +1,13 @@
 """DPO and its variants on preference pairs (`align dpo CONFIG`).
 
 Each micro-batch holds B pairs as 2B sequences, the B chosen then the B rejected, run through
-the policy in one forward pass: packed into one padding-free row (`data.packing`, the default)
-or right-padded. Per-sequence log-probs go to `align.losses.preference_loss`, whose table
-`PREFERENCE_LOSSES` holds every variant (sigmoid, ipo, hinge, conservative DPO through label
-smoothing, reference-free simpo), plus `nll_coef` x the NLL of the chosen completions (RPO).
-The loss is normalised by the number of pairs (and chosen tokens, for the NLL) in the whole
-global batch, so the update does not depend on how the batch is split over workers and
-micro-batches.
+the policy in one forward pass: packed into rows of bounded length (`data.packing`, see
+`align.data.packing`) or right-padded. Per-sequence log-probs go to
+`align.losses.preference_loss`, whose table `PREFERENCE_LOSSES` holds every variant (sigmoid,
+ipo, hinge, conservative DPO through label smoothing, reference-free simpo), plus `nll_coef` x
+the NLL of the chosen completions (RPO). The loss is normalised by the number of pairs (and
+chosen tokens, for the NLL) in the whole global batch, so the update does not depend on how
+the batch is split over workers and micro-batches.
 
 The reference is a frozen copy of the starting model or, with LoRA, the same weights with the
 adapter disabled (`Policy.reference_view`). With `dpo.precompute_reference` (default when the
@@ -38,6 +38,7 @@ from align.data import (
     collate_preference,
     collate_preference_packed,
 )
+from align.data.packing import sequence_sums
 from align.distributed import WorkerGroup
 from align.losses import (
     IGNORE_INDEX,
@@ -50,6 +51,7 @@ from align.losses import (
     sequence_logps,
     shift_for_next_token,
 )
+from align.packed_forward import Packing, model_inputs
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import (
@@ -65,7 +67,6 @@ from align.trainers.stage_data import load_preference_examples, stage_evaluator,
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Metrics the workers return as sums over pairs; the driver divides them by the pair count.
 PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected")
@@ -81,23 +82,22 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Args:
         model: the causal LM (DeepSpeed engine, peft or plain module).
         batch: `collate_preference` output (2B padded rows) or `collate_preference_packed`
-            output (one row; `sequence_index` says which sequence each token belongs to).
+            output (packed rows; `sequence_index` says which sequence each token belongs to).
 
     Returns:
         (logps, lengths), each (2B,): chosen sequences first, then rejected.
     """
-    device = next(model.parameters()).device
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    logits, labels = shift_for_next_token(logits, batch["labels"].to(device))
+    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    logits, labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
     token_logps = gather_logprobs(logits, labels)  # (rows, T-1)
     mask = labels != IGNORE_INDEX
-    if "sequence_index" in batch:
-        # Packed: one (2B, N-1) mask row per sequence selects its tokens from the single row.
-        index = batch["sequence_index"][:, 1:].to(device)
-        sequences = torch.arange(int(batch["sequence_index"].max()) + 1, device=device)
-        mask = mask & (index == sequences[:, None])
-    return sequence_logps(token_logps, mask), mask.sum(-1)
+    if "sequence_index" not in batch:
+        return sequence_logps(token_logps, mask), mask.sum(-1)
+    # Packed: a label at column t+1 belongs to the sequence of the token there.
+    index = batch["sequence_index"][:, 1:]
+    count = int(batch["sequence_index"].max()) + 1
+    return (sequence_sums(token_logps * mask, index, count),
+            sequence_sums(mask.long(), index, count))
 
 
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,11 +188,13 @@ class DPOTrainer(Trainer[DPOConfig]):
     def collate(self, examples: list[PreferenceExample],
                 reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One micro-batch; `reference` (B, 2) becomes `reference_logps` (2B,) when given."""
-        if self.cfg.data.packing:
-            batch = collate_preference_packed(examples)
+        pad, packing = self.tokenizer.pad_token_id, self.packing
+        if packing is not None:
+            batch = collate_preference_packed(examples, packing.row_length, pad,
+                                              packing.attention)
         else:
-            batch = collate_preference(examples, self.tokenizer.pad_token_id)
-            batch.pop("margin", None)  # DPO has no use for a margin column
+            batch = collate_preference(examples, pad)
+        batch.pop("margin", None)  # DPO has no use for a margin column
         if reference is not None:
             batch["reference_logps"] = torch.cat([reference[:, 0], reference[:, 1]])
         return batch
@@ -241,7 +243,8 @@ class DPOTrainer(Trainer[DPOConfig]):
 
         Runs before any checkpoint is loaded, while the policy still equals the reference.
         """
-        path = reference_cache_path(self.cfg, self.output_dir, self.train + self.eval)
+        path = reference_cache_path(self.cfg, self.output_dir, self.train + self.eval,
+                                    self.packing)
         if path.is_file():
             cached = torch.load(path, weights_only=True)
             self.reference = {"train": cached["train"], "eval": cached["eval"]}
@@ -302,12 +305,12 @@ def pair_means(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": sums["loss"], **means, **extra}
 
 
-def reference_cache_path(cfg: DPOConfig, output_dir: Path,
-                         examples: list[PreferenceExample]) -> Path:
+def reference_cache_path(cfg: DPOConfig, output_dir: Path, examples: list[PreferenceExample],
+                         packing: Packing | None = None) -> Path:
     """Where precomputed reference log-probs live: `dpo.reference_cache_dir` (default
     `output_dir/reference_logps/`), in a file named by a hash of everything they depend on:
     the model (name, and for a local folder its files' sizes and times), dtype, tokenizer, data
-    source, max_length, and the token ids of every pair."""
+    source, max_length, the batch layout (packing), and the token ids of every pair."""
     model = cfg.model
     if model.name_or_path == EMBEDDED:
         identity: Any = asdict(model.embedded)
@@ -320,7 +323,8 @@ def reference_cache_path(cfg: DPOConfig, output_dir: Path,
     key = {"model": identity, "dtype": model.dtype, "attn": model.attn_implementation,
            "tokenizer": model.tokenizer or model.name_or_path,
            "data": [cfg.data.train, cfg.data.eval, cfg.data.split, cfg.data.eval_fraction],
-           "max_length": cfg.data.max_length}
+           "max_length": cfg.data.max_length,
+           "packing": None if packing is None else [packing.attention, packing.row_length]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for e in examples:
         digest.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())

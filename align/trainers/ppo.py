@@ -28,6 +28,7 @@ from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
 from align.losses import aggregation_normalizer
 from align.metrics import accumulate
+from align.packed_forward import Packing
 from align.tasks import load_task
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
@@ -72,6 +73,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.kl_in_reward, self.kl_estimator = alg.kl_placement()
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
         self.rewards = self.gold = None  # loaded in prepare_data; released in close()
+        self.critic_packing: Packing | None = None  # as `self.packing`, for the critic's model
 
     # ---------------------------------------------------------------- set-up
 
@@ -125,6 +127,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
                         dist_cfg=policy_dist, total_steps=self.optimizer_steps(),
                         kind="causal_lm", trainable=True, reference=True)
+        self.packing = self.packing_of(self.group, "policy")
         if self.use_critic:
             critic_model = dataclasses.replace(
                 cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
@@ -134,6 +137,7 @@ class PPOTrainer(Trainer[PPOConfig]):
             critic.call("setup", model_cfg=critic_model, trainer_cfg=critic_trainer,
                         dist_cfg=critic_dist, total_steps=self.optimizer_steps(),
                         kind="sequence_classification")
+            self.critic_packing = self.packing_of(critic, "critic")
         return self.group
 
     def _role_resources(self):
@@ -202,15 +206,17 @@ class PPOTrainer(Trainer[PPOConfig]):
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
-        old = infer_rows(self.group, token_logprobs, rollout, micro, temperature=temp)
-        ref = infer_rows(self.group, token_logprobs, rollout, micro, reference=True,
+        old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
                          temperature=temp)
+        ref = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
+                         reference=True, temperature=temp)
         mask = response_mask(rollout.batch)
         kl = kl_penalty(old, ref, self.kl_estimator) * mask
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
         values = None
         if self.use_critic:
-            values = infer_rows(self.extra_groups["critic"], token_values, rollout, micro) * mask
+            values = infer_rows(self.extra_groups["critic"], token_values, rollout, micro,
+                                self.critic_packing) * mask
         adv, returns = compute_advantages(
             alg.estimator, scores, mask, group_size=cfg.rollout.n_samples_per_prompt,
             kl=kl if self.kl_in_reward else None, kl_coef=self.kl.coef, values=values,
@@ -241,13 +247,13 @@ class PPOTrainer(Trainer[PPOConfig]):
                 normalizer = aggregation_normalizer(response_mask(rollout.rows(index)),
                                                     alg.loss_aggregation)
                 result = self._train_role(self.group, ppo_objective, rollout, index, micro,
-                                          normalizer=normalizer, **policy_kw)
+                                          self.packing, normalizer=normalizer, **policy_kw)
                 accumulate(sums, {**result.sums, "grad_norm": result.shared["grad_norm"]})
                 if self.use_critic:
                     result = self._train_role(
                         self.extra_groups["critic"], value_objective, rollout, index, micro,
-                        clip_eps=alg.value_clip_eps, aggregation=alg.loss_aggregation,
-                        normalizer=normalizer)
+                        self.critic_packing, clip_eps=alg.value_clip_eps,
+                        aggregation=alg.loss_aggregation, normalizer=normalizer)
                     accumulate(sums, result.sums)
                 minibatches += 1
         tokens = max(sums["tokens"], 1.0)
@@ -263,8 +269,9 @@ class PPOTrainer(Trainer[PPOConfig]):
 
     @staticmethod
     def _train_role(group: WorkerGroup, objective: Any, rollout: Rollout, index: list[int],
-                    micro: int, **kwargs: Any) -> StepResult:
-        return train_objective(group, objective, index, rollout.rows, micro, **kwargs)
+                    micro: int, packing: Packing | None, **kwargs: Any) -> StepResult:
+        return train_objective(group, objective, index,
+                               lambda mb: rollout.rows(mb, packing), micro, **kwargs)
 
     def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any,
                          kl: torch.Tensor) -> dict[str, float]:

@@ -3,7 +3,8 @@
 They run inside the role actors (see `Policy.infer` / `Policy.train_step`). Every tensor is in
 the shifted layout: position t holds what concerns token t+1 (its log-prob, the value of the
 state before it), so a (B, T) batch gives (B, T-1) per-token tensors; `response_mask` marks
-the generated tokens.
+the generated tokens. A packed batch (`align.data.packing.pack_padded`) runs the forward on
+packed rows and brings per-token results back to that padded layout (`unpack_index`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from align.advantages import kl_penalty
+from align.data.packing import unpack, unpack_shifted
 from align.losses import (
     IGNORE_INDEX,
     aggregate,
@@ -19,6 +21,7 @@ from align.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from align.packed_forward import head_outputs, model_inputs
 
 
 def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -26,18 +29,29 @@ def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).float()
 
 
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-            temperature: float) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False)
+def _shifted_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) in the batch's own layout (padded or packed rows), shifted: logits
+    (rows, W-1, V) at position t and the id of token t+1 (IGNORE_INDEX off completions)."""
+    out = model(**model_inputs(model, batch), use_cache=False)
     # Log-probs must come from the distribution that was sampled: logits / temperature.
-    return out.logits[:, :-1].float() / temperature
+    logits = out.logits[:, :-1].float() / temperature
+    targets = batch["input_ids"] if "unpack_index" in batch else batch["labels"]
+    return logits, targets[:, 1:].to(logits.device)
+
+
+def _padded(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Shifted per-token values (rows, W-1) in the padded layout (B, T-1), 0 off completions."""
+    if "unpack_index" in batch:
+        values = unpack_shifted(values, batch["unpack_index"])
+    return values * response_mask(batch).to(values.device)
 
 
 def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    temperature: float) -> torch.Tensor:
     """(B, T-1) log-probs of the generated tokens (0 elsewhere)."""
-    return gather_logprobs(_logits(model, batch, temperature), batch["labels"][:, 1:])
+    logits, targets = _shifted_logits(model, batch, temperature)
+    return _padded(gather_logprobs(logits, targets), batch)
 
 
 def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,18 +62,10 @@ def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     hook, as OpenRLHF's critic reads every position. The call goes through `model` itself:
     a DeepSpeed engine's forward must run, or ZeRO-3 overwrites accumulated gradients.
     """
-    hf = model.module if hasattr(model, "module") else model  # DeepSpeed engine
-    if hasattr(hf, "get_base_model"):  # peft: the head is a wrapper around the trained copy
-        hf = hf.get_base_model()
-    head = getattr(hf, "score", None) or hf.classifier
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _module, _args, out: captured.append(out))
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              use_cache=False)
-    finally:
-        handle.remove()
-    return captured[-1].squeeze(-1)[:, :-1].float()
+    values = head_outputs(model, batch).float()
+    if "unpack_index" in batch:
+        values = unpack(values, batch["unpack_index"])
+    return values[:, :-1]
 
 
 def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
@@ -74,9 +80,9 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     loss whatever the split.
     `kl_coef` > 0 adds the KL as a loss term (the GRPO way); 0 when KL is in the reward.
     """
-    logits = _logits(model, batch, temperature)
+    logits, targets = _shifted_logits(model, batch, temperature)
     mask = response_mask(batch)
-    logp = gather_logprobs(logits, batch["labels"][:, 1:])
+    logp = _padded(gather_logprobs(logits, targets), batch)
     policy_loss, clip_ratio = ppo_policy_loss(
         logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
         dual_clip, aggregation, normalizer)
@@ -84,7 +90,7 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     kl = kl_penalty(logp, batch["ref_logprobs"], kl_estimator)
     if kl_coef:
         loss = loss + kl_coef * aggregate(kl, mask, aggregation, normalizer)
-    entropy = entropy_from_logits(logits)
+    entropy = _padded(entropy_from_logits(logits), batch)
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, normalizer)
     tokens = float(mask.sum())

@@ -1,8 +1,9 @@
 """Reward model: a Bradley-Terry scorer trained on preference pairs (`align rm CONFIG`).
 
 The model is `AutoModelForSequenceClassification(num_labels=1)` held by the same Policy as
-every stage (LoRA and ZeRO 0-3 apply). Each micro-batch holds B pairs as 2B right-padded rows,
-chosen then rejected, scored in one forward pass; the loss is -logsigmoid(r_c - r_r - margin)
+every stage (LoRA and ZeRO 0-3 apply). Each micro-batch holds B pairs as 2B sequences, chosen
+then rejected, packed into rows of bounded length (`data.packing`) or right-padded, and scored
+in one forward pass; the loss is -logsigmoid(r_c - r_r - margin)
 plus an optional centring term (`align.losses.pairwise_loss`), normalised by the number of
 pairs in the whole global batch so the update does not depend on how it is split over workers.
 Metrics are TRL's: accuracy, margin, mean_reward, min_reward, max_reward.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from align.config import RMConfig
-from align.data import PreferenceExample, collate_preference
+from align.data import PreferenceExample, collate_preference, collate_preference_packed
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
@@ -28,8 +29,8 @@ def reward_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], num
 
     Args:
         model: the sequence classifier (DeepSpeed engine or plain module).
-        batch: `collate_preference` output: `input_ids`, `attention_mask` (2B, T), chosen rows
-            first; `margin` (B,) when the data has one.
+        batch: `collate_preference` or `collate_preference_packed` output (2B sequences,
+            chosen first); `margin` (B,) when the data has one.
         num_pairs: pairs in the whole global batch (all ranks and micro-batches).
         center_coef: weight of the reward-centring term.
     """
@@ -55,7 +56,12 @@ class RewardTrainer(Trainer[RMConfig]):
         return len(self.train)
 
     def collate(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        batch = collate_preference(examples, self.tokenizer.pad_token_id)
+        pad, packing = self.tokenizer.pad_token_id, self.packing
+        if packing is not None:
+            batch = collate_preference_packed(examples, packing.row_length, pad,
+                                              packing.attention)
+        else:
+            batch = collate_preference(examples, pad)
         batch.pop("labels")  # scores need no labels; less to ship to the workers
         if not self.cfg.rm.use_margin:
             batch.pop("margin", None)

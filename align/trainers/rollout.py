@@ -2,7 +2,8 @@
 
 A `Rollout` is one iteration's replay buffer: every prompt repeated `n_samples_per_prompt`
 times (the samples of a prompt are contiguous rows, as the group estimators expect), its
-completions, and right-padded tensors in which only completion tokens carry labels.
+completions, and right-padded tensors in which only completion tokens carry labels. Forward
+passes over it may pack the rows (`Rollout.rows(index, packing)`); results come back padded.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 
 import torch
 
+from align.data.packing import pack_padded
 from align.data.prompts import PromptExample
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
+from align.packed_forward import Packing
 from align.trainers.batches import shard_evenly
 from align.trainers.dispatch import infer_in_chunks
 
@@ -28,15 +31,20 @@ class Rollout:
     lengths: list[int]  # completion lengths in tokens (EOS included)
     truncated: list[bool]  # hit max_new_tokens without EOS
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, T-1) per-token data
+    pad_id: int = 0  # fills the end of packed rows
 
     @property
     def size(self) -> int:
         return len(self.prompts)
 
-    def rows(self, index: list[int]) -> dict[str, torch.Tensor]:
-        """The rows `index` of the batch and per-token tensors, as one micro-batch."""
+    def rows(self, index: list[int], packing: Packing | None = None) -> dict[str, torch.Tensor]:
+        """The rows `index` of the batch and per-token tensors, as one micro-batch; with
+        `packing`, the forward's inputs are packed (see `align.data.packing.pack_padded`)."""
         idx = torch.tensor(index)
-        return {k: v[idx] for k, v in {**self.batch, **self.tensors}.items()}
+        rows = {k: v[idx] for k, v in {**self.batch, **self.tensors}.items()}
+        if packing is None:
+            return rows
+        return pack_padded(rows, packing.row_length, self.pad_id, packing.attention)
 
 
 def generate_rollout(group: WorkerGroup, tokenizer: Any, examples: list[PromptExample],
@@ -63,6 +71,7 @@ def generate_rollout(group: WorkerGroup, tokenizer: Any, examples: list[PromptEx
         batch=pad_sequences([e.ids for e in repeated], outputs, tokenizer.pad_token_id),
         lengths=[len(o) for o in outputs],
         truncated=[not o or o[-1] != eos for o in outputs],
+        pad_id=tokenizer.pad_token_id,
     )
 
 
@@ -82,10 +91,11 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]],
 
 
 def infer_rows(group: WorkerGroup, fn: Any, rollout: Rollout, micro_batch_size: int,
-               **kwargs: Any) -> torch.Tensor:
+               packing: Packing | None = None, **kwargs: Any) -> torch.Tensor:
     """Run worker function `fn` (returning (rows, T-1)) over the whole rollout, in row order."""
     out = torch.zeros(rollout.size, rollout.batch["input_ids"].shape[1] - 1)
-    for chunk, value in infer_in_chunks(group, fn, rollout.size, rollout.rows, micro_batch_size,
-                                        **kwargs):
+    for chunk, value in infer_in_chunks(group, fn, rollout.size,
+                                        lambda index: rollout.rows(index, packing),
+                                        micro_batch_size, **kwargs):
         out[torch.tensor(chunk)] = value.float()
     return out

@@ -20,19 +20,18 @@ from align.data import (
     tokenize_sft,
 )
 from align.losses import IGNORE_INDEX, sft_loss
+from align.packed_forward import model_inputs
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import evaluate_objective, train_objective
 from align.trainers.evaluation import exact_match_set, final_exact_match
 from align.trainers.stage_data import stage_evaluator, stage_rows
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
 
 def sft_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                   num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Worker side: loss of one micro-batch, as its share of the global-batch mean."""
-    out = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)
+    out = model(**model_inputs(model, batch), use_cache=False)
     loss = sft_loss(out.logits, batch["labels"], num_tokens)
     tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return loss, {"loss": loss.item(), "tokens": tokens}
@@ -60,18 +59,24 @@ class SFTTrainer(Trainer[SFTConfig]):
         self.eval_prompts, self.eval_references = exact_match_set(rows.held_out,
                                                                   cfg.eval.max_samples)
         order_fn = None
-        if cfg.data.group_by_length and not cfg.data.packing:
+        if cfg.data.group_by_length and cfg.data.packing is not True:
             lengths = [len(e.input_ids) for e in self.train]
-            order_fn = lambda epoch: length_grouped_order(  # noqa: E731
-                lengths, cfg.trainer.micro_batch_size, cfg.trainer.seed + epoch)
+
+            def order_fn(epoch: int) -> list[int] | None:
+                # Padded batches only; whether they are padded is known once workers are up.
+                if self.packing is not None:
+                    return None
+                return length_grouped_order(lengths, cfg.trainer.micro_batch_size,
+                                            cfg.trainer.seed + epoch)
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed, order_fn)
         return len(self.train)
 
     def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        if self.cfg.data.packing:
-            return collate_packed(examples)
-        return collate_padded(examples, self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        if self.packing is not None:
+            return collate_packed(examples, self.packing.row_length, pad, self.packing.attention)
+        return collate_padded(examples, pad)
 
     # ---------------------------------------------------------------- steps
 

@@ -56,13 +56,25 @@ def test_collate_padded():
 
 def test_collate_packed_layout():
     batch = collate_packed(
-        [TokenizedExample([5, 6, 7], [IGN, 6, 7]), TokenizedExample([8, 9], [8, 9])]
+        [TokenizedExample([5, 6, 7], [IGN, 6, 7]), TokenizedExample([8, 9], [8, 9])],
+        row_length=None, pad_id=0,
     )
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "sequence_index", "attention"}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1]]
     # The first label of each example is dropped: no loss crosses a sample boundary.
     assert batch["labels"].tolist() == [[IGN, 6, 7, IGN, 9]]
+
+
+def test_collate_packed_bounded_rows():
+    examples = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9]),
+                TokenizedExample([4], [4])]
+    batch = collate_packed(examples, row_length=3, pad_id=0)
+    # Best-fit decreasing: [5 6 7] fills a row; [8 9] opens the next and [4] fits beside it.
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 4]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0], [1, 1, 2]]
+    assert batch["labels"].tolist() == [[IGN, 6, 7], [IGN, 9, IGN]]
 
 
 def summed_token_loss(logits, labels):
@@ -74,7 +86,7 @@ def summed_token_loss(logits, labels):
 
 @torch.no_grad()
 def test_packed_forward_equals_separate_forwards(model, examples):
-    packed = collate_packed(examples)
+    packed = collate_packed(examples, row_length=None, pad_id=0)
     logits = model(
         input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
     ).logits[0]
@@ -128,7 +140,7 @@ def test_collate_preference_stacks_chosen_then_rejected():
 
 def test_collate_preference_packed_layout():
     examples = [PreferenceExample([1, 2], [3, 1], [4, 4, 1]), PreferenceExample([], [6, 1], [7, 1])]
-    batch = collate_preference_packed(examples)
+    batch = collate_preference_packed(examples, row_length=None, pad_id=0)
     # chosen 0, chosen 1, rejected 0, rejected 1; an empty prompt leaves the first token unscored
     assert batch["input_ids"].tolist() == [[1, 2, 3, 1, 6, 1, 1, 2, 4, 4, 1, 7, 1]]
     assert batch["labels"].tolist() == [

@@ -77,7 +77,8 @@ def test_packed_completion_logps_equal_padded_and_plain(tiny_model_dir):
                                                         "rejected": "abc"}],
         ByT5Tokenizer(), max_length=24)
     with torch.no_grad():
-        packed, packed_len = completion_logps(model, collate_preference_packed(examples))
+        packed, packed_len = completion_logps(
+            model, collate_preference_packed(examples, row_length=30, pad_id=0))
         padded, padded_len = completion_logps(model, collate_preference(examples, 0))
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     assert packed_len.tolist() == padded_len.tolist()

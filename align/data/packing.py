@@ -1,0 +1,173 @@
+"""Packing sequences into rows of bounded length, and the maps between packed and padded layouts.
+
+A packed batch holds R rows of width W (the fullest row's length):
+  - `input_ids` (R, W), each row a run of whole sequences, then padding;
+  - `position_ids` (R, W), restarting at 0 for every sequence, so attention can be kept
+    inside each sequence (see `align.packed_forward`);
+  - `sequence_index` (R, W), which sequence each token belongs to, -1 on padding;
+  - `attention` (a string), how the model is told the boundaries: `position_ids` or
+    `block_mask` (see `align.packed_forward.STRATEGIES`).
+Every padding token has position id 0, so each is a sequence of one token of its own: nothing
+real attends to it, and no position id outgrows the model's table however short the row.
+
+Sequences are placed by best-fit decreasing, as TRL's packing does: longest first, each into
+the row with the least room that still fits it. Rows are therefore full, and the cost of a
+micro-batch grows with its number of rows, not with the square of its tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from align.losses import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Place items of `lengths` into bins of `capacity` by best-fit decreasing.
+
+    Args:
+        lengths: the size of each item.
+        capacity: the room in a bin; an item larger than it gets a bin of its own. None: one
+            bin holds everything.
+
+    Returns:
+        The item indices of each bin, in the order they were placed (bins in order of opening).
+    """
+    if capacity is None:
+        return [list(range(len(lengths)))] if lengths else []
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin number), sorted by room
+    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        size = lengths[item]
+        at = bisect.bisect_left(free, (size, -1))  # the tightest bin with room >= size
+        if at < len(free):
+            room, number = free.pop(at)
+            bins[number].append(item)
+            if room > size:
+                bisect.insort(free, (room - size, number))
+        else:
+            bins.append([item])
+            if capacity > size:
+                bisect.insort(free, (capacity - size, len(bins) - 1))
+    return bins
+
+
+def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: int,
+                   attention: str, labels: list[list[int]] | None = None,
+                   unpack_index: bool = False) -> dict[str, torch.Tensor | str]:
+    """Pack token-id sequences into rows of at most `row_length` tokens.
+
+    Args:
+        sequences: token ids of each sequence.
+        row_length: tokens per row; None puts every sequence in one row.
+        pad_id: the id that fills the end of each row.
+        attention: how the model learns the boundaries (`position_ids` or `block_mask`).
+        labels: per-token labels of each sequence; each sequence's first label becomes
+            IGNORE_INDEX, so no loss crosses from one sequence into the next.
+        unpack_index: also return `unpack_index` (N, L), L the longest sequence: the flat
+            position (row * W + column) of each sequence's tokens, -1 past its end.
+
+    Returns:
+        `input_ids`, `position_ids`, `sequence_index` (and `labels`), each (R, W); `attention`.
+    """
+    rows = best_fit_decreasing([len(s) for s in sequences], row_length)
+    width = max((sum(len(sequences[i]) for i in row) for row in rows), default=0)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_index = torch.full(shape, -1, dtype=torch.long)
+    label_ids = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    where = torch.full((len(sequences), max(map(len, sequences), default=0)), -1,
+                       dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(sequences[i])
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.tensor(sequences[i], dtype=torch.long)
+            position_ids[r, span] = torch.arange(n)
+            sequence_index[r, span] = i
+            if labels is not None and n > 1:
+                label_ids[r, start + 1:start + n] = torch.tensor(labels[i][1:], dtype=torch.long)
+            where[i, :n] = torch.arange(r * width + start, r * width + start + n)
+            start += n
+    batch: dict[str, torch.Tensor | str] = {"input_ids": input_ids, "position_ids": position_ids,
+                                            "sequence_index": sequence_index,
+                                            "attention": attention}
+    if labels is not None:
+        batch["labels"] = label_ids
+    if unpack_index:
+        batch["unpack_index"] = where
+    return batch
+
+
+def pack_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: int,
+                attention: str) -> dict[str, torch.Tensor | str]:
+    """Repack a right-padded batch for the forward pass, keeping its other tensors as they are.
+
+    `input_ids` and `attention_mask` (B, T) are replaced by a packed layout (see
+    `pack_sequences`) and `unpack_index` (B, T), with which `unpack` returns per-token outputs
+    to the padded layout the rest of the batch (labels, per-token data) is in.
+    """
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    sequences = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+    packed = pack_sequences(sequences, row_length, pad_id, attention, unpack_index=True)
+    index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    index[:, :packed["unpack_index"].shape[1]] = packed["unpack_index"]
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return {**rest, **packed, "unpack_index": index}
+
+
+def unpack(values: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
+    """Per-token `values` (R, W, ...) of a packed batch in the padded layout (B, T, ...).
+
+    Positions past a sequence's end (index -1) are 0.
+    """
+    flat = values.reshape(-1, *values.shape[2:])
+    index = unpack_index.to(values.device)
+    valid = index >= 0
+    out = flat[index.clamp(min=0)]
+    return out * valid.reshape(*valid.shape, *[1] * (out.dim() - valid.dim())).to(out.dtype)
+
+
+def unpack_shifted(values: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
+    """`unpack` for next-token values (R, W-1): position t concerns token t+1. Returns (B, T-1)."""
+    padded = torch.nn.functional.pad(values, (0, 1) if values.dim() == 2 else (0, 0, 0, 1))
+    return unpack(padded, unpack_index)[:, :-1]
+
+
+def sequence_sums(values: torch.Tensor, sequence_index: torch.Tensor,
+                  num_sequences: int) -> torch.Tensor:
+    """Sum per-token `values` (R, W) over each sequence: (num_sequences,). Padding (-1) is
+    dropped. Linear in the tokens (a (sequences x tokens) selection mask would not be)."""
+    index = sequence_index.to(values.device).reshape(-1)
+    keep = index >= 0
+    out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
+    return out.index_add(0, index[keep], values.reshape(-1)[keep])
+
+
+def block_diagonal_mask(sequence_index: torch.Tensor) -> torch.Tensor:
+    """(R, 1, W, W) boolean: True where query token q may attend to key k (k <= q, same
+    sequence). Padding tokens (-1) see only padding, so no row of the mask is empty."""
+    same = sequence_index[:, :, None] == sequence_index[:, None, :]
+    width = sequence_index.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=sequence_index.device).tril()
+    return (same & causal)[:, None]
+
+
+def last_token_positions(input_ids: torch.Tensor, sequence_index: torch.Tensor,
+                         num_sequences: int, pad_id: int | None) -> torch.Tensor:
+    """(num_sequences,) flat position of each packed sequence's last token that is not
+    `pad_id` (its first token when every token is `pad_id`; its last when `pad_id` is None):
+    the token Hugging Face's sequence-classification heads read in a padded batch."""
+    index = sequence_index.reshape(-1)
+    positions = torch.arange(index.numel(), device=index.device)
+    real = index >= 0
+    first = torch.full((num_sequences,), index.numel(), dtype=torch.long, device=index.device)
+    first = first.scatter_reduce(0, index[real], positions[real], "amin")
+    keep = real if pad_id is None else real & (input_ids.reshape(-1) != pad_id)
+    last = torch.full((num_sequences,), -1, dtype=torch.long, device=index.device)
+    last = last.scatter_reduce(0, index[keep], positions[keep], "amax")
+    return torch.where(last >= 0, last, first)

@@ -1,0 +1,203 @@
+"""Packed forward passes: how a model is told where packed sequences begin, and a start-up check
+that a packed forward equals separate forwards on the model actually loaded.
+
+Two ways to keep attention inside each sequence of a packed row (`STRATEGIES`):
+  - `position_ids`: position ids restart at 0 and no attention mask is passed. Hugging Face
+    models that build their mask from position ids then attend block-diagonally: sdpa and
+    eager from a (rows, 1, W, W) mask, flash attention 2/3 through its varlen kernel (no mask).
+  - `block_mask`: the same position ids plus a (rows, 1, W, W) block-diagonal causal mask we
+    build, for models whose mask ignores position ids (OPT); sdpa and eager only.
+`check_packing` tries them in that order on a tiny packed batch and keeps the first whose
+outputs equal separate forwards; when none does, packing would let samples attend to each
+other, and `resolve_packing` turns it off (or stops, when `data.packing: true` asked for it).
+
+Worker-side functions take the model as the objectives get it: a DeepSpeed engine, a peft
+model or a plain Hugging Face module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from align.config import DataConfig
+from align.data.packing import block_diagonal_mask, pack_sequences, unpack
+from align.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("position_ids", "block_mask")
+MASKED = ("sdpa", "eager")  # implementations that take the 4D mask `block_mask` builds
+ROW_FACTOR = 4  # default data.packing_length = ROW_FACTOR x data.max_length (docs/performance.md)
+CHECK_LENGTHS = (9, 6, 4)  # the check packs these into rows of CHECK_ROW: [9 + pad], [6 + 4]
+CHECK_ROW = 10
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a stage packs: the boundary strategy and the row length (None: one row)."""
+
+    attention: str
+    row_length: int | None
+
+
+# ------------------------------------------------------------------------- model access
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine and/or peft wrapper (LoRA layers stay
+    active inside it)."""
+    hf = model.module if hasattr(model, "module") else model
+    if hasattr(hf, "get_base_model"):
+        hf = hf.get_base_model()
+    return hf
+
+
+def classifier_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, head) of a sequence classifier, so the head can be applied at chosen tokens
+    (every position for a critic, each packed sequence's last token for a reward model)."""
+    hf = unwrap(model)
+    head = getattr(hf, "score", None) or hf.classifier
+    return getattr(hf, hf.base_model_prefix), head
+
+
+def attn_implementation(model: torch.nn.Module) -> str:
+    return str(getattr(unwrap(model).config, "_attn_implementation", None) or "eager")
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The keyword inputs of a forward pass over `batch`, on the model's device.
+
+    A packed batch (it has `sequence_index`) gives `input_ids` and `position_ids`, plus a
+    block-diagonal `attention_mask` when its `attention` is `block_mask`; a padded batch gives
+    `input_ids` and `attention_mask`.
+    """
+    device = next(model.parameters()).device
+    if "sequence_index" not in batch:
+        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
+    if batch["attention"] == "block_mask":
+        allowed = block_diagonal_mask(batch["sequence_index"].to(device))
+        if attn_implementation(model) == "eager":  # eager adds the mask to the scores
+            dtype = unwrap(model).dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        inputs["attention_mask"] = allowed
+    return inputs
+
+
+def head_outputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(rows, W) outputs of a one-label classifier's head at every position of `batch`.
+
+    The head's full output is read with a forward hook while `model` itself runs (Hugging
+    Face's classifier keeps only the last token's): a DeepSpeed engine's forward must run, or
+    ZeRO-3 overwrites gradients accumulated over micro-batches.
+    """
+    _, head = classifier_parts(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _args, out: captured.append(out))
+    try:
+        model(**model_inputs(model, batch), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1].squeeze(-1)
+
+
+def hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(rows, W, H) last hidden states of a sequence classifier's backbone."""
+    backbone, _ = classifier_parts(model)
+    return backbone(**model_inputs(model, batch), use_cache=False).last_hidden_state
+
+
+# ------------------------------------------------------------------------- the check
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module, kind: str) -> dict[str, Any]:
+    """Whether a packed forward of this model equals separate forwards, and by which strategy.
+
+    Packs three random sequences into two rows (one padded) and compares, token by token, the
+    logits (causal LM) or backbone hidden states (sequence classifier) with one forward per
+    sequence. Must run on every rank at once under ZeRO-3 (the forward gathers weights).
+
+    Returns:
+        `architecture`, `attn_implementation`, `attention` (the first strategy that matched, or
+        None), `differences` (max absolute difference per strategy tried) and `tolerance`.
+    """
+    hf = unwrap(model)
+    generator = torch.Generator().manual_seed(0)
+    vocab = hf.config.get_text_config().vocab_size
+    sequences = [torch.randint(1, vocab, (n,), generator=generator).tolist()
+                 for n in CHECK_LENGTHS]
+    impl = attn_implementation(model)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [_outputs(model, kind, {"input_ids": torch.tensor([s]),
+                                        "attention_mask": torch.ones(1, len(s), dtype=torch.long)}
+                          )[0] for s in sequences]
+        scale = max(1.0, max(float(a.abs().max()) for a in alone))
+        tolerance = (1e-4 if hf.dtype == torch.float32 else 5e-2) * scale
+        differences: dict[str, float] = {}
+        chosen = None
+        for strategy in STRATEGIES:
+            if strategy == "block_mask" and impl not in MASKED:
+                continue
+            batch = pack_sequences(sequences, CHECK_ROW, 0, strategy, unpack_index=True)
+            packed = unpack(_outputs(model, kind, batch), batch["unpack_index"])
+            differences[strategy] = max(float((packed[i, :len(a)] - a).abs().max())
+                                        for i, a in enumerate(alone))
+            if differences[strategy] <= tolerance:
+                chosen = strategy
+                break
+    finally:
+        model.train(was_training)
+    architectures = getattr(hf.config, "architectures", None) or [type(hf).__name__]
+    return {"architecture": architectures[0], "attn_implementation": impl, "attention": chosen,
+            "differences": differences, "tolerance": tolerance}
+
+
+def _outputs(model: torch.nn.Module, kind: str, batch: dict[str, Any]) -> torch.Tensor:
+    if kind == "causal_lm":
+        return model(**model_inputs(model, batch), use_cache=False).logits.float()
+    return hidden_states(model, batch).float()
+
+
+# ------------------------------------------------------------------------- driver side
+
+
+def resolve_packing(data: DataConfig, verdict: dict[str, Any] | None,
+                    role: str = "policy") -> Packing | None:
+    """Decide how a role packs from `data.packing` and its workers' `check_packing` verdict.
+
+    Raises:
+        ConfigError: `data.packing: true` was set and packing would leak on this model.
+    """
+    if data.packing is False or verdict is None:
+        return None
+    if verdict["attention"] is None:
+        worst = max(verdict["differences"].values(), default=float("nan"))
+        message = (f"the {role} model ({verdict['architecture']}, "
+                   f"{verdict['attn_implementation']} attention) lets packed samples attend to "
+                   f"each other: a packed forward differs from separate forwards by {worst:.3g} "
+                   f"(tolerance {verdict['tolerance']:.3g})")
+        if data.packing:
+            raise ConfigError(f"data.packing=true: {message}; set data.packing=false, or leave "
+                              "it unset to pad such models automatically")
+        logger.warning("%s; packing is off and batches are padded (set data.packing=false "
+                       "to silence this)", message)
+        return None
+    return Packing(verdict["attention"], packing_length(data, verdict["attn_implementation"]))
+
+
+def packing_length(data: DataConfig, attn_impl: str) -> int | None:
+    """`data.packing_length`, else: one row per micro-batch for flash attention (its varlen
+    kernel never computes across sequences), ROW_FACTOR x `data.max_length` otherwise."""
+    if data.packing_length is not None:
+        return data.packing_length
+    if "flash" in attn_impl:
+        return None
+    return ROW_FACTOR * data.max_length
