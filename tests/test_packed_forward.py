@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from reward_models.reward_model import score_batch
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
@@ -33,6 +32,7 @@ from align.packed_forward import check_packing, model_inputs, resolve_packing
 from align.tasks import arithmetic
 from align.trainers.ppo_objectives import token_logprobs, token_values
 from align.trainers.rollout import pad_sequences
+from reward_models.reward_model import score_batch
 from tests.conftest import tiny_config
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
