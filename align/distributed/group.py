@@ -48,10 +48,12 @@ class WorkerGroup:
         dist_cfg: sizes, resources, placement and backend.
         role: name used in error messages (`policy`, `reference`, `critic`, ...).
         num_workers: overrides `dist_cfg.num_workers` (roles may differ in size).
+        gpu_share: the part of its bundle's GPUs each actor takes (the rest can host a
+            colocated rollout engine).
     """
 
     def __init__(self, worker_cls: type, dist_cfg: DistributedConfig, role: str = "policy",
-                 num_workers: int | None = None) -> None:
+                 num_workers: int | None = None, gpu_share: float = 1.0) -> None:
         ensure_ray(dist_cfg.ray_address)
         self.role = role
         n = num_workers or dist_cfg.num_workers
@@ -71,7 +73,7 @@ class WorkerGroup:
         env = {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
         self.actors = [
             remote_cls.options(
-                num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+                num_cpus=cpus, num_gpus=gpus * gpu_share, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i),
             ).remote(rank=i, world_size=n, torch_threads=threads)
@@ -81,6 +83,11 @@ class WorkerGroup:
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else (
             "nccl" if gpus else "gloo")
         self.call("init_distributed", addr, port, backend)
+
+    @property
+    def placement_group(self) -> Any:
+        """The group's placement group (bundle i holds rank i), for actors colocated with it."""
+        return self._pg
 
     @property
     def size(self) -> int:

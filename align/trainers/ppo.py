@@ -34,6 +34,10 @@ from align.config import EMBEDDED, PPOConfig
 from align.data import load_rows, tokenize_prompts
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
+from align.rollout import Sampling
+from align.rollout.eos import eos_token_ids
+from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
+from align.rollout.verify import check_logprob_gap, logprob_gap, max_logprob_diff
 from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
@@ -59,6 +63,14 @@ class PPOTrainer(Trainer):
         self.kl_in_reward = (alg.kl_in_reward if alg.kl_in_reward is not None
                              else alg.estimator in ("gae", "reinforce_pp"))
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
+        self.engine = None  # the rollout engine (align.rollout), started with the workers
+
+    def fit(self) -> dict[str, Any]:
+        try:
+            return super().fit()
+        finally:
+            if self.engine is not None:
+                self.engine.shutdown()
 
     # ---------------------------------------------------------------- set-up
 
@@ -101,10 +113,15 @@ class PPOTrainer(Trainer):
 
     def build_workers(self) -> WorkerGroup:
         cfg = self.cfg
+        # Separate engines reserve their resources before the roles share what is left.
+        engine = build_engine(cfg, self.tokenizer, None) if separate_engine(cfg) else None
+        self.engine = engine
         policy_dist, critic_dist = self._role_resources()
-        self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy")
+        self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy",
+                                 gpu_share=policy_gpu_share(cfg))
         self.group.call("setup", cfg.model, cfg.trainer, policy_dist, self.optimizer_steps(),
                         "causal_lm", True, True)
+        self._start_engine(engine)
         if self.use_critic:
             critic_model = dataclasses.replace(
                 cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
@@ -114,6 +131,19 @@ class PPOTrainer(Trainer):
             critic.call("setup", critic_model, critic_trainer, critic_dist,
                         self.optimizer_steps(), "sequence_classification")
         return self.group
+
+    def _start_engine(self, engine: Any) -> None:
+        """Bind (or start) the rollout engine and send it the initial weights."""
+        cfg = self.cfg
+        if engine is None:
+            self.engine = build_engine(cfg, self.tokenizer, self.group)
+        else:
+            engine.bind(self.group)
+        self.engine.update_weights()
+        self.eos_ids = eos_token_ids(cfg.model, self.tokenizer)
+        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        self.max_logprob_diff = max_logprob_diff(cfg.rollout.vllm.max_logprob_diff,
+                                                 cfg.model.dtype, on_gpu)
 
     def _role_resources(self):
         """Per-role DistributedConfigs. Unless set, roles share the free CPUs evenly in Ray's
@@ -151,21 +181,31 @@ class PPOTrainer(Trainer):
         cfg, ro = self.cfg, self.cfg.rollout
         examples = [self.prompts[i] for i in self.schedule.indices(step)]
         t0 = time.perf_counter()
-        rollout = generate_rollout(self.group, self.tokenizer, examples, ro.n_samples_per_prompt,
-                                   ro.max_new_tokens, ro.temperature, ro.top_p,
-                                   seed=cfg.trainer.seed * 1_000_003 + step)
+        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                            top_p=ro.top_p, seed=cfg.trainer.seed * 1_000_003 + step,
+                            logprobs=True)
+        rollout = generate_rollout(self.engine, self.tokenizer, examples,
+                                   ro.n_samples_per_prompt, sampling, self.eos_ids)
+        self.engine.sleep()
         t1 = time.perf_counter()
         scores = self.rewards.score(rollout.prompts, rollout.completions, **rollout.columns)
         gold = (self.gold.score(rollout.prompts, rollout.completions, **rollout.columns)
                 if self.gold else None)
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
+        gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
+                          response_mask(rollout.batch))
+        check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
         t3 = time.perf_counter()
         metrics = self._update(rollout, step)
         t4 = time.perf_counter()
+        self.engine.wake()
+        sync_seconds = self.engine.update_weights()
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
+        metrics.update(gap)
         metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
-                        "time/experience": t3 - t2, "time/train": t4 - t3})
+                        "time/experience": t3 - t2, "time/train": t4 - t3,
+                        "time/weight_sync": sync_seconds})
         self.kl.update(metrics["kl"])
         return metrics
 
@@ -183,6 +223,8 @@ class PPOTrainer(Trainer):
         kl = kl_penalty(old, ref, alg.kl_estimator) * mask
         in_reward = kl if self.kl_in_reward else None
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
+        if alg.tis_cap is not None:
+            tensors["engine_logprobs"] = rollout.engine_logprobs
         if alg.estimator in ("gae", "reinforce_pp"):
             rewards = token_level_rewards(scores, mask, in_reward, self.kl.coef)
             if alg.estimator == "gae":
@@ -214,7 +256,7 @@ class PPOTrainer(Trainer):
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
                          aggregation=alg.loss_aggregation, kl_estimator=alg.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
-                         entropy_coef=alg.entropy_coef)
+                         entropy_coef=alg.entropy_coef, tis_cap=alg.tis_cap)
         sums: dict[str, float] = {}
         minibatches = 0
         for _ in range(alg.ppo_epochs):
@@ -273,7 +315,7 @@ class PPOTrainer(Trainer):
             return {}
         cfg = self.cfg.eval
         prompts = [p.text for p in self.eval_prompts]
-        texts = generate_texts(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
+        texts = generate_texts(self.engine, self.tokenizer, prompts, cfg.max_new_tokens,
                                cfg.batch_size)
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
