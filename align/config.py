@@ -221,7 +221,7 @@ class VLLMSettings:
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     colocate: bool = True  # share the policy's placement bundles; false: own placement group
     max_logprob_diff: float | None = None  # stop above this mean gap; None: 0.01 fp32, 0.1 bf16
-    sync_bucket_mb: int = 256  # weight-sync bucket size (whole layers; bounds sync memory)
+    sync_bucket_mb: float = 256.0  # weight-sync bucket size (whole layers; bounds sync memory)
 
 
 @dataclass
@@ -318,8 +318,8 @@ def check_vllm_settings(v: VLLMSettings, policy_workers: int) -> None:
                           f"policy's distributed.num_workers={policy_workers}")
     if v.max_logprob_diff is not None and v.max_logprob_diff <= 0:
         raise ConfigError("rollout.vllm.max_logprob_diff must be positive")
-    if v.sync_bucket_mb < 1:
-        raise ConfigError("rollout.vllm.sync_bucket_mb must be at least 1")
+    if v.sync_bucket_mb <= 0:
+        raise ConfigError("rollout.vllm.sync_bucket_mb must be positive")
 
 
 STAGES: dict[str, type[RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,

@@ -21,7 +21,8 @@ import torch
 from align.rollout.base import Sampling, cut_at_eos
 
 # Reloading a bucket that holds only some layers is expected; vLLM warns for every other one.
-QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload",)
+QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                 "vllm.model_executor.model_loader.reload.inplace")
 
 
 def _reload(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> None:
@@ -42,9 +43,6 @@ class VLLMEngineActor:
     def __init__(self, config_json: str, dtype: str, eos_ids: list[int],
                  engine_args: dict[str, Any]) -> None:
         from align.model_loading import resolve_dtype
-
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
         self.folder = Path(tempfile.mkdtemp(prefix="align-vllm-"))
         (self.folder / "config.json").write_text(config_json)
         self.eos_ids = list(eos_ids)
@@ -56,6 +54,8 @@ class VLLMEngineActor:
                        load_format="dummy", skip_tokenizer_init=True,
                        generation_config="vllm", logprobs_mode="processed_logprobs",
                        **engine_args)
+        for name in QUIET_LOGGERS:  # once vLLM has configured its loggers
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.generate([[self.eos_ids[0]]], Sampling(max_new_tokens=1, greedy=True).to_dict(),
                       [0])  # fails here, not mid-run, if this model cannot run on vLLM
 

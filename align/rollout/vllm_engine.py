@@ -168,7 +168,7 @@ class VLLMEngine:
         if self.policy is None:
             raise TrainingError("vllm engine: no policy bound to sync weights from")
         start = time.perf_counter()
-        self.policy.call("send_weights", self.actors, self.settings.sync_bucket_mb * 2**20,
+        self.policy.call("send_weights", self.actors, int(self.settings.sync_bucket_mb * 2**20),
                          self.transport)
         return time.perf_counter() - start
 

@@ -62,7 +62,10 @@ def _merged_lora(name: str, layer: Any) -> WeightUnit:
 
 def weight_units(model: torch.nn.Module) -> list[WeightUnit]:
     """Every weight of `model` (plain, peft-wrapped, or inside a DeepSpeed engine) under its
-    plain Hugging Face name; a parameter shared by two modules (tied embeddings) once."""
+    plain Hugging Face name, as in its `state_dict`: a parameter shared by two modules (tied
+    embeddings) is sent under both names. vLLM on CPU keeps a processed copy of the LM head,
+    refreshed only when `lm_head.weight` itself arrives (measured: without it, log-probs drift
+    by ~0.1 after a sync)."""
     from peft.tuners.lora import LoraLayer
 
     while hasattr(model, "module"):  # DeepSpeed engine
@@ -70,7 +73,6 @@ def weight_units(model: torch.nn.Module) -> list[WeightUnit]:
     if hasattr(model, "get_base_model"):  # peft: the model with the LoRA layers injected
         model = model.get_base_model()
     units: list[WeightUnit] = []
-    seen: set[int] = set()
     skip: tuple[str, ...] = ()
     for prefix, module in model.named_modules():
         if skip and prefix.startswith(skip):
@@ -79,17 +81,13 @@ def weight_units(model: torch.nn.Module) -> list[WeightUnit]:
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             units.append(_merged_lora(f"{dot}weight", module))
-            seen.add(id(base.weight))
             if getattr(base, "bias", None) is not None:
                 units.append(_plain(f"{dot}bias", base.bias))
-                seen.add(id(base.bias))
             skip = (f"{dot}",)  # its base layer and adapters are covered
             continue
         skip = ()
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                units.append(_plain(f"{dot}{name}", param))
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            units.append(_plain(f"{dot}{name}", param))
     return units
 
 

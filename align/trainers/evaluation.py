@@ -59,8 +59,14 @@ def exact_match_eval(group: WorkerGroup, tokenizer, prompts: list[str], referenc
     texts = generate_texts(group, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
     correct = [is_correct(t, r) for t, r in zip(texts, references)]
     if samples_path is not None:
-        with Path(samples_path).open("w") as f:
-            for p, r, t, c in zip(prompts, references, texts, correct):
-                f.write(json.dumps({"prompt": p, "reference": r, "generated": t,
-                                    "correct": c}) + "\n")
+        write_eval_samples(samples_path, prompts, references, texts, correct)
     return {"eval/accuracy": sum(correct) / len(correct), "eval/samples": len(correct)}
+
+
+def write_eval_samples(path: Path, prompts: list[str], references: list[str],
+                       texts: list[str], correct: list[bool]) -> None:
+    """One JSON line per held-out prompt: prompt, reference, generation, whether correct."""
+    with Path(path).open("w") as f:
+        for p, r, t, c in zip(prompts, references, texts, correct):
+            f.write(json.dumps({"prompt": p, "reference": r, "generated": t,
+                                "correct": c}) + "\n")

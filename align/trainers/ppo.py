@@ -39,9 +39,10 @@ from align.rollout.eos import eos_token_ids
 from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
 from align.rollout.verify import check_logprob_gap, logprob_gap, max_logprob_diff
 from align.tasks import arithmetic
+from align.tasks.arithmetic import is_correct
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
-from align.trainers.evaluation import generate_texts
+from align.trainers.evaluation import generate_texts, write_eval_samples
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -325,6 +326,9 @@ class PPOTrainer(Trainer):
         answers = columns.get("answer")
         if answers and all(isinstance(a, str) for a in answers):
             metrics["eval/accuracy"] = arithmetic.accuracy(texts, answers)
+            if final:
+                write_eval_samples(self.output_dir / "eval_samples.jsonl", prompts, answers,
+                                   texts, [is_correct(t, a) for t, a in zip(texts, answers)])
         metrics["eval/samples"] = len(prompts)
         return metrics
 
