@@ -37,7 +37,8 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": always a fresh instance, never another process's running cluster.
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 class WorkerGroup:
