@@ -8,7 +8,7 @@ from typing import Any
 import ray
 
 from align.config import PPOConfig
-from align.distributed import WorkerGroup
+from align.distributed import WorkerGroup, ensure_ray
 from align.errors import ConfigError
 from align.rollout.base import RolloutEngine
 from align.rollout.eos import eos_token_ids
@@ -26,6 +26,7 @@ def engine_name(cfg: PPOConfig) -> str:
     """`hf` or `vllm`: rollout.engine, with `auto` resolved for this cluster."""
     name = cfg.rollout.engine
     if name == "auto":
+        ensure_ray(cfg.distributed.ray_address)
         device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
         name = AUTO_ENGINE[device]
         if name == "vllm" and not vllm_installed():
