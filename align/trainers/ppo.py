@@ -140,11 +140,16 @@ class PPOTrainer(Trainer):
             self.engine = build_engine(cfg, self.tokenizer, self.group)
         else:
             engine.bind(self.group)
-        self.engine.update_weights()
+        self.engine_synced = False  # first sync after a resume has loaded the weights
         self.eos_ids = eos_token_ids(cfg.model, self.tokenizer)
         on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         self.max_logprob_diff = max_logprob_diff(cfg.rollout.vllm.max_logprob_diff,
                                                  cfg.model.dtype, on_gpu)
+
+    def _sync_engine_once(self) -> None:
+        if not self.engine_synced:
+            self.engine.update_weights()
+            self.engine_synced = True
 
     def _role_resources(self):
         """Per-role DistributedConfigs. Unless set, roles share the free CPUs evenly in Ray's
@@ -181,6 +186,7 @@ class PPOTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         cfg, ro = self.cfg, self.cfg.rollout
         examples = [self.prompts[i] for i in self.schedule.indices(step)]
+        self._sync_engine_once()
         t0 = time.perf_counter()
         sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                             top_p=ro.top_p, seed=cfg.trainer.seed * 1_000_003 + step,
@@ -315,6 +321,7 @@ class PPOTrainer(Trainer):
         if len(self.eval_prompts) < self.group.size:
             return {}
         cfg = self.cfg.eval
+        self._sync_engine_once()
         prompts = [p.text for p in self.eval_prompts]
         texts = generate_texts(self.engine, self.tokenizer, prompts, cfg.max_new_tokens,
                                cfg.batch_size)
