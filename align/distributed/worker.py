@@ -19,6 +19,7 @@ from torch.distributed.constants import default_pg_timeout
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.model_loading import ModelKind
 from align.policy import Objective, Policy
+from align.rollout import Generation, Sampling
 
 
 class BaseWorker:
@@ -116,8 +117,23 @@ class PolicyWorker(BaseWorker):
     def check_packing(self) -> dict[str, Any]:
         return self.policy.check_packing()
 
-    def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:
-        return self.policy.generate(prompts, **kwargs)
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        return self.policy.generate(prompts, sampling)
+
+    def send_weights(self, engines: list[Any], bucket_bytes: int,
+                     transport: str = "object_store") -> int:
+        """Stream this policy's weights to rollout engine actors (all ranks call it)."""
+        from align.rollout.weight_sync import send_weights
+
+        return send_weights(self.policy.model, engines, bucket_bytes, self.policy.zero_stage,
+                            self.rank, transport)
+
+    def setup_weight_group(self, engines: list[Any], tensor_parallel_size: int) -> None:
+        """Rank 0 joins the NCCL group it broadcasts weights to separate GPU engines over."""
+        if self.rank == 0:
+            from align.rollout.nccl_sync import NCCLWeightSender
+
+            NCCLWeightSender.setup(engines, tensor_parallel_size)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.policy.full_state_dict()

@@ -29,11 +29,15 @@ from align.distributed.group import node_cpus
 from align.losses import aggregation_normalizer
 from align.metrics import accumulate
 from align.packed_forward import Packing
+from align.rollout import Sampling
+from align.rollout.eos import eos_token_ids
+from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
+from align.rollout.verify import check_logprob_gap, logprob_gap, max_logprob_diff
 from align.tasks import load_task
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import StepResult, can_split, train_objective
-from align.trainers.evaluation import generate_completions
+from align.trainers.evaluation import generate_ids, write_eval_samples
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -74,6 +78,14 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.kl = KLController(alg.kl_coef, alg.adaptive_kl, alg.kl_target, alg.kl_horizon)
         self.rewards = self.gold = None  # loaded in prepare_data; released in close()
         self.critic_packing: Packing | None = None  # as `self.packing`, for the critic's model
+        self.engine = None  # the rollout engine (align.rollout), started with the workers
+
+    def fit(self) -> dict[str, Any]:
+        try:
+            return super().fit()
+        finally:
+            if self.engine is not None:
+                self.engine.shutdown()
 
     # ---------------------------------------------------------------- set-up
 
@@ -122,12 +134,17 @@ class PPOTrainer(Trainer[PPOConfig]):
 
     def build_workers(self) -> WorkerGroup:
         cfg = self.cfg
+        # Separate engines reserve their resources before the roles share what is left.
+        engine = build_engine(cfg, self.tokenizer, None) if separate_engine(cfg) else None
+        self.engine = engine
         policy_dist, critic_dist = self._role_resources()
-        self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy")
+        self.group = WorkerGroup(PolicyWorker, policy_dist, role="policy",
+                                 gpu_share=policy_gpu_share(cfg))
         self.group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
                         dist_cfg=policy_dist, total_steps=self.optimizer_steps(),
                         kind="causal_lm", trainable=True, reference=True)
         self.packing = self.packing_of(self.group, "policy")
+        self._start_engine(engine)
         if self.use_critic:
             critic_model = dataclasses.replace(
                 cfg.model, name_or_path=cfg.critic.name_or_path or cfg.model.name_or_path)
@@ -139,6 +156,24 @@ class PPOTrainer(Trainer[PPOConfig]):
                         kind="sequence_classification")
             self.critic_packing = self.packing_of(critic, "critic")
         return self.group
+
+    def _start_engine(self, engine: Any) -> None:
+        """Bind (or start) the rollout engine and send it the initial weights."""
+        cfg = self.cfg
+        if engine is None:
+            self.engine = build_engine(cfg, self.tokenizer, self.group)
+        else:
+            engine.bind(self.group)
+        self.engine_synced = False  # first sync after a resume has loaded the weights
+        self.eos_ids = eos_token_ids(cfg.model, self.tokenizer)
+        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        self.max_logprob_diff = max_logprob_diff(cfg.rollout.vllm.max_logprob_diff,
+                                                 cfg.model.dtype, on_gpu)
+
+    def _sync_engine_once(self) -> None:
+        if not self.engine_synced:
+            self.engine.update_weights()
+            self.engine_synced = True
 
     def _role_resources(self):
         """Per-role DistributedConfigs. Unless set, roles share the free CPUs evenly in Ray's
@@ -175,10 +210,14 @@ class PPOTrainer(Trainer[PPOConfig]):
     def train_step(self, step: int) -> dict[str, float]:
         cfg, ro = self.cfg, self.cfg.rollout
         examples = [self.prompts[i] for i in self.schedule.indices(step)]
+        self._sync_engine_once()
         t0 = time.perf_counter()
-        rollout = generate_rollout(self.group, self.tokenizer, examples, ro.n_samples_per_prompt,
-                                   ro.max_new_tokens, ro.temperature, ro.top_p,
-                                   seed=cfg.trainer.seed * 1_000_003 + step)
+        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                            top_p=ro.top_p, seed=cfg.trainer.seed * 1_000_003 + step,
+                            logprobs=True)
+        rollout = generate_rollout(self.engine, self.tokenizer, examples,
+                                   ro.n_samples_per_prompt, sampling, self.eos_ids)
+        self.engine.sleep()
         t1 = time.perf_counter()
         # Rewards learn which completions never ended (a reward model scores those without EOS).
         columns = {**rollout.columns, TRUNCATED_COLUMN: rollout.truncated}
@@ -187,12 +226,19 @@ class PPOTrainer(Trainer[PPOConfig]):
                 if self.gold else None)
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
+        gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
+                          response_mask(rollout.batch))
+        check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
         t3 = time.perf_counter()
         metrics = self._update(rollout, step)
         t4 = time.perf_counter()
+        self.engine.wake()
+        sync_seconds = self.engine.update_weights()
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
+        metrics.update(gap)
         metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
-                        "time/experience": t3 - t2, "time/train": t4 - t3})
+                        "time/experience": t3 - t2, "time/train": t4 - t3,
+                        "time/weight_sync": sync_seconds})
         every = cfg.trainer.log_completions_every
         if every and (step + 1) % every == 0:
             self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
@@ -213,6 +259,8 @@ class PPOTrainer(Trainer[PPOConfig]):
         mask = response_mask(rollout.batch)
         kl = kl_penalty(old, ref, self.kl_estimator) * mask
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
+        if alg.tis_cap is not None:
+            tensors["engine_logprobs"] = rollout.engine_logprobs
         values = None
         if self.use_critic:
             values = infer_rows(self.extra_groups["critic"], token_values, rollout, micro,
@@ -237,7 +285,7 @@ class PPOTrainer(Trainer[PPOConfig]):
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
                          aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
-                         entropy_coef=alg.entropy_coef)
+                         entropy_coef=alg.entropy_coef, tis_cap=alg.tis_cap)
         sums: dict[str, float] = {}
         minibatches = 0
         for _ in range(alg.ppo_epochs):
@@ -294,9 +342,13 @@ class PPOTrainer(Trainer[PPOConfig]):
         if not can_split(self.group, len(self.eval_prompts)):
             return {}
         cfg = self.cfg.eval
+        self._sync_engine_once()
         prompts = [p.text for p in self.eval_prompts]
-        texts, truncated = generate_completions(self.group, self.tokenizer, prompts,
-                                                cfg.max_new_tokens, cfg.batch_size)
+        ids = generate_ids(self.engine, self.tokenizer, prompts, cfg.max_new_tokens,
+                           cfg.batch_size)
+        texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        eos = set(self.eos_ids)
+        truncated = [not i or i[-1] not in eos for i in ids]
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
         columns[TRUNCATED_COLUMN] = truncated
@@ -305,9 +357,13 @@ class PPOTrainer(Trainer[PPOConfig]):
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))
         answers = columns.get("answer")
         if answers and all(isinstance(a, str) for a in answers):
-            metrics["eval/accuracy"] = (
-                self.task.accuracy(texts, answers) if self.task is not None
-                else float(np.mean(exact_match(prompts, texts, answer=answers))))
+            judge = self.task.is_correct if self.task is not None else None
+            correct = ([judge(t, a) for t, a in zip(texts, answers)] if judge else
+                       [bool(v) for v in exact_match(prompts, texts, answer=answers)])
+            metrics["eval/accuracy"] = float(np.mean(correct))
+            if final:
+                write_eval_samples(self.output_dir / "eval_samples.jsonl", prompts, answers,
+                                   texts, correct)
         metrics["eval/samples"] = len(prompts)
         return metrics
 

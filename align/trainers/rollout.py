@@ -18,7 +18,8 @@ from align.data.prompts import PromptExample
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
 from align.packed_forward import Packing
-from align.trainers.batches import shard_evenly
+from align.rollout import RolloutEngine, Sampling
+from align.rollout.verify import shifted_logprobs
 from align.trainers.dispatch import infer_in_chunks
 
 
@@ -32,6 +33,7 @@ class Rollout:
     truncated: list[bool]  # hit max_new_tokens without EOS
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, T-1) per-token data
     pad_id: int = 0  # fills the end of packed rows
+    engine_logprobs: torch.Tensor | None = None  # (N, T-1) the engine's sampling log-probs
 
     @property
     def size(self) -> int:
@@ -47,30 +49,27 @@ class Rollout:
         return pack_padded(rows, packing.row_length, self.pad_id, packing.attention)
 
 
-def generate_rollout(group: WorkerGroup, tokenizer: Any, examples: list[PromptExample],
-                     n_samples: int, max_new_tokens: int, temperature: float, top_p: float,
-                     seed: int) -> Rollout:
-    """Sample `n_samples` completions per prompt on the policy workers."""
+def generate_rollout(engine: RolloutEngine, tokenizer: Any, examples: list[PromptExample],
+                     n_samples: int, sampling: Sampling, eos_ids: list[int]) -> Rollout:
+    """Sample `n_samples` completions per prompt with the rollout engine, with the log-prob
+    the engine sampled each token with (checked against the trainer's, align.rollout.verify)."""
     repeated = [e for e in examples for _ in range(n_samples)]
-    per_rank = shard_evenly(list(range(len(repeated))), group.size, len(repeated))
-    shards = [[repeated[i].ids for i in rank[0]] for rank in per_rank]
-    results = group.call_each("generate", [(s,) for s in shards],
-                              max_new_tokens=max_new_tokens, do_sample=True,
-                              temperature=temperature, top_p=top_p, seed=seed)
-    responses: dict[int, list[int]] = {}
-    for rank, result in zip(per_rank, results):
-        responses.update(zip(rank[0], result))
-    eos = tokenizer.eos_token_id
-    outputs = [responses[i] for i in range(len(repeated))]
+    generation = engine.generate([e.ids for e in repeated], sampling)
+    outputs = generation.tokens
     columns = {key: [e.columns.get(key) for e in repeated]
                for key in (repeated[0].columns if repeated else {})}
+    batch = pad_sequences([e.ids for e in repeated], outputs, tokenizer.pad_token_id)
+    eos = set(eos_ids)
     return Rollout(
         prompts=[e.text for e in repeated],
         completions=[tokenizer.decode(o, skip_special_tokens=True) for o in outputs],
         columns=columns,
-        batch=pad_sequences([e.ids for e in repeated], outputs, tokenizer.pad_token_id),
+        batch=batch,
         lengths=[len(o) for o in outputs],
-        truncated=[not o or o[-1] != eos for o in outputs],
+        truncated=[not o or o[-1] not in eos for o in outputs],
+        engine_logprobs=(shifted_logprobs([len(e.ids) for e in repeated], generation.logprobs,
+                                          batch["input_ids"].shape[1])
+                         if generation.logprobs is not None else None),
         pad_id=tokenizer.pad_token_id,
     )
 

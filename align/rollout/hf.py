@@ -1,0 +1,57 @@
+"""The `hf` rollout engine: the policy workers generate with Hugging Face `generate`.
+
+Each worker samples its shard with its current weights (under ZeRO-3 gathered for the call),
+so there is nothing to sync and nothing to put to sleep.
+"""
+
+from __future__ import annotations
+
+from align.distributed import WorkerGroup
+from align.rollout.base import Generation, Sampling
+from align.trainers.batches import shard_evenly
+
+
+class HFEngine:
+    """Generation on the policy's own workers.
+
+    Args:
+        group: the policy WorkerGroup.
+        batch_size: prompts per `generate` call on one worker; None: a worker's whole shard.
+    """
+
+    name = "hf"
+
+    def __init__(self, group: WorkerGroup, batch_size: int | None = None) -> None:
+        self.group, self.batch_size = group, batch_size
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        size = self.group.size
+        per_rank = shard_evenly(list(range(len(prompts))), size,
+                                self.batch_size or -(-len(prompts) // size))
+        tokens: dict[int, list[int]] = {}
+        logprobs: dict[int, list[float]] = {}
+        # Every rank runs the same number of calls (ZeRO-3 gathers weights collectively).
+        for chunk in range(len(per_rank[0])):
+            shards = [[prompts[i] for i in rank[chunk]] for rank in per_rank]
+            seed = None if sampling.seed is None else sampling.seed + 7919 * chunk
+            call = Sampling(**{**sampling.to_dict(), "seed": seed})
+            results = self.group.call_each("generate", [(s, call) for s in shards])
+            for rank, result in zip(per_rank, results):
+                tokens.update(zip(rank[chunk], result.tokens))
+                if result.logprobs is not None:
+                    logprobs.update(zip(rank[chunk], result.logprobs))
+        order = range(len(prompts))
+        return Generation([tokens[i] for i in order],
+                          [logprobs[i] for i in order] if sampling.logprobs else None)
+
+    def update_weights(self) -> float:
+        return 0.0  # the workers generate with the weights they train
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass  # the policy group belongs to the trainer

@@ -1,0 +1,104 @@
+"""Sampling with Hugging Face `generate` inside a policy worker, with the behaviour log-probs.
+
+The generation config is built from scratch: it holds exactly the sampling settings asked for
+(temperature, top-p, top-k off) and the model's EOS ids. Nothing from the model folder's
+`generation_config.json` (a `repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default
+top-k...) can reach the sampler, because such settings would change the behaviour policy
+without changing the log-probs the trainer computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from align.rollout.base import Sampling, cut_at_eos
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Last in the processor list: records the log-prob of each sampled token under the final
+    (temperature-scaled, nucleus-truncated) distribution. It keeps one step's log-softmax at a
+    time and reads the sampled token from the next step's input ids (memory B x V, not
+    B x V x steps as `output_scores` would)."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+            self.pending = None
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, steps) log-probs, given the tokens sampled at the last step."""
+        self._take(last_tokens)
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model: torch.nn.Module, eos_ids: list[int],
+                              pad_id: int) -> Iterator[None]:
+    """Swap the model's generation config for one that sets nothing but EOS and pad.
+
+    `generate` fills every unset field of the config it is given from `model.generation_config`,
+    so passing a clean config is not enough: the model's own must be neutral during the call.
+    """
+    target = model
+    while not hasattr(target, "generation_config") and hasattr(target, "module"):
+        target = target.module  # DeepSpeed engine
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
+              eos_ids: list[int], pad_id: int,
+              device: torch.device) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Complete left-padded `prompts` with `model.generate`; (tokens, logprobs or None)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                        device=device)
+    processors = LogitsProcessorList()
+    if not sampling.greedy:
+        # Our own warpers, so the recorder below sees the final distribution.
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+    recorder = SampledLogprobs() if sampling.logprobs else None
+    if recorder is not None:
+        processors.append(recorder)
+    # The warpers above are the only ones: HF adds none for temperature 1, top_p 1, top_k 0.
+    knobs = {} if sampling.greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens,
+                              do_sample=not sampling.greedy, repetition_penalty=1.0,
+                              eos_token_id=eos_ids, pad_token_id=pad_id, **knobs)
+    with neutral_generation_config(model, eos_ids, pad_id):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=processors)
+    new = out[:, width:]
+    eos = set(eos_ids)
+    tokens = [cut_at_eos(row, eos) for row in new.tolist()]
+    if recorder is None:
+        return tokens, None
+    logprobs = recorder.finish(new[:, -1]).tolist() if new.shape[1] else [[] for _ in prompts]
+    return tokens, [lp[: len(t)] for lp, t in zip(logprobs, tokens)]

@@ -1,0 +1,202 @@
+"""The `vllm` rollout engine: vLLM engines as Ray actors, fed the policy's weights after every
+update.
+
+Placement (`rollout.vllm.colocate`):
+  - colocated: engine i lives in bundle i of the policy's placement group (on a GPU it takes
+    the part of the bundle's GPU the policy leaves, and sleeps while the trainer runs);
+  - separate: the engines get a placement group of their own (one bundle per GPU of an
+    engine), the shape an asynchronous trainer needs.
+Prompts are split over engines (data parallel); on GPUs an engine may be tensor parallel.
+Weights move by Ray's object store (CPU, colocated GPU) or an NCCL broadcast from the policy's
+rank 0 (separate GPU engines); see align.rollout.weight_sync.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from align.config import ModelConfig, VLLMSettings
+from align.distributed import WorkerGroup, ensure_ray
+from align.distributed.group import PLACEMENT_TIMEOUT_S, node_cpus
+from align.errors import TrainingError
+from align.model_loading import embedded_config, is_embedded
+from align.rollout.base import Generation, Sampling
+from align.rollout.vllm_actor import VLLMEngineActor, engine_env
+
+# With colocated GPU engines, the policy actor takes this share of its bundle's GPU.
+COLOCATED_POLICY_GPU_SHARE = 0.5
+
+
+def engine_model_config(model_cfg: ModelConfig, tokenizer: Any) -> tuple[str, int | None]:
+    """(config.json text an engine starts from, the model's max positions or None)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if is_embedded(model_cfg.name_or_path):
+        config = embedded_config(model_cfg, tokenizer)
+    else:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+    if not getattr(config, "architectures", None):
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config.to_json_string(), getattr(config, "max_position_embeddings", None)
+
+
+def row_seeds(seed: int | None, n: int) -> list[int | None]:
+    """One seed per request, a function of (call seed, row): independent of the engine split."""
+    if seed is None:
+        return [None] * n
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint32)]
+
+
+class VLLMEngine:
+    """`rollout.vllm.num_engines` vLLM engines serving one policy.
+
+    Args:
+        model_cfg: the policy's model (its architecture; weights come from `bind`'s policy).
+        settings: `rollout.vllm`.
+        max_model_len: longest prompt + completion an engine must hold.
+        eos_ids: ids generation stops at.
+        colocate_with: the policy group whose bundles colocated engines share (None: separate).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_cfg: ModelConfig, settings: VLLMSettings, max_model_len: int,
+                 eos_ids: list[int], tokenizer: Any, seed: int,
+                 colocate_with: WorkerGroup | None = None) -> None:
+        ensure_ray(None)
+        self.settings = settings
+        self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        self.colocated = colocate_with is not None
+        self.transport = "nccl" if self.on_gpu and not self.colocated else "object_store"
+        self.policy: WorkerGroup | None = None
+        self._pg = None
+        self.actors: list[Any] = []
+        config_json, max_positions = engine_model_config(model_cfg, tokenizer)
+        if max_positions:
+            max_model_len = min(max_model_len, max_positions)
+        args = self._engine_args(max_model_len, seed)
+        remote = ray.remote(VLLMEngineActor)
+        placements = self._placements(colocate_with)
+        self.actors = [remote.options(**options).remote(config_json, model_cfg.dtype, eos_ids,
+                                                        {**args, **extra})
+                       for options, extra in placements]
+        self._get([a.__ray_ready__.remote() for a in self.actors], "start")
+
+    def _engine_args(self, max_model_len: int, seed: int) -> dict[str, Any]:
+        s = self.settings
+        eager = s.enforce_eager if s.enforce_eager is not None else not self.on_gpu
+        args: dict[str, Any] = {"max_model_len": max_model_len, "enforce_eager": eager,
+                                "seed": seed}
+        if self.on_gpu:
+            args.update(gpu_memory_utilization=s.gpu_memory_utilization,
+                        tensor_parallel_size=s.tensor_parallel_size,
+                        enable_sleep_mode=self.colocated)
+            if self.transport == "nccl":
+                args["worker_extension_cls"] = "align.rollout.nccl_sync.NCCLWeightReceiver"
+        return args
+
+    def _placements(self, policy: WorkerGroup | None) -> list[tuple[dict, dict]]:
+        """Ray options and extra engine args of each engine actor."""
+        s, tp = self.settings, self.settings.tensor_parallel_size
+        threads = max(1, int(node_cpus()))  # rollouts and training take turns on the cores
+        env = {"runtime_env": {"env_vars": engine_env(self.on_gpu, threads)}}
+        if policy is not None:
+            share = (1 - COLOCATED_POLICY_GPU_SHARE) if self.on_gpu else 0
+            return [({**env, "num_cpus": 0, "num_gpus": share,
+                      "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                          policy.placement_group, placement_group_bundle_index=i)}, {})
+                    for i in range(s.num_engines)]
+        bundle = {"CPU": 1, "GPU": 1} if self.on_gpu else {"CPU": 1}
+        self._pg = placement_group([dict(bundle) for _ in range(s.num_engines * tp)],
+                                   strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise TrainingError(
+                f"rollout.vllm: the cluster cannot host {s.num_engines} engine(s) of "
+                f"{tp} x {bundle} (available: {ray.available_resources()}); lower "
+                "rollout.vllm.num_engines or set rollout.vllm.colocate=true") from None
+        out = []
+        for i in range(s.num_engines):
+            first = i * tp
+            options = {**env, "num_cpus": 1, "num_gpus": 1 if self.on_gpu else 0,
+                       "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                           self._pg, placement_group_bundle_index=first)}
+            extra: dict[str, Any] = {}
+            if tp > 1:  # vLLM starts one Ray worker per GPU in this engine's bundles
+                options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_capture_child_tasks=True))
+                options["runtime_env"]["env_vars"] = {
+                    **options["runtime_env"]["env_vars"],
+                    "VLLM_RAY_BUNDLE_INDICES": ",".join(str(first + k) for k in range(tp))}
+                extra["distributed_executor_backend"] = "ray"
+            out.append((options, extra))
+        return out
+
+    # ---------------------------------------------------------------- the interface
+
+    def bind(self, policy: WorkerGroup) -> None:
+        """The policy group whose weights this engine serves (sync source)."""
+        self.policy = policy
+        if self.transport == "nccl":
+            policy.call("setup_weight_group", self.actors, self.settings.tensor_parallel_size)
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        parts = np.array_split(np.arange(len(prompts)), len(self.actors))
+        seeds = row_seeds(sampling.seed, len(prompts))
+        refs = [actor.generate.remote([prompts[i] for i in part], sampling.to_dict(),
+                                      [seeds[i] for i in part])
+                for actor, part in zip(self.actors, parts) if len(part)]
+        tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        for part_tokens, part_logprobs in self._get(refs, "generate"):
+            tokens.extend(part_tokens)
+            logprobs.extend(part_logprobs or [])
+        return Generation(tokens, logprobs if sampling.logprobs else None)
+
+    def update_weights(self) -> float:
+        if self.policy is None:
+            raise TrainingError("vllm engine: no policy bound to sync weights from")
+        start = time.perf_counter()
+        self.policy.call("send_weights", self.actors, int(self.settings.sync_bucket_mb * 2**20),
+                         self.transport)
+        return time.perf_counter() - start
+
+    def sleep(self) -> None:
+        if self.on_gpu and self.colocated:
+            self._get([a.sleep.remote() for a in self.actors], "sleep")
+
+    def wake(self) -> None:
+        if self.on_gpu and self.colocated:
+            self._get([a.wake.remote() for a in self.actors], "wake")
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dead engine has nothing to clean
+                pass
+            ray.kill(actor)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def _get(self, refs: list[Any], what: str) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except (RayTaskError, RayActorError) as exc:
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            self.shutdown()
+            raise TrainingError(f"vllm engine failed to {what}: {lines[-1] if lines else exc}"
+                                "; check rollout.vllm.*, or use rollout.engine=hf") from None
