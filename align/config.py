@@ -168,11 +168,13 @@ class RMConfig(RunConfig):
 class DPOSettings:
     """Direct preference optimisation and its variants (`align dpo`); see align.losses."""
 
-    loss_type: str = "sigmoid"  # a key of align.losses.PREFERENCE_LOSSES; simpo: no reference
-    beta: float = 0.1  # inverse temperature (ipo: the regulariser tau; simpo: reward scale)
+    loss_type: str = "sigmoid"  # a key of align.losses.PREFERENCE_LOSSES; simpo/orpo: no ref
+    beta: float = 0.1  # inverse temperature (ipo: tau; simpo: reward scale; orpo: lambda)
     label_smoothing: float = 0.0  # conservative DPO: chance a label is flipped; sigmoid/simpo
     gamma: float = 0.5  # simpo: target reward margin
     nll_coef: float = 0.0  # weight of the NLL of chosen completions (RPO); 0: off
+    desirable_weight: float = 1.0  # kto: weight of a desirable row's loss (lambda_D)
+    undesirable_weight: float = 1.0  # kto: weight of an undesirable row's loss (lambda_U)
     precompute_reference: bool | None = None  # None: on unless LoRA (reference = adapter off)
     reference_cache_dir: str | None = None  # cached reference log-probs; None: output_dir
 
@@ -202,6 +204,16 @@ class DPOConfig(RunConfig):
                               "dpo.label_smoothing=0")
         if d.nll_coef < 0:
             raise ConfigError(f"dpo.nll_coef must be >= 0; got {d.nll_coef}")
+        if d.nll_coef and (entry.includes_nll or entry.data == "unpaired"):
+            why = ("adds the NLL of chosen with weight 1 itself (weight the odds-ratio term with "
+                   "dpo.beta)" if entry.includes_nll else "trains on unpaired rows")
+            raise ConfigError(f"dpo.loss_type={d.loss_type} {why}: set dpo.nll_coef=0")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not getattr(d, name) > 0:
+                raise ConfigError(f"dpo.{name} must be positive; got {getattr(d, name)}")
+        if entry.data == "unpaired" and self.trainer.global_batch_size < 2:
+            raise ConfigError(f"dpo.loss_type={d.loss_type} estimates its KL term from the other "
+                              "rows of a batch: trainer.global_batch_size must be at least 2")
         if not entry.needs_reference and d.precompute_reference:
             raise ConfigError(f"dpo.loss_type={d.loss_type} uses no reference model: leave "
                               "dpo.precompute_reference unset (or false)")

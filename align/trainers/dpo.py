@@ -1,13 +1,20 @@
-"""DPO and its variants on preference pairs (`align dpo CONFIG`).
+"""DPO and its variants on preference pairs, and KTO on unpaired rows (`align dpo CONFIG`).
 
 Each micro-batch holds B pairs as 2B sequences, the B chosen then the B rejected, run through
 the policy in one forward pass: packed into one padding-free row (`data.packing`, the default)
 or right-padded. Per-sequence log-probs go to `align.losses.preference_loss`, whose table
 `PREFERENCE_LOSSES` holds every variant (sigmoid, ipo, hinge, conservative DPO through label
-smoothing, reference-free simpo), plus `nll_coef` x the NLL of the chosen completions (RPO).
-The loss is normalised by the number of pairs (and chosen tokens, for the NLL) in the whole
-global batch, so the update does not depend on how the batch is split over workers and
-micro-batches.
+smoothing, reference-free simpo and orpo, unpaired kto), plus `nll_coef` x the NLL of the
+chosen completions (RPO; ORPO always adds it with weight 1). The loss is normalised by the
+number of pairs (and chosen tokens, for the NLL) in the whole global batch, so the update does
+not depend on how the batch is split over workers and micro-batches.
+
+KTO (an entry whose `data` is "unpaired", see `align.trainers.kto`) trains on B rows, each a
+completion labelled desirable or not. Before each step the policy scores every row's
+mismatched completion (another row's, after this row's prompt) without gradient; with the
+reference's log-probs of the same sequences they give the batch's reference point z0
+(`kto_kl_baseline`), one number for the whole global batch. Reference log-probs come in two
+columns per row, as for pairs: its own completion and its mismatched one.
 
 The reference is a frozen copy of the starting model or, with LoRA, the same weights with the
 adapter disabled (`Policy.reference_view`). With `dpo.precompute_reference` (default when the
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +43,10 @@ import torch
 from align.config import EMBEDDED, DPOConfig, DPOSettings
 from align.data import (
     PreferenceExample,
+    UnpairedExample,
     collate_preference,
     collate_preference_packed,
+    collate_unpaired,
 )
 from align.distributed import WorkerGroup
 from align.losses import (
@@ -44,6 +54,7 @@ from align.losses import (
     PREFERENCE_LOSSES,
     PreferenceLogps,
     gather_logprobs,
+    kto_kl_baseline,
     preference_loss,
     preference_metrics,
     rpo_nll_share,
@@ -63,6 +74,7 @@ from align.trainers.evaluation import (
     exact_match_set,
     final_exact_match,
 )
+from align.trainers.kto import fixed_batch_order, load_unpaired_examples, unpaired_means
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +149,51 @@ def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     loss = out.losses.sum() / num_pairs
     metrics = {k: v.item() * pairs
                for k, v in preference_metrics(out.chosen_rewards, out.rejected_rewards).items()}
-    if settings.nll_coef:
+    nll_weight = 1.0 if PREFERENCE_LOSSES[settings.loss_type].includes_nll else settings.nll_coef
+    if nll_weight:
         nll = rpo_nll_share(chosen, chosen_len, num_chosen_tokens)
-        loss = loss + settings.nll_coef * nll
+        loss = loss + nll_weight * nll
         metrics["nll"] = nll.item()
     metrics.update({"loss": loss.item(), "pairs": float(pairs),
                     "logps/chosen": chosen.sum().item(),
                     "logps/rejected": rejected.sum().item()})
     return loss, metrics
+
+
+def kto_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  settings: DPOSettings, num_rows: float,
+                  kl_baseline: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Worker side: the KTO loss of one micro-batch of unpaired rows, as its share of the
+    global mean over rows.
+
+    Args:
+        model: the policy.
+        batch: `collate_unpaired` output (B rows, own completions) with `reference_logps` (B,).
+        settings: the `dpo` config section.
+        num_rows: rows in the whole global batch.
+        kl_baseline: the global batch's reference point z0.
+
+    Returns:
+        (loss, metrics): sums over this micro-batch's desirable / undesirable rows (see
+        `align.trainers.kto.unpaired_means`) and its share of the loss.
+    """
+    logps, lengths = completion_logps(model, batch)
+    good = batch["desirable"].to(logps.device)
+    ref = batch["reference_logps"].to(logps.device)
+    lengths = lengths.float()
+    out = preference_loss(settings.loss_type,
+                          PreferenceLogps(logps[good], logps[~good], lengths[good],
+                                          lengths[~good], ref[good], ref[~good],
+                                          torch.tensor(kl_baseline, device=logps.device)),
+                          settings.beta, desirable_weight=settings.desirable_weight,
+                          undesirable_weight=settings.undesirable_weight)
+    loss = out.losses.sum() / num_rows
+    return loss, {"loss": loss.item(), "desirable": float(good.sum()),
+                  "undesirable": float((~good).sum()),
+                  "rewards/chosen": out.chosen_rewards.sum().item(),
+                  "rewards/rejected": out.rejected_rewards.sum().item(),
+                  "logps/chosen": logps[good].sum().item(),
+                  "logps/rejected": logps[~good].sum().item()}
 
 
 # ------------------------------------------------------------------------- driver side
@@ -162,11 +211,13 @@ class DPOTrainer(Trainer):
         super().__init__(cfg, show_progress)
         d = cfg.dpo
         self.reference_free = not PREFERENCE_LOSSES[d.loss_type].needs_reference
+        self.unpaired = PREFERENCE_LOSSES[d.loss_type].data == "unpaired"
         auto = not cfg.model.lora.enabled  # a frozen copy costs memory; adapter-off does not
         wanted = auto if d.precompute_reference is None else d.precompute_reference
         self.precompute = wanted and not self.reference_free
-        # Driver-side reference log-probs per example, (N, 2) [chosen, rejected]; None until
-        # known (precomputed, or for eval computed once on first use).
+        # Driver-side reference log-probs per example, (N, 2) [chosen, rejected] (unpaired:
+        # [own completion, mismatched completion]); None until known (precomputed, or for eval
+        # computed once on first use).
         self.reference: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self.reference_source = "none"  # "cache" or "computed" once precomputed
 
@@ -178,17 +229,29 @@ class DPOTrainer(Trainer):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
+        batch, seed = cfg.trainer.global_batch_size, cfg.trainer.seed
+        order_fn = None
+        if self.unpaired:
+            self.train, self.eval = load_unpaired_examples(cfg, self.tokenizer)
+            order_fn = partial(fixed_batch_order, len(self.train), batch, seed)
+        else:
+            self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
         # Exact match after training: the embedded task's held-out prompts and true answers.
         scored = embedded_exact_match_rows(cfg.task) if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)
-        self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
-                                     cfg.trainer.seed)
+        self.schedule = StepSchedule(len(self.train), batch, seed, order_fn)
         return len(self.train)
 
-    def collate(self, examples: list[PreferenceExample],
+    def collate(self, examples: list[PreferenceExample] | list[UnpairedExample],
                 reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One micro-batch; `reference` (B, 2) becomes `reference_logps` (2B,) when given."""
+        """One micro-batch; `reference` (B, 2) becomes `reference_logps` (2B,) when given
+        (unpaired rows: (B,), their own completions' column)."""
+        if self.unpaired:
+            batch = collate_unpaired(examples, self.tokenizer.pad_token_id,
+                                     self.cfg.data.packing)
+            if reference is not None:
+                batch["reference_logps"] = reference[:, 0]
+            return batch
         if self.cfg.data.packing:
             batch = collate_preference_packed(examples)
         else:
@@ -213,11 +276,49 @@ class DPOTrainer(Trainer):
                     batch["reference_logps"] = logps
         return batches
 
-    def _run(self, method: str, batches: list[list[dict]],
-             examples: list[PreferenceExample]) -> list[Any]:
+    def _both_columns(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        """A batch holding both log-prob columns of every example: chosen then rejected, or
+        (unpaired) own completions then mismatched ones."""
+        if self.unpaired:
+            return collate_unpaired(examples, self.tokenizer.pad_token_id,
+                                    self.cfg.data.packing, sides=("completion", "kl"))
+        return self.collate(examples)
+
+    def _run(self, method: str, split: str, per_rank: list[list[list[int]]],
+             examples: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        """`method` ("train_step" or "evaluate") on the micro-batches `per_rank` of `split`;
+        returns (metrics summed over ranks, rank 0's shared metrics)."""
+        batches = self._batches(split, per_rank)
+        if self.unpaired:
+            kl = self._kl_baseline(split, per_rank)
+            kwargs = {"settings": self.cfg.dpo, "num_rows": float(len(examples)),
+                      "kl_baseline": kl}
+            results = self.group.call_each(method, [(kto_objective, b) for b in batches],
+                                           **kwargs)
+            sums, shared = _combine(results)
+            return unpaired_means(sums, kl), shared
         kwargs = {"settings": self.cfg.dpo, "num_pairs": float(len(examples)),
                   "num_chosen_tokens": float(max(1, sum(map(chosen_targets, examples))))}
-        return self.group.call_each(method, [(dpo_objective, b) for b in batches], **kwargs)
+        results = self.group.call_each(method, [(dpo_objective, b) for b in batches], **kwargs)
+        sums, shared = _combine(results)
+        return pair_means(sums), shared
+
+    def _kl_baseline(self, split: str, per_rank: list[list[list[int]]]) -> float:
+        """KTO's z0 for the rows `per_rank` of `split`: the policy's log-probs of their
+        mismatched completions (no gradient) against the reference's."""
+        examples, known = (self.train, self.reference["train"]) if split == "train" else (
+            self.eval, self.reference["eval"])
+        pad, packing = self.tokenizer.pad_token_id, self.cfg.data.packing
+        batches = [[collate_unpaired([examples[i] for i in mb], pad, packing, sides=("kl",))
+                    for mb in rank] for rank in per_rank]
+        calls = [(reference_logps, b) for b in batches]
+        policy = torch.cat([x for r in self.group.call_each("infer", calls) for x in r])
+        if known is not None:
+            ref = known[[i for rank in per_rank for mb in rank for i in mb], 1]
+        else:
+            ref = torch.cat([x for r in self.group.call_each("infer", calls, reference=True)
+                             for x in r])
+        return kto_kl_baseline(policy, ref).item()
 
     # ---------------------------------------------------------------- reference
 
@@ -259,7 +360,8 @@ class DPOTrainer(Trainer):
         view), computed by all workers."""
         per_rank = shard_evenly(list(range(len(examples))), self.group.size,
                                 self.cfg.trainer.micro_batch_size)
-        batches = [[self.collate([examples[i] for i in mb]) for mb in rank] for rank in per_rank]
+        batches = [[self._both_columns([examples[i] for i in mb]) for mb in rank]
+                   for rank in per_rank]
         results = self.group.call_each("infer", [(reference_logps, b) for b in batches],
                                        reference=reference)
         out = torch.zeros(len(examples), 2)
@@ -273,11 +375,9 @@ class DPOTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         indices = self.schedule.indices(step)
         per_rank = shard(indices, self.group.size, self.cfg.trainer.micro_batch_size)
-        results = self._run("train_step", self._batches("train", per_rank),
-                            [self.train[i] for i in indices])
-        sums = sum_metrics([r["sums"] for r in results])
-        return {**pair_means(sums), **results[0]["shared"],
-                "epoch": step / self.schedule.steps_per_epoch}
+        means, shared = self._run("train_step", "train", per_rank,
+                                  [self.train[i] for i in indices])
+        return {**means, **shared, "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -288,14 +388,22 @@ class DPOTrainer(Trainer):
             # Every rank runs the same number of forward passes (ZeRO-3 gathers collectively).
             per_rank = shard_evenly(list(range(len(self.eval))), self.group.size,
                                     self.cfg.trainer.micro_batch_size)
-            sums = sum_metrics(self._run("evaluate", self._batches("eval", per_rank), self.eval))
-            metrics = {f"eval/{k}": v for k, v in pair_means(sums).items()}
-            metrics["eval/pairs"] = len(self.eval)
+            means, _ = self._run("evaluate", "eval", per_rank, self.eval)
+            metrics = {f"eval/{k}": v for k, v in means.items()}
+            metrics["eval/rows" if self.unpaired else "eval/pairs"] = len(self.eval)
         if final:
             metrics.update(final_exact_match(self.group, self.tokenizer, self.eval_prompts,
                                              self.eval_references, self.cfg.eval,
                                              self.output_dir))
         return metrics
+
+
+def _combine(results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-rank results of `train_step` ({sums, shared}) or `evaluate` (sums) as (metrics
+    summed over ranks, rank 0's shared metrics)."""
+    if results and "sums" in results[0]:
+        return sum_metrics([r["sums"] for r in results]), results[0]["shared"]
+    return sum_metrics(results), {}
 
 
 def pair_means(sums: dict[str, float]) -> dict[str, float]:
@@ -306,11 +414,12 @@ def pair_means(sums: dict[str, float]) -> dict[str, float]:
 
 
 def reference_cache_path(cfg: DPOConfig, output_dir: Path,
-                         examples: list[PreferenceExample]) -> Path:
+                         examples: list[PreferenceExample] | list[UnpairedExample]) -> Path:
     """Where precomputed reference log-probs live: `dpo.reference_cache_dir` (default
     `output_dir/reference_logps/`), in a file named by a hash of everything they depend on:
     the model (name, and for a local folder its files' sizes and times), dtype, tokenizer, data
-    source, max_length, and the token ids of every pair."""
+    source, max_length, and the token ids of every pair (or unpaired row, with its mismatched
+    completion)."""
     model = cfg.model
     if model.name_or_path == EMBEDDED:
         identity: Any = asdict(model.embedded)
@@ -326,7 +435,9 @@ def reference_cache_path(cfg: DPOConfig, output_dir: Path,
            "max_length": cfg.data.max_length}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for e in examples:
-        digest.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+        ids = ((e.prompt_ids, e.completion_ids, e.kl_completion_ids)
+               if isinstance(e, UnpairedExample) else (e.prompt_ids, e.chosen_ids, e.rejected_ids))
+        digest.update(repr(ids).encode())
     folder = Path(cfg.dpo.reference_cache_dir) if cfg.dpo.reference_cache_dir else (
         output_dir / "reference_logps")
     return folder / f"{digest.hexdigest()[:20]}.pt"
