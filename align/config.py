@@ -237,6 +237,8 @@ class RolloutConfig:
     max_new_tokens: int = 16  # generation budget per completion
     temperature: float = 1.0  # sampling temperature (log-probs use the same temperature)
     top_p: float = 1.0  # nucleus sampling; 1 samples from the full distribution
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    max_resample_rounds: int = 4  # dynamic sampling: most extra rounds of prompts_per_step
 
 
 @dataclass
@@ -257,7 +259,9 @@ class AlgorithmConfig:
     dual_clip: float | None = None  # dual clip c > 1 for negative advantages; None: off
     value_clip_eps: float | None = 0.2  # critic value clip; None: unclipped
     ppo_epochs: int = 1  # passes over each rollout buffer
-    loss_aggregation: Literal["token", "sequence"] = "token"  # see align.losses.ppo_policy_loss
+    # token: DAPO; sequence: GRPO; constant: Dr. GRPO (sum / samples x max_new_tokens)
+    loss_aggregation: Literal["token", "sequence", "constant"] = "token"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     entropy_coef: float = 0.0  # entropy bonus weight
 
 
@@ -301,6 +305,12 @@ class PPOConfig(RunConfig):
             raise ConfigError("rollout.temperature must be positive")
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
+        if ro.dynamic_sampling and alg.estimator not in ("grpo", "rloo"):
+            raise ConfigError("rollout.dynamic_sampling drops groups whose rewards are all equal "
+                              "(they get zero advantage under grpo and rloo only): set "
+                              f"algorithm.estimator to grpo or rloo, not {alg.estimator}")
+        if ro.max_resample_rounds < 0:
+            raise ConfigError("rollout.max_resample_rounds must be >= 0")
 
 
 STAGES: dict[str, type[RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,

@@ -109,14 +109,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return torch.where(count > 0, total / count.clamp(min=1e-8), torch.zeros_like(total))
 
 
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
                normalizer: float | None = None) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a scalar; see ppo_policy_loss for the two modes.
+    """Reduce a (B, T) per-token loss to a scalar; see ppo_policy_loss for the three modes.
 
     With `normalizer`, the sum (of tokens, or of per-sequence means) is divided by it instead
     of by this batch's own count: pass the count of the whole global batch so the gradient does
-    not depend on how that batch was split over workers and micro-batches.
+    not depend on how that batch was split over workers and micro-batches. "constant" always
+    divides the token sum by `normalizer` (Dr. GRPO: sequences x the generation budget).
     """
+    if aggregation == "constant":
+        if normalizer is None:
+            raise ValueError("aggregation 'constant' needs a normalizer (e.g. sequences x "
+                             "max_new_tokens)")
+        return (per_token * mask.to(per_token.dtype)).sum() / normalizer
     if aggregation == "token":
         if normalizer is not None:
             return (per_token * mask.to(per_token.dtype)).sum() / normalizer
@@ -127,7 +136,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
         if normalizer is not None:
             return (per_seq * has_tokens.to(per_seq.dtype)).sum() / normalizer
         return masked_mean(per_seq, has_tokens)
-    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor,
@@ -164,6 +173,30 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # PPO
 # ---------------------------------------------------------------------------------------------
 
+def sequence_level_logprobs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs whose ratio to `old_logprobs` is GSPO's sequence-level importance ratio.
+
+    GSPO (Zheng et al. 2025) replaces each token's ratio by its sequence's
+    s_i = exp(mean over valid tokens of (logprobs - old_logprobs)), the geometric mean of the
+    token ratios, so one ratio (and one clipping decision) covers the whole sequence. Passing
+    old_logprobs + that mean as `logprobs` to ppo_policy_loss gives exactly that ratio on every
+    token; its gradient is s_i * mean_t grad log pi_t, as in TRL's
+    importance_sampling_level="sequence".
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the current policy.
+        old_logprobs: (B, T) the same under the sampling policy (detached).
+        mask: (B, T) 1 on response tokens.
+
+    Returns:
+        (B, T): old_logprobs + the row's mean log-ratio (a row with no valid token: its
+        old_logprobs, ratio 1).
+    """
+    mean_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1)
+    return old_logprobs + mean_log_ratio.unsqueeze(-1)
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps_low: float,
                     clip_eps_high: float | None = None, dual_clip: float | None = None,
@@ -181,6 +214,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         `dapo` loss type; OpenRLHF's token-level loss).
       - "sequence": mean over sequences of each sequence's per-token mean (the original GRPO).
         Sequences with no valid token are left out.
+      - "constant": sum over every valid token / `normalizer`, a constant such as sequences x
+        max_new_tokens (Dr. GRPO; TRL GRPO's `dr_grpo`), so neither the batch's nor a
+        sequence's length rescales a token's gradient.
 
     Args:
         logprobs: (B, T) log-probs of the sampled tokens under the current policy.
@@ -190,9 +226,10 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_eps_low: lower clip range, r >= 1 - clip_eps_low.
         clip_eps_high: upper clip range, r <= 1 + clip_eps_high; None means clip_eps_low.
         dual_clip: c > 1 bounding the loss of negative-advantage tokens; None disables it.
-        aggregation: "token" or "sequence" (above).
+        aggregation: "token", "sequence" or "constant" (above).
         normalizer: divide the summed loss by this (the global batch's valid-token count for
-            "token", its sequence count for "sequence") instead of by this batch's own count.
+            "token", its sequence count for "sequence") instead of by this batch's own count;
+            required for "constant".
 
     Returns:
         (loss, clip_ratio): scalar loss, and the fraction of valid tokens whose clipped term was

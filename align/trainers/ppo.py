@@ -197,15 +197,15 @@ class PPOTrainer(Trainer):
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
                          aggregation=alg.loss_aggregation, kl_estimator=alg.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
-                         entropy_coef=alg.entropy_coef)
+                         entropy_coef=alg.entropy_coef,
+                         importance_sampling_level=alg.importance_sampling_level)
         sums: dict[str, float] = {}
         minibatches = 0
         for _ in range(alg.ppo_epochs):
             order = rng.permutation(rollout.size).tolist()
             for start in range(0, rollout.size, batch_size):
                 index = order[start:start + batch_size]
-                normalizer = (float(response_mask(rollout.rows(index)).sum())
-                              if alg.loss_aggregation == "token" else float(len(index)))
+                normalizer = self._loss_normalizer(rollout, index)
                 results = self._train_role(self.group, ppo_objective, rollout, index, micro,
                                            normalizer=normalizer, **policy_kw)
                 _add(sums, sum_metrics([r["sums"] for r in results]))
@@ -226,6 +226,17 @@ class PPOTrainer(Trainer):
             metrics["value_loss"] = sums["value_loss"] / minibatches
             metrics["value_clip_ratio"] = sums["value_clip_ratio_sum"] / tokens
         return metrics
+
+    def _loss_normalizer(self, rollout: Rollout, index: list[int]) -> float:
+        """What a minibatch's summed loss is divided by (see align.losses.aggregate): its
+        response tokens ("token"), its sequences ("sequence"), or its sequences x the
+        generation budget ("constant", Dr. GRPO)."""
+        aggregation = self.cfg.algorithm.loss_aggregation
+        if aggregation == "token":
+            return float(response_mask(rollout.rows(index)).sum())
+        if aggregation == "constant":
+            return float(len(index) * self.cfg.rollout.max_new_tokens)
+        return float(len(index))
 
     @staticmethod
     def _train_role(group: WorkerGroup, objective: Any, rollout: Rollout, index: list[int],

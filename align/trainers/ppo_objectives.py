@@ -18,6 +18,7 @@ from align.losses import (
     gather_logprobs,
     ppo_policy_loss,
     ppo_value_loss,
+    sequence_level_logprobs,
 )
 
 
@@ -59,19 +60,25 @@ def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
                   temperature: float, clip_eps: float, clip_eps_high: float | None,
                   dual_clip: float | None, aggregation: str, normalizer: float,
-                  kl_coef: float, kl_estimator: str, entropy_coef: float
+                  kl_coef: float, kl_estimator: str, entropy_coef: float,
+                  importance_sampling_level: str = "token"
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss (+ KL-to-reference loss term, - entropy bonus) of one micro-batch.
 
-    `normalizer` is the global minibatch's token count ("token") or sequence count
-    ("sequence"), so micro-batch losses add up to the minibatch loss whatever the split.
-    `kl_coef` > 0 adds the KL as a loss term (the GRPO way); 0 when KL is in the reward.
+    `normalizer` is the global minibatch's token count ("token"), sequence count
+    ("sequence") or sequence count x max_new_tokens ("constant"), so micro-batch losses add up
+    to the minibatch loss whatever the split. `kl_coef` > 0 adds the KL as a loss term (the
+    GRPO way); 0 when KL is in the reward. `importance_sampling_level` "sequence" clips GSPO's
+    sequence-level ratio instead of each token's (`sequence_level_logprobs`); the KL and
+    entropy terms stay per token.
     """
     logits = _logits(model, batch, temperature)
     mask = response_mask(batch)
     logp = gather_logprobs(logits, batch["labels"][:, 1:])
+    ratio_logp = (sequence_level_logprobs(logp, batch["old_logprobs"], mask)
+                  if importance_sampling_level == "sequence" else logp)
     policy_loss, clip_ratio = ppo_policy_loss(
-        logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
+        ratio_logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
         dual_clip, aggregation, normalizer)
     loss = policy_loss
     kl = kl_penalty(logp, batch["ref_logprobs"], kl_estimator)
