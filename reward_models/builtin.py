@@ -129,8 +129,8 @@ def overlong_penalty(
     -1 beyond. It only punishes: shorter answers gain nothing.
 
     Length is the number of generated tokens, EOS included, from ``completion_ids``, which
-    ``align ppo`` passes to every reward as TRL's GRPOTrainer does. A caller without token ids
-    (held-out evaluation scores texts) gets the completion's length in characters instead.
+    ``align ppo`` passes to every reward (training and held-out scoring) as TRL's GRPOTrainer
+    does. A caller without token ids gets the completion's length in characters instead.
 
     Args:
         prompts: Unused (part of the protocol).

@@ -29,7 +29,8 @@ from align.distributed.group import node_cpus
 from align.tasks import arithmetic
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule, shard, sum_metrics
-from align.trainers.evaluation import generate_texts
+from align.trainers.dynamic_sampling import ScoredRollout, sample_until_full
+from align.trainers.evaluation import generate_ids
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
     ppo_objective,
@@ -38,7 +39,7 @@ from align.trainers.ppo_objectives import (
     token_values,
     value_objective,
 )
-from align.trainers.rollout import Rollout, generate_rollout, infer_rows
+from align.trainers.rollout import Rollout, completion_ids, generate_rollout, infer_rows
 
 
 class PPOTrainer(Trainer):
@@ -140,26 +141,51 @@ class PPOTrainer(Trainer):
     # ---------------------------------------------------------------- one iteration
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, ro = self.cfg, self.cfg.rollout
-        examples = [self.prompts[i] for i in self.schedule.indices(step)]
-        t0 = time.perf_counter()
-        rollout = generate_rollout(self.group, self.tokenizer, examples, ro.n_samples_per_prompt,
-                                   ro.max_new_tokens, ro.temperature, ro.top_p,
-                                   seed=cfg.trainer.seed * 1_000_003 + step)
-        t1 = time.perf_counter()
-        scores = self.rewards.score(rollout.prompts, rollout.completions, **rollout.columns)
-        gold = (self.gold.score(rollout.prompts, rollout.completions, **rollout.columns)
-                if self.gold else None)
+        ro = self.cfg.rollout
+        timing = {"time/generate": 0.0, "time/score": 0.0}
+        if ro.dynamic_sampling:
+            scored, metrics = sample_until_full(
+                lambda round_: self._sample_round(step, round_, timing), ro.prompts_per_step,
+                ro.n_samples_per_prompt, ro.max_resample_rounds, self.tokenizer.pad_token_id,
+                multiple_of=self.group.size)
+            if scored is None:  # every group sampled was all-equal: nothing to learn from
+                return {**metrics, **timing}
+        else:
+            scored, metrics = self._sample_round(step, 0, timing), {}
+        rollout, scores = scored.rollout, scored.scores
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
         t3 = time.perf_counter()
-        metrics = self._update(rollout, step)
+        metrics.update(self._update(rollout, step))
         t4 = time.perf_counter()
-        metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
-        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
-                        "time/experience": t3 - t2, "time/train": t4 - t3})
+        metrics.update(self._rollout_metrics(rollout, scores, scored.gold, kl))
+        metrics.update({**timing, "time/experience": t3 - t2, "time/train": t4 - t3})
         self.kl.update(metrics["kl"])
         return metrics
+
+    def _sample_round(self, step: int, round_: int, timing: dict[str, float]) -> ScoredRollout:
+        """Generate and score one round: the step's own prompts (round 0) or, for dynamic
+        sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
+        cfg, ro = self.cfg, self.cfg.rollout
+        if round_ == 0:
+            indices = self.schedule.indices(step)
+        else:
+            rng = np.random.default_rng([cfg.trainer.seed, step, round_])
+            indices = rng.choice(len(self.prompts), ro.prompts_per_step, replace=False).tolist()
+        t0 = time.perf_counter()
+        rollout = generate_rollout(self.group, self.tokenizer, [self.prompts[i] for i in indices],
+                                   ro.n_samples_per_prompt, ro.max_new_tokens, ro.temperature,
+                                   ro.top_p,
+                                   seed=cfg.trainer.seed * 1_000_003 + step + round_ * 7_919_993)
+        t1 = time.perf_counter()
+        # Token ids reach the rewards as TRL passes them (overlong_penalty counts them).
+        columns = {"completion_ids": completion_ids(rollout), **rollout.columns}
+        scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
+        gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
+                if self.gold else None)
+        timing["time/generate"] += t1 - t0
+        timing["time/score"] += time.perf_counter() - t1
+        return ScoredRollout(rollout, scores, gold)
 
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Old/reference log-probs, values, advantages and returns into `rollout.tensors`.
@@ -267,13 +293,15 @@ class PPOTrainer(Trainer):
             return {}
         cfg = self.cfg.eval
         prompts = [p.text for p in self.eval_prompts]
-        texts = generate_texts(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
-                               cfg.batch_size)
+        ids = generate_ids(self.group, self.tokenizer, prompts, cfg.max_new_tokens,
+                           cfg.batch_size)
+        texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
-        metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
+        scored = {"completion_ids": ids, **columns}
+        metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **scored)))}
         if self.gold is not None:
-            metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))
+            metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **scored)))
         answers = columns.get("answer")
         if answers and all(isinstance(a, str) for a in answers):
             metrics["eval/accuracy"] = arithmetic.accuracy(texts, answers)
