@@ -21,6 +21,7 @@ from align.trackers import check_trackers
 
 T = TypeVar("T")
 
+Aggregation = Literal["token", "sequence", "constant"]  # how per-token losses are reduced
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 EMBEDDED = "embedded"  # model/data source name for the built-in arithmetic task
 
@@ -184,11 +185,13 @@ class RMConfig(RunConfig):
 class DPOSettings:
     """Direct preference optimisation and its variants (`align dpo`); see align.losses."""
 
-    loss_type: str = "sigmoid"  # a key of align.losses.PREFERENCE_LOSSES; simpo: no reference
-    beta: float = 0.1  # inverse temperature (ipo: the regulariser tau; simpo: reward scale)
+    loss_type: str = "sigmoid"  # a key of align.losses.PREFERENCE_LOSSES; simpo/orpo: no ref
+    beta: float = 0.1  # inverse temperature (ipo: tau; simpo: reward scale; orpo: lambda)
     label_smoothing: float = 0.0  # conservative DPO: chance a label is flipped; sigmoid/simpo
     gamma: float = 0.5  # simpo: target reward margin
     nll_coef: float = 0.0  # weight of the NLL of chosen completions (RPO); 0: off
+    desirable_weight: float = 1.0  # kto: weight of a desirable row's loss (lambda_D)
+    undesirable_weight: float = 1.0  # kto: weight of an undesirable row's loss (lambda_U)
     precompute_reference: bool | None = None  # None: on unless LoRA (reference = adapter off)
     reference_cache_dir: str | None = None  # cached reference log-probs; None: output_dir
 
@@ -219,6 +222,16 @@ class DPOConfig(RunConfig):
                               "dpo.label_smoothing=0")
         if d.nll_coef < 0:
             raise ConfigError(f"dpo.nll_coef must be >= 0; got {d.nll_coef}")
+        if d.nll_coef and (entry.includes_nll or entry.data == "unpaired"):
+            why = ("adds the NLL of chosen with weight 1 itself (weight the odds-ratio term with "
+                   "dpo.beta)" if entry.includes_nll else "trains on unpaired rows")
+            raise ConfigError(f"dpo.loss_type={d.loss_type} {why}: set dpo.nll_coef=0")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not getattr(d, name) > 0:
+                raise ConfigError(f"dpo.{name} must be positive; got {getattr(d, name)}")
+        if entry.data == "unpaired" and self.trainer.global_batch_size < 2:
+            raise ConfigError(f"dpo.loss_type={d.loss_type} estimates its KL term from the other "
+                              "rows of a batch: trainer.global_batch_size must be at least 2")
         if not entry.needs_reference and d.precompute_reference:
             raise ConfigError(f"dpo.loss_type={d.loss_type} uses no reference model: leave "
                               "dpo.precompute_reference unset (or false)")
@@ -259,6 +272,8 @@ class RolloutConfig:
     max_new_tokens: int = 16  # generation budget per completion
     temperature: float = 1.0  # sampling temperature (log-probs use the same temperature)
     top_p: float = 1.0  # nucleus sampling; 1 samples from the full distribution
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    max_resample_rounds: int = 4  # dynamic sampling: most extra rounds of prompts_per_step
 
 
 @dataclass
@@ -279,7 +294,9 @@ class AlgorithmConfig:
     dual_clip: float | None = None  # dual clip c > 1 for negative advantages; None: off
     value_clip_eps: float | None = 0.2  # critic value clip; None: unclipped
     ppo_epochs: int = 1  # passes over each rollout buffer
-    loss_aggregation: Literal["token", "sequence"] = "token"  # see align.losses.ppo_policy_loss
+    # token: DAPO; sequence: GRPO; constant: Dr. GRPO (sum / samples x max_new_tokens)
+    loss_aggregation: Aggregation = "token"  # constant: Dr. GRPO; see ppo_policy_loss
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     entropy_coef: float = 0.0  # entropy bonus weight
     tis_cap: float | None = None  # truncated importance sampling cap (engine mismatch); None: off
 
@@ -340,6 +357,12 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"algorithm.tis_cap must be at least 1 (it caps importance "
                               f"weights around 1); got {alg.tis_cap}")
         check_vllm_settings(ro.vllm, self.distributed.num_workers)
+        if ro.dynamic_sampling and alg.estimator not in ("grpo", "rloo"):
+            raise ConfigError("rollout.dynamic_sampling drops groups whose rewards are all equal "
+                              "(they get zero advantage under grpo and rloo only): set "
+                              f"algorithm.estimator to grpo or rloo, not {alg.estimator}")
+        if ro.max_resample_rounds < 0:
+            raise ConfigError("rollout.max_resample_rounds must be >= 0")
 
 
     def _check_kl(self) -> None:

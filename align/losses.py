@@ -1,19 +1,34 @@
 """Loss functions as pure functions of tensors.
 
-Nothing here imports from the project; trainers call these and do no maths inline.
+Nothing here imports from the project but `align.preference_losses` (the reward-model and
+DPO-family losses, KTO and ORPO, re-exported here); trainers call these and do no maths inline.
 Shapes: B = batch (sequences), T = tokens, V = vocabulary. Labels use -100 for positions that
 carry no loss (prompt tokens, padding), as Hugging Face does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
+
+from align.preference_losses import (  # noqa: F401 (re-exported: align.losses is the entry point)
+    DPO_LOSS_TYPES,
+    PREFERENCE_LOSSES,
+    PreferenceLogps,
+    PreferenceLoss,
+    PreferenceLossOutput,
+    PreferenceParams,
+    dpo_loss,
+    kto_kl_baseline,
+    kto_loss,
+    nll_loss,
+    orpo_loss,
+    pairwise_loss,
+    preference_loss,
+    preference_metrics,
+    rpo_nll_share,
+    simpo_loss,
+)
 
 IGNORE_INDEX = -100
 
@@ -94,14 +109,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return torch.where(count > 0, total / count.clamp(min=1e-8), torch.zeros_like(total))
 
 
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
                normalizer: float | None = None) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a scalar; see ppo_policy_loss for the two modes.
+    """Reduce a (B, T) per-token loss to a scalar; see ppo_policy_loss for the three modes.
 
     With `normalizer`, the sum (of tokens, or of per-sequence means) is divided by it instead
     of by this batch's own count: pass the count of the whole global batch so the gradient does
-    not depend on how that batch was split over workers and micro-batches.
+    not depend on how that batch was split over workers and micro-batches. "constant" always
+    divides the token sum by `normalizer` (Dr. GRPO: sequences x the generation budget).
     """
+    if aggregation == "constant":
+        if normalizer is None:
+            raise ValueError("aggregation 'constant' needs a normalizer (e.g. sequences x "
+                             "max_new_tokens)")
+        return (per_token * mask.to(per_token.dtype)).sum() / normalizer
     if aggregation == "token":
         if normalizer is not None:
             return (per_token * mask.to(per_token.dtype)).sum() / normalizer
@@ -112,7 +136,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
         if normalizer is not None:
             return (per_seq * has_tokens.to(per_seq.dtype)).sum() / normalizer
         return masked_mean(per_seq, has_tokens)
-    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
 def aggregation_normalizer(mask: torch.Tensor, aggregation: str) -> float:
@@ -166,269 +190,32 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preference losses: reward model (Bradley-Terry) and the DPO family
-# ---------------------------------------------------------------------------------------------
-
-class PreferenceLossOutput(NamedTuple):
-    """Per-pair losses plus the implicit rewards a trainer logs (both detached rewards)."""
-
-    losses: torch.Tensor  # (B,) loss per pair; the trainer takes the mean
-    chosen_rewards: torch.Tensor  # (B,) detached
-    rejected_rewards: torch.Tensor  # (B,) detached
-
-
-def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                  margin: torch.Tensor | float | None = None,
-                  center_coef: float = 0.0) -> torch.Tensor:
-    """Bradley-Terry reward-model loss, as TRL's RewardTrainer computes it.
-
-    loss = mean(-logsigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2).
-    The second term (TRL's `center_rewards_coefficient`, Eisenstein et al. 2023) keeps rewards
-    centred on zero, which the pairwise term alone leaves free.
-
-    Args:
-        chosen_rewards: (B,) scalar scores of the preferred completions.
-        rejected_rewards: (B,) scores of the other completions.
-        margin: (B,) or scalar minimum preferred gap per pair; None for no margin.
-        center_coef: weight of the centring term; 0 disables it.
-
-    Returns:
-        Scalar loss.
-    """
-    diff = chosen_rewards - rejected_rewards
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
-    return loss
-
-
-def preference_metrics(chosen_rewards: torch.Tensor,
-                       rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The reward metrics TRL's DPOTrainer logs, as detached 0-d tensors (reduce across ranks).
-
-    Args:
-        chosen_rewards: (B,) rewards of the chosen completions (implicit or from a reward model).
-        rejected_rewards: (B,) rewards of the rejected completions.
-
-    Returns:
-        {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}, each the
-        batch mean; accuracy counts a tie as wrong, as TRL does.
-    """
-    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
-    return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracies": (chosen > rejected).float().mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-    }
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
-
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_lengths: torch.Tensor | None = None,
-             rejected_lengths: torch.Tensor | None = None) -> PreferenceLossOutput:
-    """DPO and its reference-based variants on summed sequence log-probs.
-
-    With h = (pi_c - ref_c) - (pi_r - ref_r):
-      - "sigmoid" (DPO): -(1 - ls) * logsigmoid(beta * h) - ls * logsigmoid(-beta * h); ls > 0 is
-        conservative DPO (cDPO). TRL 1.16's `sigmoid` ignores label_smoothing; this is the formula
-        TRL used before 1.0 and still uses in CPOTrainer and in the per-pair term of its `aot`.
-      - "ipo": (h_avg - 1 / (2 * beta))^2, where h_avg divides each log-ratio by its completion
-        length, as TRL 1.16 does (its authors' normalised form); pass lengths of ones for the
-        paper's unnormalised form.
-      - "hinge" (SLiC): relu(1 - beta * h).
-
-    Args:
-        policy_chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
-        policy_rejected_logps: (B,) same for the rejected completions.
-        ref_chosen_logps: (B,) chosen log-probs under the frozen reference.
-        ref_rejected_logps: (B,) rejected log-probs under the reference.
-        beta: inverse temperature (for IPO, the regulariser tau).
-        loss_type: one of "sigmoid", "ipo", "hinge".
-        label_smoothing: probability that a label is flipped, in [0, 0.5); sigmoid only.
-        chosen_lengths: (B,) completion token counts of the chosen side; required for "ipo".
-        rejected_lengths: (B,) same for the rejected side.
-
-    Returns:
-        PreferenceLossOutput: losses (B,), and chosen/rejected rewards beta * (pi - ref) (B,),
-        detached, on the summed log-probs for every loss type (as TRL logs them).
-    """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    _check_label_smoothing(label_smoothing)
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    if loss_type == "sigmoid":
-        losses = _smoothed_logistic(beta * (chosen_ratio - rejected_ratio), label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
-    else:
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths "
-                             "(completion token counts) to length-normalise the log-ratios as TRL "
-                             "does; pass ones for the unnormalised form")
-        h_avg = (chosen_ratio / chosen_lengths.clamp(min=1)
-                 - rejected_ratio / rejected_lengths.clamp(min=1))
-        losses = (h_avg - 1 / (2 * beta)) ** 2
-    return PreferenceLossOutput(losses, beta * chosen_ratio.detach(),
-                                beta * rejected_ratio.detach())
-
-
-def simpo_loss(chosen_logps_avg: torch.Tensor, rejected_logps_avg: torch.Tensor, beta: float,
-               gamma: float, label_smoothing: float = 0.0) -> PreferenceLossOutput:
-    """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin.
-
-    loss = -(1 - ls) * logsigmoid(z) - ls * logsigmoid(-z), z = beta * (avg_c - avg_r) - gamma,
-    identical to TRL's CPOTrainer with loss_type="simpo" (which writes gamma / beta inside).
-
-    Args:
-        chosen_logps_avg: (B,) per-token mean log-prob of each chosen completion
-            (sequence_logps(..., average=True)).
-        rejected_logps_avg: (B,) same for the rejected completions.
-        beta: reward scale (the paper uses 2-10).
-        gamma: target reward margin, in reward units (the paper uses 0.5-1.5).
-        label_smoothing: probability that a label is flipped, in [0, 0.5).
-
-    Returns:
-        PreferenceLossOutput: losses (B,), rewards beta * avg log-prob (B,), detached.
-    """
-    _check_label_smoothing(label_smoothing)
-    z = beta * (chosen_logps_avg - rejected_logps_avg) - gamma
-    return PreferenceLossOutput(_smoothed_logistic(z, label_smoothing),
-                                beta * chosen_logps_avg.detach(),
-                                beta * rejected_logps_avg.detach())
-
-
-def nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
-             aggregation: str = "token") -> torch.Tensor:
-    """Length-normalised NLL of the chosen completions: the RPO term added to DPO.
-
-    The trainer weights it (`nll_coef`) and adds it to the preference loss. "token" divides the
-    summed NLL by the batch's chosen token count (TRL 1.16's `sft` loss type); "sequence"
-    averages each sequence's per-token NLL.
-
-    Args:
-        chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
-        chosen_lengths: (B,) their completion token counts.
-        aggregation: "token" or "sequence".
-
-    Returns:
-        Scalar loss.
-    """
-    lengths = chosen_lengths.to(chosen_logps.dtype)
-    if aggregation == "token":
-        return -chosen_logps.sum() / lengths.sum().clamp(min=1)
-    if aggregation == "sequence":
-        return (-chosen_logps / lengths.clamp(min=1)).mean()
-    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
-
-
-class PreferenceLogps(NamedTuple):
-    """What every preference loss reads: summed completion log-probs and token counts."""
-
-    chosen: torch.Tensor  # (B,) summed log-probs of the chosen completions under the policy
-    rejected: torch.Tensor  # (B,) same for the rejected completions
-    chosen_lengths: torch.Tensor  # (B,) chosen completion token counts
-    rejected_lengths: torch.Tensor  # (B,) rejected completion token counts
-    ref_chosen: torch.Tensor | None = None  # (B,) under the reference (reference-based losses)
-    ref_rejected: torch.Tensor | None = None  # (B,)
-
-
-@dataclass(frozen=True)
-class PreferenceLoss:
-    """One entry of PREFERENCE_LOSSES: how to compute it and what it needs."""
-
-    compute: Callable[..., PreferenceLossOutput]  # (logps, beta, gamma, label_smoothing)
-    needs_reference: bool  # reads ref_chosen / ref_rejected
-    data: str  # "paired": {prompt, chosen, rejected} rows
-    label_smoothing: bool  # accepts label_smoothing > 0
-
-
-def _reference_based(loss_type: str, logps: PreferenceLogps, beta: float, gamma: float,
-                     label_smoothing: float) -> PreferenceLossOutput:
-    return dpo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, beta,
-                    loss_type, label_smoothing, logps.chosen_lengths, logps.rejected_lengths)
-
-
-def _length_normalised(logps: PreferenceLogps, beta: float, gamma: float,
-                       label_smoothing: float) -> PreferenceLossOutput:
-    return simpo_loss(logps.chosen / logps.chosen_lengths.clamp(min=1),
-                      logps.rejected / logps.rejected_lengths.clamp(min=1), beta, gamma,
-                      label_smoothing)
-
-
-# loss_type -> PreferenceLoss; `dpo.loss_type` names a key of this table.
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(partial(_reference_based, "sigmoid"), True, "paired", True),
-    "ipo": PreferenceLoss(partial(_reference_based, "ipo"), True, "paired", False),
-    "hinge": PreferenceLoss(partial(_reference_based, "hinge"), True, "paired", False),
-    "simpo": PreferenceLoss(_length_normalised, False, "paired", True),
-}
-
-
-def preference_loss(loss_type: str, logps: PreferenceLogps, beta: float, gamma: float = 0.5,
-                    label_smoothing: float = 0.0) -> PreferenceLossOutput:
-    """The preference loss `loss_type` (a key of PREFERENCE_LOSSES) on one batch of pairs.
-
-    Args:
-        loss_type: "sigmoid", "ipo", "hinge" (dpo_loss) or "simpo" (simpo_loss on per-token
-            mean log-probs).
-        logps: log-probs and lengths; the reference fields are needed unless the entry's
-            `needs_reference` is False.
-        beta, gamma, label_smoothing: as in dpo_loss / simpo_loss.
-
-    Returns:
-        PreferenceLossOutput (B,) losses and detached implicit rewards.
-    """
-    entry = PREFERENCE_LOSSES.get(loss_type)
-    if entry is None:
-        raise ValueError(f"loss_type must be one of {sorted(PREFERENCE_LOSSES)}, "
-                         f"got {loss_type!r}")
-    if entry.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
-        raise ValueError(f"loss_type={loss_type!r} needs reference log-probs")
-    return entry.compute(logps, beta, gamma, label_smoothing)
-
-
-def rpo_nll_share(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
-                  num_chosen_tokens: float) -> torch.Tensor:
-    """This batch's share of the global-batch NLL of chosen completions (the RPO term).
-
-    nll_loss is the batch's token mean; rescaled by its share of the `num_chosen_tokens` chosen
-    tokens of the whole global batch, the shares of all micro-batches and ranks add up to the
-    global token mean, however the batch is split.
-
-    Args:
-        chosen_logps: (B,) summed chosen log-probs.
-        chosen_lengths: (B,) chosen token counts.
-        num_chosen_tokens: chosen tokens in the whole global batch.
-    """
-    return nll_loss(chosen_logps, chosen_lengths) * (chosen_lengths.sum() / num_chosen_tokens)
-
-
-def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """-(1 - ls) * logsigmoid(z) - ls * logsigmoid(-z): logistic loss with flipped-label noise."""
-    losses = -F.logsigmoid(z)
-    if label_smoothing:
-        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-z)
-    return losses
-
-
-def _check_label_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-
-
-# ---------------------------------------------------------------------------------------------
 # PPO
 # ---------------------------------------------------------------------------------------------
+
+def sequence_level_logprobs(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs whose ratio to `old_logprobs` is GSPO's sequence-level importance ratio.
+
+    GSPO (Zheng et al. 2025) replaces each token's ratio by its sequence's
+    s_i = exp(mean over valid tokens of (logprobs - old_logprobs)), the geometric mean of the
+    token ratios, so one ratio (and one clipping decision) covers the whole sequence. Passing
+    old_logprobs + that mean as `logprobs` to ppo_policy_loss gives exactly that ratio on every
+    token; its gradient is s_i * mean_t grad log pi_t, as in TRL's
+    importance_sampling_level="sequence".
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the current policy.
+        old_logprobs: (B, T) the same under the sampling policy (detached).
+        mask: (B, T) 1 on response tokens.
+
+    Returns:
+        (B, T): old_logprobs + the row's mean log-ratio (a row with no valid token: its
+        old_logprobs, ratio 1).
+    """
+    mean_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1)
+    return old_logprobs + mean_log_ratio.unsqueeze(-1)
+
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps_low: float,
@@ -448,6 +235,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         `dapo` loss type; OpenRLHF's token-level loss).
       - "sequence": mean over sequences of each sequence's per-token mean (the original GRPO).
         Sequences with no valid token are left out.
+      - "constant": sum over every valid token / `normalizer`, a constant such as sequences x
+        max_new_tokens (Dr. GRPO; TRL GRPO's `dr_grpo`), so neither the batch's nor a
+        sequence's length rescales a token's gradient.
 
     Args:
         logprobs: (B, T) log-probs of the sampled tokens under the current policy.
@@ -457,9 +247,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clip_eps_low: lower clip range, r >= 1 - clip_eps_low.
         clip_eps_high: upper clip range, r <= 1 + clip_eps_high; None means clip_eps_low.
         dual_clip: c > 1 bounding the loss of negative-advantage tokens; None disables it.
-        aggregation: "token" or "sequence" (above).
+        aggregation: "token", "sequence" or "constant" (above).
         normalizer: divide the summed loss by this (`aggregation_normalizer` of the global
-            batch) instead of by this batch's own count.
+            batch) instead of by this batch's own count; required for "constant".
         token_weights: (B, T) detached per-token factors of the loss, e.g. the truncated
             importance weights of `truncated_importance_weights`; None: 1.
 

@@ -10,6 +10,7 @@ Parameters are set per config entry with ``kwargs``::
 
     - {spec: reward_models.builtin:format_reward, kwargs: {max_digits: 3}}
     - {spec: reward_models.builtin:length_penalty, kwargs: {target_chars: 4, per_char: 0.05}}
+    - {spec: reward_models.builtin:overlong_penalty, kwargs: {max_length: 6, soft_buffer: 2}}
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ EOS_MARKERS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "
 DEFAULT_MAX_DIGITS = 3  # format_reward: the embedded task's answers have at most 3 digits (198)
 DEFAULT_TARGET_CHARS = 4  # length_penalty: free length of a cleaned completion, in characters
 DEFAULT_PER_CHAR = 0.1  # length_penalty: reward lost per character beyond the free length
+DEFAULT_MAX_LENGTH = 6  # overlong_penalty: the embedded configs' generation budget, in tokens
+DEFAULT_SOFT_BUFFER = 2  # overlong_penalty: tokens before max_length where the penalty ramps
 
 
 def clean_completion(completion: Any) -> str:
@@ -110,3 +113,43 @@ def length_penalty(
     """
     excess = [max(0, len(clean_completion(c)) - target_chars) for c in completions]
     return [-per_char * n if n else 0.0 for n in excess]
+
+
+def overlong_penalty(
+    prompts: list[str],
+    completions: list[Any],
+    max_length: int = DEFAULT_MAX_LENGTH,
+    soft_buffer: int = DEFAULT_SOFT_BUFFER,
+    completion_ids: list[list[int]] | None = None,
+    **columns: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), as TRL's
+    ``get_soft_overlong_punishment``: 0 up to ``max_length - soft_buffer`` tokens, then
+    ``(max_length - soft_buffer - length) / soft_buffer`` (down to -1 at ``max_length``), and
+    -1 beyond. It only punishes: shorter answers gain nothing.
+
+    Length is the number of generated tokens, EOS included, from ``completion_ids``, which
+    ``align ppo`` passes to every reward (training and held-out scoring) as TRL's GRPOTrainer
+    does. A caller without token ids gets the completion's length in characters instead.
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated completions.
+        max_length: L_max, usually the generation budget (``rollout.max_new_tokens``).
+        soft_buffer: L_cache, the tokens before ``max_length`` over which the penalty ramps.
+        completion_ids: Token ids of each completion, when the trainer passes them.
+        **columns: Other columns, ignored.
+
+    Returns:
+        A value in [-1, 0] per sample.
+    """
+    if not 0 <= soft_buffer <= max_length:
+        raise ValueError(f"overlong_penalty needs 0 <= soft_buffer <= max_length; got "
+                         f"soft_buffer={soft_buffer}, max_length={max_length}")
+    if completion_ids is not None:
+        lengths = [len(ids) for ids in completion_ids]
+    else:
+        lengths = [len(c if isinstance(c, str) else clean_completion(c)) for c in completions]
+    free = max_length - soft_buffer
+    return [0.0 if n <= free else (free - n) / soft_buffer if n <= max_length else -1.0
+            for n in lengths]

@@ -92,7 +92,12 @@ def test_every_shipped_config_validates(path):
     (["dpo.beta=0"], "dpo.beta"),
     (["dpo.nll_coef=-1"], "dpo.nll_coef"),
     (["dpo.loss_type=simpo", "dpo.precompute_reference=true"], "dpo.precompute_reference"),
-    (["dpo.loss_type=kto"], "dpo.loss_type"),
+    (["dpo.loss_type=bco"], "dpo.loss_type"),
+    (["dpo.loss_type=orpo", "dpo.nll_coef=1"], "dpo.nll_coef"),
+    (["dpo.loss_type=kto", "dpo.nll_coef=1"], "dpo.nll_coef"),
+    (["dpo.loss_type=kto", "dpo.undesirable_weight=0"], "dpo.undesirable_weight"),
+    (["dpo.loss_type=kto", "trainer.global_batch_size=1", "trainer.micro_batch_size=1"],
+     "trainer.global_batch_size"),
 ])
 def test_dpo_cross_field_checks_name_keys(overrides, named):
     from align.config import DPOConfig

@@ -1,13 +1,21 @@
-"""DPO and its variants on preference pairs (`align dpo CONFIG`).
+"""DPO and its variants on preference pairs, and KTO on unpaired rows (`align dpo CONFIG`).
 
 Each micro-batch holds B pairs as 2B sequences, the B chosen then the B rejected, run through
 the policy in one forward pass: packed into rows of bounded length (`data.packing`, see
 `align.data.packing`) or right-padded. Per-sequence log-probs go to
 `align.losses.preference_loss`, whose table `PREFERENCE_LOSSES` holds every variant (sigmoid,
-ipo, hinge, conservative DPO through label smoothing, reference-free simpo), plus `nll_coef` x
-the NLL of the chosen completions (RPO). The loss is normalised by the number of pairs (and
-chosen tokens, for the NLL) in the whole global batch, so the update does not depend on how
-the batch is split over workers and micro-batches.
+ipo, hinge, conservative DPO through label smoothing, reference-free simpo and orpo, unpaired
+kto), plus `nll_coef` x the NLL of the chosen completions (RPO; ORPO always adds it with
+weight 1). The loss is normalised by the number of pairs (and chosen tokens, for the NLL) in
+the whole global batch, so the update does not depend on how the batch is split over workers
+and micro-batches.
+
+KTO (an entry whose `data` is "unpaired", see `align.trainers.kto`) trains on B rows, each a
+completion labelled desirable or not. Before each step the policy scores every row's
+mismatched completion (another row's, after this row's prompt) without gradient; with the
+reference's log-probs of the same sequences they give the batch's reference point z0
+(`kto_kl_baseline`), one number for the whole global batch. Reference log-probs come in two
+columns per row, as for pairs: its own completion and its mismatched one.
 
 The reference is a frozen copy of the starting model or, with LoRA, the same weights with the
 adapter disabled (`Policy.reference_view`). With `dpo.precompute_reference` (default when the
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +44,10 @@ import torch
 from align.config import EMBEDDED, DPOConfig, DPOSettings
 from align.data import (
     PreferenceExample,
+    UnpairedExample,
     collate_preference,
     collate_preference_packed,
+    collate_unpaired,
 )
 from align.data.packing import sequence_sums
 from align.distributed import WorkerGroup
@@ -45,6 +56,7 @@ from align.losses import (
     PREFERENCE_LOSSES,
     PreferenceLogps,
     gather_logprobs,
+    kto_kl_baseline,
     preference_loss,
     preference_metrics,
     rpo_nll_share,
@@ -53,9 +65,8 @@ from align.losses import (
 )
 from align.packed_forward import Packing, model_inputs
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule
+from align.trainers.batches import StepSchedule, shard, shard_evenly
 from align.trainers.dispatch import (
-    StepResult,
     call_infer,
     call_objective,
     can_split,
@@ -63,6 +74,7 @@ from align.trainers.dispatch import (
     infer_in_chunks,
 )
 from align.trainers.evaluation import exact_match_set, final_exact_match
+from align.trainers.kto import fixed_batch_order, load_unpaired_examples, unpaired_means
 from align.trainers.stage_data import load_preference_examples, stage_evaluator, stage_rows
 
 logger = logging.getLogger(__name__)
@@ -136,14 +148,51 @@ def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     loss = out.losses.sum() / num_pairs
     metrics = {k: v.item() * pairs
                for k, v in preference_metrics(out.chosen_rewards, out.rejected_rewards).items()}
-    if settings.nll_coef:
+    nll_weight = 1.0 if PREFERENCE_LOSSES[settings.loss_type].includes_nll else settings.nll_coef
+    if nll_weight:
         nll = rpo_nll_share(chosen, chosen_len, num_chosen_tokens)
-        loss = loss + settings.nll_coef * nll
+        loss = loss + nll_weight * nll
         metrics["nll"] = nll.item()
     metrics.update({"loss": loss.item(), "pairs": float(pairs),
                     "logps/chosen": chosen.sum().item(),
                     "logps/rejected": rejected.sum().item()})
     return loss, metrics
+
+
+def kto_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  settings: DPOSettings, num_rows: float,
+                  kl_baseline: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Worker side: the KTO loss of one micro-batch of unpaired rows, as its share of the
+    global mean over rows.
+
+    Args:
+        model: the policy.
+        batch: `collate_unpaired` output (B rows, own completions) with `reference_logps` (B,).
+        settings: the `dpo` config section.
+        num_rows: rows in the whole global batch.
+        kl_baseline: the global batch's reference point z0.
+
+    Returns:
+        (loss, metrics): sums over this micro-batch's desirable / undesirable rows (see
+        `align.trainers.kto.unpaired_means`) and its share of the loss.
+    """
+    logps, lengths = completion_logps(model, batch)
+    good = batch["desirable"].to(logps.device)
+    ref = batch["reference_logps"].to(logps.device)
+    lengths = lengths.float()
+    out = preference_loss(settings.loss_type,
+                          PreferenceLogps(logps[good], logps[~good], lengths[good],
+                                          lengths[~good], ref[good], ref[~good],
+                                          torch.tensor(kl_baseline, device=logps.device)),
+                          settings.beta, desirable_weight=settings.desirable_weight,
+                          undesirable_weight=settings.undesirable_weight)
+    loss = out.losses.sum() / num_rows
+    return loss, {"loss": loss.item(), "desirable": float(good.sum()),
+                  "undesirable": float((~good).sum()),
+                  "rewards/chosen": out.chosen_rewards.sum().item(),
+                  "rewards/rejected": out.rejected_rewards.sum().item(),
+                  "logps/chosen": logps[good].sum().item(),
+                  "logps/rejected": logps[~good].sum().item()}
 
 
 # ------------------------------------------------------------------------- driver side
@@ -161,11 +210,13 @@ class DPOTrainer(Trainer[DPOConfig]):
         super().__init__(cfg, show_progress)
         d = cfg.dpo
         self.reference_free = not PREFERENCE_LOSSES[d.loss_type].needs_reference
+        self.unpaired = PREFERENCE_LOSSES[d.loss_type].data == "unpaired"
         auto = not cfg.model.lora.enabled  # a frozen copy costs memory; adapter-off does not
         wanted = auto if d.precompute_reference is None else d.precompute_reference
         self.precompute = wanted and not self.reference_free
-        # Driver-side reference log-probs per example, (N, 2) [chosen, rejected]; None until
-        # known (precomputed, or for eval computed once on first use).
+        # Driver-side reference log-probs per example, (N, 2) [chosen, rejected] (unpaired:
+        # [own completion, mismatched completion]); None until known (precomputed, or for eval
+        # computed once on first use).
         self.reference: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self.reference_source = "none"  # "cache" or "computed" once precomputed
 
@@ -177,18 +228,29 @@ class DPOTrainer(Trainer[DPOConfig]):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
+        batch, seed = cfg.trainer.global_batch_size, cfg.trainer.seed
+        order_fn = None
+        if self.unpaired:
+            self.train, self.eval = load_unpaired_examples(cfg, self.tokenizer)
+            order_fn = partial(fixed_batch_order, len(self.train), batch, seed)
+        else:
+            self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
         # Exact match after training: the embedded task's held-out prompts and true answers.
         scored = stage_rows(cfg, "sft").held_out if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)
-        self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
-                                     cfg.trainer.seed)
+        self.schedule = StepSchedule(len(self.train), batch, seed, order_fn)
         return len(self.train)
 
-    def collate(self, examples: list[PreferenceExample],
+    def collate(self, examples: list[PreferenceExample] | list[UnpairedExample],
                 reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One micro-batch; `reference` (B, 2) becomes `reference_logps` (2B,) when given."""
+        """One micro-batch; `reference` (B, 2) becomes `reference_logps` (2B,) when given
+        (unpaired rows: (B,), their own completions' column)."""
         pad, packing = self.tokenizer.pad_token_id, self.packing
+        if self.unpaired:
+            batch = self._unpaired(examples, ("completion",))
+            if reference is not None:
+                batch["reference_logps"] = reference[:, 0]
+            return batch
         if packing is not None:
             batch = collate_preference_packed(examples, packing.row_length, pad,
                                               packing.attention)
@@ -218,12 +280,56 @@ class DPOTrainer(Trainer[DPOConfig]):
                     batch["reference_logps"] = logps
         return batches
 
-    def _run(self, method: str, batches: list[list[dict]],
-             examples: list[PreferenceExample]) -> StepResult:
-        return call_objective(
+    def _unpaired(self, examples: list[UnpairedExample],
+                  sides: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        packing = self.packing
+        return collate_unpaired(examples, self.tokenizer.pad_token_id,
+                                None if packing is None else packing.row_length,
+                                None if packing is None else packing.attention, sides)
+
+    def _both_columns(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        """A batch holding both log-prob columns of every example: chosen then rejected, or
+        (unpaired) own completions then mismatched ones."""
+        if self.unpaired:
+            return self._unpaired(examples, ("completion", "kl"))
+        return self.collate(examples)
+
+    def _run(self, method: str, split: str, indices: list[int],
+             evenly: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """`method` ("train_step" or "evaluate") on the examples `indices` of `split`; returns
+        (the TRL-named means, rank 0's shared metrics)."""
+        examples = [(self.train if split == "train" else self.eval)[i] for i in indices]
+        batches = self._batches(split, indices, evenly)
+        if self.unpaired:
+            kl = self._kl_baseline(split, indices, evenly)
+            result = call_objective(self.group, method, kto_objective, batches,
+                                    settings=self.cfg.dpo, num_rows=float(len(examples)),
+                                    kl_baseline=kl)
+            return unpaired_means(result.sums, kl), result.shared
+        result = call_objective(
             self.group, method, dpo_objective, batches, settings=self.cfg.dpo,
             num_pairs=float(len(examples)),
             num_chosen_tokens=float(max(1, sum(map(chosen_targets, examples)))))
+        return pair_means(result.sums), result.shared
+
+    def _kl_baseline(self, split: str, indices: list[int], evenly: bool) -> float:
+        """KTO's z0 for the rows `indices` of `split`: the policy's log-probs of their
+        mismatched completions (no gradient) against the reference's."""
+        examples, known = (self.train, self.reference["train"]) if split == "train" else (
+            self.eval, self.reference["eval"])
+        split_fn = shard_evenly if evenly else shard
+        parts = split_fn(indices, self.group.size, self.cfg.trainer.micro_batch_size)
+        order = [i for rank in parts for mb in rank for i in mb]
+        batches = [[self._unpaired([examples[i] for i in mb], ("kl",)) for mb in rank]
+                   for rank in parts]
+        policy = torch.cat([x for r in call_infer(self.group, reference_logps, batches)
+                            for x in r])
+        if known is not None:
+            ref = known[order, 1]
+        else:
+            ref = torch.cat([x for r in call_infer(self.group, reference_logps, batches,
+                                                   reference=True) for x in r])
+        return kto_kl_baseline(policy, ref).item()
 
     # ---------------------------------------------------------------- reference
 
@@ -267,7 +373,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         out = torch.zeros(len(examples), 2)
         for mb, logps in infer_in_chunks(
                 self.group, reference_logps, len(examples),
-                lambda idx: self.collate([examples[i] for i in idx]),
+                lambda idx: self._both_columns([examples[i] for i in idx]),
                 self.cfg.trainer.micro_batch_size, reference=reference):
             out[mb] = torch.stack(logps.chunk(2), dim=1)
         return out
@@ -276,10 +382,8 @@ class DPOTrainer(Trainer[DPOConfig]):
 
     def train_step(self, step: int) -> dict[str, float]:
         indices = self.schedule.indices(step)
-        result = self._run("train_step", self._batches("train", indices, evenly=False),
-                           [self.train[i] for i in indices])
-        return {**pair_means(result.sums), **result.shared,
-                "epoch": step / self.schedule.steps_per_epoch}
+        means, shared = self._run("train_step", "train", indices, evenly=False)
+        return {**means, **shared, "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -287,10 +391,9 @@ class DPOTrainer(Trainer[DPOConfig]):
             if self.reference["eval"] is None and not self.reference_free:
                 # The reference never changes: its held-out log-probs are computed once.
                 self.reference["eval"] = self._logps_of(self.eval, reference=True)
-            batches = self._batches("eval", list(range(len(self.eval))), evenly=True)
-            sums = self._run("evaluate", batches, self.eval).sums
-            metrics = {f"eval/{k}": v for k, v in pair_means(sums).items()}
-            metrics["eval/pairs"] = len(self.eval)
+            means, _ = self._run("evaluate", "eval", list(range(len(self.eval))), evenly=True)
+            metrics = {f"eval/{k}": v for k, v in means.items()}
+            metrics["eval/rows" if self.unpaired else "eval/pairs"] = len(self.eval)
         if final:
             metrics.update(final_exact_match(self.group, self.tokenizer, self.eval_prompts,
                                              self.eval_references, self.cfg.eval,
@@ -305,12 +408,14 @@ def pair_means(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": sums["loss"], **means, **extra}
 
 
-def reference_cache_path(cfg: DPOConfig, output_dir: Path, examples: list[PreferenceExample],
+def reference_cache_path(cfg: DPOConfig, output_dir: Path,
+                         examples: list[PreferenceExample] | list[UnpairedExample],
                          packing: Packing | None = None) -> Path:
     """Where precomputed reference log-probs live: `dpo.reference_cache_dir` (default
     `output_dir/reference_logps/`), in a file named by a hash of everything they depend on:
     the model (name, and for a local folder its files' sizes and times), dtype, tokenizer, data
-    source, max_length, the batch layout (packing), and the token ids of every pair."""
+    source, max_length, the batch layout (packing), and the token ids of every pair (or
+    unpaired row, with its mismatched completion)."""
     model = cfg.model
     if model.name_or_path == EMBEDDED:
         identity: Any = asdict(model.embedded)
@@ -327,7 +432,9 @@ def reference_cache_path(cfg: DPOConfig, output_dir: Path, examples: list[Prefer
            "packing": None if packing is None else [packing.attention, packing.row_length]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for e in examples:
-        digest.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+        ids = ((e.prompt_ids, e.completion_ids, e.kl_completion_ids)
+               if isinstance(e, UnpairedExample) else (e.prompt_ids, e.chosen_ids, e.rejected_ids))
+        digest.update(repr(ids).encode())
     folder = Path(cfg.dpo.reference_cache_dir) if cfg.dpo.reference_cache_dir else (
         output_dir / "reference_logps")
     return folder / f"{digest.hexdigest()[:20]}.pt"

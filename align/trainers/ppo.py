@@ -37,6 +37,7 @@ from align.tasks import load_task
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import StepResult, can_split, train_objective
+from align.trainers.dynamic_sampling import ScoredRollout, sample_until_full
 from align.trainers.evaluation import generate_ids, write_eval_samples
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import (
@@ -46,7 +47,7 @@ from align.trainers.ppo_objectives import (
     token_values,
     value_objective,
 )
-from align.trainers.rollout import Rollout, generate_rollout, infer_rows
+from align.trainers.rollout import Rollout, completion_ids, generate_rollout, infer_rows
 from align.trainers.stage_data import stage_rows
 from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
@@ -208,42 +209,68 @@ class PPOTrainer(Trainer[PPOConfig]):
     # ---------------------------------------------------------------- one iteration
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, ro = self.cfg, self.cfg.rollout
-        examples = [self.prompts[i] for i in self.schedule.indices(step)]
+        ro = self.cfg.rollout
         self._sync_engine_once()
-        t0 = time.perf_counter()
-        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                            top_p=ro.top_p, seed=cfg.trainer.seed * 1_000_003 + step,
-                            logprobs=True)
-        rollout = generate_rollout(self.engine, self.tokenizer, examples,
-                                   ro.n_samples_per_prompt, sampling, self.eos_ids)
+        timing = {"time/generate": 0.0, "time/score": 0.0}
+        if ro.dynamic_sampling:
+            scored, metrics = sample_until_full(
+                lambda round_: self._sample_round(step, round_, timing), ro.prompts_per_step,
+                ro.n_samples_per_prompt, ro.max_resample_rounds, self.tokenizer.pad_token_id,
+                multiple_of=self.group.size)
+            if scored is None:  # every group sampled was all-equal: nothing to learn from
+                return {**metrics, **timing}
+        else:
+            scored, metrics = self._sample_round(step, 0, timing), {}
         self.engine.sleep()
-        t1 = time.perf_counter()
-        # Rewards learn which completions never ended (a reward model scores those without EOS).
-        columns = {**rollout.columns, TRUNCATED_COLUMN: rollout.truncated}
-        scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
-        gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
-                if self.gold else None)
+        rollout, scores, gold = scored.rollout, scored.scores, scored.gold
         t2 = time.perf_counter()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
         gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
                           response_mask(rollout.batch))
         check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
         t3 = time.perf_counter()
-        metrics = self._update(rollout, step)
+        metrics.update(self._update(rollout, step))
         t4 = time.perf_counter()
         self.engine.wake()
         sync_seconds = self.engine.update_weights()
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
         metrics.update(gap)
-        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1,
-                        "time/experience": t3 - t2, "time/train": t4 - t3,
+        metrics.update({**timing, "time/experience": t3 - t2, "time/train": t4 - t3,
                         "time/weight_sync": sync_seconds})
-        every = cfg.trainer.log_completions_every
+        every = self.cfg.trainer.log_completions_every
         if every and (step + 1) % every == 0:
             self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
         self.kl.update(metrics["kl"], self.buffer_size())
         return metrics
+
+    def _sample_round(self, step: int, round_: int, timing: dict[str, float]) -> ScoredRollout:
+        """Generate and score one round: the step's own prompts (round 0) or, for dynamic
+        sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
+        cfg, ro = self.cfg, self.cfg.rollout
+        if round_ == 0:
+            indices = self.schedule.indices(step)
+        else:
+            rng = np.random.default_rng([cfg.trainer.seed, step, round_])
+            indices = rng.choice(len(self.prompts), ro.prompts_per_step, replace=False).tolist()
+        t0 = time.perf_counter()
+        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                            top_p=ro.top_p,
+                            seed=cfg.trainer.seed * 1_000_003 + step + round_ * 7_919_993,
+                            logprobs=True)
+        rollout = generate_rollout(self.engine, self.tokenizer,
+                                   [self.prompts[i] for i in indices], ro.n_samples_per_prompt,
+                                   sampling, self.eos_ids)
+        t1 = time.perf_counter()
+        # Token ids reach the rewards as TRL passes them (overlong_penalty counts them), and so
+        # does which completions never ended (a reward model scores those without EOS).
+        columns = {"completion_ids": completion_ids(rollout), **rollout.columns,
+                   TRUNCATED_COLUMN: rollout.truncated}
+        scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
+        gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
+                if self.gold else None)
+        timing["time/generate"] += t1 - t0
+        timing["time/score"] += time.perf_counter() - t1
+        return ScoredRollout(rollout, scores, gold)
 
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Old/reference log-probs, values, advantages and returns into `rollout.tensors`.
@@ -285,7 +312,8 @@ class PPOTrainer(Trainer[PPOConfig]):
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
                          aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
-                         entropy_coef=alg.entropy_coef, tis_cap=alg.tis_cap)
+                         entropy_coef=alg.entropy_coef, tis_cap=alg.tis_cap,
+                         importance_sampling_level=alg.importance_sampling_level)
         sums: dict[str, float] = {}
         minibatches = 0
         for _ in range(alg.ppo_epochs):
@@ -293,7 +321,8 @@ class PPOTrainer(Trainer[PPOConfig]):
             for start in range(0, rollout.size, batch_size):
                 index = order[start:start + batch_size]
                 normalizer = aggregation_normalizer(response_mask(rollout.rows(index)),
-                                                    alg.loss_aggregation)
+                                                    alg.loss_aggregation,
+                                                    cfg.rollout.max_new_tokens)
                 result = self._train_role(self.group, ppo_objective, rollout, index, micro,
                                           self.packing, normalizer=normalizer, **policy_kw)
                 accumulate(sums, {**result.sums, "grad_norm": result.shared["grad_norm"]})
@@ -351,7 +380,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         truncated = [not i or i[-1] not in eos for i in ids]
         columns = {k: [p.columns.get(k) for p in self.eval_prompts]
                    for k in self.eval_prompts[0].columns}
-        columns[TRUNCATED_COLUMN] = truncated
+        columns.update({TRUNCATED_COLUMN: truncated, "completion_ids": ids})
         metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
         if self.gold is not None:
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))

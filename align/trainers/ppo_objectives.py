@@ -20,6 +20,7 @@ from align.losses import (
     gather_logprobs,
     ppo_policy_loss,
     ppo_value_loss,
+    sequence_level_logprobs,
     truncated_importance_weights,
 )
 from align.packed_forward import head_outputs, model_inputs
@@ -73,23 +74,28 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
                   temperature: float, clip_eps: float, clip_eps_high: float | None,
                   dual_clip: float | None, aggregation: str, normalizer: float,
                   kl_coef: float, kl_estimator: str, entropy_coef: float,
-                  tis_cap: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  tis_cap: float | None = None, importance_sampling_level: str = "token"
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss (+ KL-to-reference loss term, - entropy bonus) of one micro-batch.
 
-    `normalizer` is `aggregation_normalizer` of the global minibatch (its token count, or its
-    count of sequences with a generated token), so micro-batch losses add up to the minibatch
-    loss whatever the split.
+    `normalizer` is `aggregation_normalizer` of the global minibatch (its token count, its
+    count of sequences with a generated token, or sequences x max_new_tokens for "constant"),
+    so micro-batch losses add up to the minibatch loss whatever the split.
     `kl_coef` > 0 adds the KL as a loss term (the GRPO way); 0 when KL is in the reward.
     `tis_cap` weights each token by the truncated importance ratio trainer/engine
-    (`batch["engine_logprobs"]`); None: off.
+    (`batch["engine_logprobs"]`); None: off. `importance_sampling_level` "sequence" clips
+    GSPO's sequence-level ratio instead of each token's (`sequence_level_logprobs`); the KL and
+    entropy terms stay per token.
     """
     logits, targets = _shifted_logits(model, batch, temperature)
     mask = response_mask(batch)
     logp = _padded(gather_logprobs(logits, targets), batch)
     weights = (truncated_importance_weights(batch["old_logprobs"], batch["engine_logprobs"],
                                             tis_cap) if tis_cap is not None else None)
+    ratio_logp = (sequence_level_logprobs(logp, batch["old_logprobs"], mask)
+                  if importance_sampling_level == "sequence" else logp)
     policy_loss, clip_ratio = ppo_policy_loss(
-        logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
+        ratio_logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
         dual_clip, aggregation, normalizer, token_weights=weights)
     loss = policy_loss
     kl = kl_penalty(logp, batch["ref_logprobs"], kl_estimator)

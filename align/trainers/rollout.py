@@ -74,6 +74,12 @@ def generate_rollout(engine: RolloutEngine, tokenizer: Any, examples: list[Promp
     )
 
 
+def completion_ids(rollout: Rollout) -> list[list[int]]:
+    """The generated token ids of every sample (EOS included where generation stopped)."""
+    labels = rollout.batch["labels"]
+    return [row[row != IGNORE_INDEX].tolist() for row in labels]
+
+
 def pad_sequences(prompts: list[list[int]], responses: list[list[int]],
                   pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response rows; labels only on response tokens."""

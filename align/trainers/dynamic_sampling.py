@@ -1,0 +1,148 @@
+"""DAPO's dynamic sampling (Yu et al. 2025): train only on groups whose rewards differ.
+
+Under a group estimator (GRPO, RLOO) a prompt whose samples all got the same reward has zero
+advantage on every sample: it adds nothing to the policy gradient but still dilutes the
+batch (and pulls it towards the KL term). With `rollout.dynamic_sampling`, such groups are
+dropped and `prompts_per_step` more prompts are sampled, up to `rollout.max_resample_rounds`
+extra rounds, until `prompts_per_step` varied groups are kept (extra ones are cut, in sampling
+order). If the rounds run out first, the iteration trains on the varied groups it has: a
+trained batch never holds an all-equal group (veRL raises an error instead; we keep going,
+since late in training most prompts are solved and the next iteration may do better).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from align.losses import IGNORE_INDEX
+from align.trainers.rollout import Rollout
+
+
+@dataclass
+class ScoredRollout:
+    """One round's samples with their rewards (and logged-only gold rewards)."""
+
+    rollout: Rollout
+    scores: Any  # reward_models.CombinedScores: `total` and `per_reward` lists, one per sample
+    gold: Any | None = None  # the same for `gold_rewards`, or None
+
+
+def varied_groups(totals: list[float], group_size: int) -> list[int]:
+    """Indices of the groups (contiguous runs of `group_size` samples) whose rewards are not
+    all equal."""
+    return [g for g in range(len(totals) // group_size)
+            if len(set(totals[g * group_size:(g + 1) * group_size])) > 1]
+
+
+def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int,
+                      group_size: int, max_rounds: int, pad_id: int,
+                      multiple_of: int = 1) -> tuple[ScoredRollout | None, dict[str, float]]:
+    """Rounds of `sample(round)` until `target_groups` varied groups are kept.
+
+    Args:
+        sample: generates and scores one round (round 0 is the step's own prompts).
+        target_groups: groups a full batch holds (rollout.prompts_per_step).
+        group_size: samples per prompt.
+        max_rounds: extra rounds allowed after round 0.
+        pad_id: the tokenizer's pad id, to lay rounds of different widths into one batch.
+        multiple_of: the kept sample count is cut to a multiple of this (the worker count,
+            so every rank gets the same share of a short batch).
+
+    Returns:
+        (the kept samples, or None when no varied group was found; metrics
+        `rollout/filtered_groups` (all-equal groups dropped), `rollout/resample_rounds`,
+        `rollout/kept_groups` and `rollout/unfiltered_reward` (mean reward of round 0, before
+        filtering: the policy's reward, comparable with runs without dynamic sampling)).
+    """
+    kept: list[tuple[ScoredRollout, list[int]]] = []
+    n_kept = filtered = rounds = 0
+    first_reward = 0.0
+    for rounds in range(max_rounds + 1):
+        scored = sample(rounds)
+        totals = scored.scores.total
+        if rounds == 0:
+            first_reward = sum(totals) / max(len(totals), 1)
+        groups = varied_groups(totals, group_size)
+        filtered += len(totals) // group_size - len(groups)
+        groups = groups[:target_groups - n_kept]
+        kept.append((scored, groups))
+        n_kept += len(groups)
+        if n_kept >= target_groups:
+            break
+    while n_kept and (n_kept * group_size) % multiple_of:
+        n_kept -= 1
+    metrics = {"rollout/filtered_groups": float(filtered), "rollout/resample_rounds": float(rounds),
+               "rollout/kept_groups": float(n_kept), "rollout/unfiltered_reward": first_reward}
+    if not n_kept:
+        return None, metrics
+    parts, budget = [], n_kept
+    for scored, groups in kept:
+        rows = [g * group_size + i for g in groups[:budget] for i in range(group_size)]
+        budget -= len(groups[:budget])
+        if rows:
+            parts.append(take_rows(scored, rows))
+    return concat_scored(parts, pad_id), metrics
+
+
+def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
+    """The samples `rows` of one round (its rollout has no per-token tensors yet)."""
+    r = scored.rollout
+    index = torch.tensor(rows, dtype=torch.long)
+    rollout = Rollout(prompts=[r.prompts[i] for i in rows],
+                      completions=[r.completions[i] for i in rows],
+                      columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
+                      batch={k: v[index] for k, v in r.batch.items()},
+                      lengths=[r.lengths[i] for i in rows],
+                      truncated=[r.truncated[i] for i in rows],
+                      engine_logprobs=(None if r.engine_logprobs is None
+                                       else r.engine_logprobs[index]),
+                      pad_id=r.pad_id)
+    return ScoredRollout(rollout, _take_scores(scored.scores, rows),
+                         None if scored.gold is None else _take_scores(scored.gold, rows))
+
+
+def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
+    """Rounds joined in order into one; batches are right-padded to the widest round."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.rollout.batch["input_ids"].shape[1] for p in parts)
+    first = parts[0].rollout
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}  # attention_mask and the rest: 0
+    batch = {key: torch.cat([torch.nn.functional.pad(p.rollout.batch[key],
+                                                     (0, width - p.rollout.batch[key].shape[1]),
+                                                     value=fill.get(key, 0)) for p in parts])
+             for key in first.batch}
+    rollout = Rollout(prompts=[x for p in parts for x in p.rollout.prompts],
+                      completions=[x for p in parts for x in p.rollout.completions],
+                      columns={k: [x for p in parts for x in p.rollout.columns[k]]
+                               for k in first.columns},
+                      batch=batch, lengths=[x for p in parts for x in p.rollout.lengths],
+                      truncated=[x for p in parts for x in p.rollout.truncated],
+                      engine_logprobs=_concat_logprobs([p.rollout for p in parts], width - 1),
+                      pad_id=first.pad_id)
+    gold = None if parts[0].gold is None else _concat_scores([p.gold for p in parts])
+    return ScoredRollout(rollout, _concat_scores([p.scores for p in parts]), gold)
+
+
+def _concat_logprobs(rollouts: list[Rollout], width: int) -> torch.Tensor | None:
+    """The rounds' (n, T-1) engine log-probs, right-padded with 0 to `width` and stacked."""
+    if any(r.engine_logprobs is None for r in rollouts):
+        return None
+    return torch.cat([torch.nn.functional.pad(r.engine_logprobs,
+                                              (0, width - r.engine_logprobs.shape[1]))
+                      for r in rollouts])
+
+
+def _take_scores(scores: Any, rows: list[int]) -> Any:
+    return type(scores)(total=[scores.total[i] for i in rows],
+                        per_reward={k: [v[i] for i in rows] for k, v in scores.per_reward.items()})
+
+
+def _concat_scores(parts: list[Any]) -> Any:
+    return type(parts[0])(total=[x for p in parts for x in p.total],
+                          per_reward={k: [x for p in parts for x in p.per_reward[k]]
+                                      for k in parts[0].per_reward})
