@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from align.errors import AlignError, ConfigError, OutputDirError
 
@@ -44,6 +45,20 @@ def _run_eval_rm(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise OutputDirError(f"--output {args.output}: cannot write it: {exc}") from None
     print(f"written to {args.output}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from align.policy_eval import EvalSettings, evaluate_policy, format_eval_report, samples_path
+
+    settings = EvalSettings(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            batch_size=args.batch_size, max_samples=args.max_samples,
+                            max_length=args.max_length, engine=args.engine, split=args.split)
+    report = evaluate_policy(args.model, args.data, args.reward or [], args.baseline, settings,
+                             args.output)
+    print(format_eval_report(report))
+    print(f"written to {args.output} and {samples_path(Path(args.output))}")
     return 0
 
 
@@ -121,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "grpo:trainer.max_steps=20)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(handler=_run_quickstart)
+    v = sub.add_parser("eval", help="generate with a trained policy, score it, compare it")
+    v.add_argument("model", help="model or peft-adapter folder (e.g. runs/arithmetic/grpo/final)")
+    v.add_argument("data", help="prompt rows {prompt, ...} (file, folder, hub name) or `embedded`")
+    v.add_argument("--reward", action="append", metavar="SPEC",
+                   help="a reward spec (repeatable); the first one decides the win rate")
+    v.add_argument("--baseline", default=None, help="a model to compare with (win rate)")
+    v.add_argument("--output", default="eval.json",
+                   help="JSON report; samples go to OUTPUT.samples.jsonl beside it")
+    v.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="generation engine")
+    v.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    v.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --sample)")
+    v.add_argument("--seed", type=int, default=0, help="sampling seed")
+    v.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per answer")
+    v.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per generate")
+    v.add_argument("--max-samples", type=int, default=0, help="prompts evaluated (0: all)")
+    v.add_argument("--max-length", type=_positive_int, default=1024,
+                   help="longest prompt accepted, in tokens")
+    v.add_argument("--split", default="train", help="split of a folder or hub dataset")
+    v.set_defaults(handler=_run_eval)
     r = sub.add_parser("report", help="report.md with plots for one or more run folders")
     r.add_argument("runs", nargs="+", help="run folders (the output_dir of a stage)")
     r.add_argument("--output", default=None,
