@@ -11,6 +11,7 @@ from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.errors import ModelError
 from align.policy import Policy
 from align.rollout import Sampling
+from align.saving import save_pretrained
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 70]])
@@ -69,6 +70,25 @@ def test_embedded_full_model_round_trip(tmp_path):
     text = "Q: 12+30="
     assert tok(text, add_special_tokens=False).input_ids == \
         policy.tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["full", "merged-lora"])
+def test_save_refuses_weights_that_do_not_fit(tmp_path, tiny_model_dir, merged):
+    """A state dict missing a tensor (or holding a foreign one) must not become a model."""
+    cfg = ModelConfig(name_or_path=tiny_model_dir("llama"), dtype="float32")
+    cfg.lora.enabled = merged
+    policy = frozen_policy(cfg)
+    state = policy.full_state_dict()
+    dropped = next(k for k in state if "layers.1.mlp" in k)
+    missing = {k: v for k, v in state.items() if k != dropped}
+    with pytest.raises(ModelError, match=f"missing.*{dropped}"):
+        save_pretrained(policy.model, missing, policy.tokenizer, tmp_path / "a", merged)
+    with pytest.raises(ModelError, match="unexpected.*extra.weight"):
+        save_pretrained(policy.model, {**state, "extra.weight": torch.zeros(1)},
+                        policy.tokenizer, tmp_path / "b", merged)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    save_pretrained(policy.model, state, policy.tokenizer, tmp_path / "c", merged)
+    assert list((tmp_path / "c").glob("*.safetensors"))
 
 
 def test_embedded_is_deterministic():
