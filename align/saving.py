@@ -7,10 +7,13 @@ plain `from_pretrained` (or `PeftModel.from_pretrained` for an adapter).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from align.errors import ModelError
 
 
 def save_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer,
@@ -23,7 +26,12 @@ def save_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], toke
         tokenizer: written beside the weights.
         path: destination folder (created).
         merge_lora: for a peft model, write base + merged adapter as one plain model.
+
+    Raises:
+        ModelError: `state` lacks a tensor of the model or holds one it does not have (a
+            model saved from it would be incomplete or silently different).
     """
+    check_keys(model.state_dict().keys(), state, path)
     path.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft and merge_lora:
@@ -51,7 +59,14 @@ def _merged_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torc
     fresh = auto.from_config(copy.deepcopy(base.config), dtype=next(iter(state.values())).dtype)
     adapter = model.active_adapter
     fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]))
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    if unexpected:
-        raise RuntimeError(f"state dict does not fit the model: unexpected keys {unexpected[:5]}")
+    fresh.load_state_dict(state, strict=True)  # keys were checked by check_keys
     return fresh.merge_and_unload()
+
+
+def check_keys(expected: Iterable[str], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fail unless `state` has exactly the tensors named in `expected`."""
+    expected = set(expected)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelError(f"cannot save {path}: the weights do not fit the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -1,4 +1,9 @@
-"""Shared fixtures: one Ray instance per test run, tiny models saved locally, small configs."""
+"""Shared fixtures: one Ray instance per test run, tiny models saved locally, small configs.
+
+Tests compare numbers exactly, so a test session runs on the CPU in fp32 even on a GPU host:
+the GPU is hidden from this process and from Ray's workers. `ALIGN_TEST_GPU=1 pytest -m gpu`
+runs the GPU tests with it visible; without a GPU they are skipped.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("ALIGN_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch, DeepSpeed or Ray look for a GPU
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
@@ -24,13 +31,15 @@ from align.config import RMConfig, SFTConfig, load_config  # noqa: E402
 from align.distributed import ensure_ray  # noqa: E402
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
+# Every tiny config: fp32 on CPU workers, whatever the host has (`dtype: auto` is bf16 on GPU).
+CPU_FP32 = ("model.dtype=float32", "distributed.gpus_per_worker=0")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are skipped where torch sees no CUDA device."""
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped where torch sees no CUDA device (or it is hidden)."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason="needs a GPU: ALIGN_TEST_GPU=1 pytest -m gpu on a GPU host")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -139,7 +148,7 @@ def tiny_reward_model_dir(tmp_path_factory) -> str:
 
 def tiny_rm_config(tmp_path, *overrides: str) -> RMConfig:
     """A reward-model config on the embedded task's pairs with a tiny model, for tests."""
-    base = [f"output_dir={tmp_path / 'run'}",
+    base = [f"output_dir={tmp_path / 'run'}", *CPU_FP32,
             *(f"model.embedded.{key}={value}" for key, value in TINY.items()),
             "task.num_pairs=2000", "task.num_eval=40", "data.max_length=24",
             "trainer.lr=3e-3", "trainer.max_steps=8", "trainer.global_batch_size=16",
@@ -149,7 +158,7 @@ def tiny_rm_config(tmp_path, *overrides: str) -> RMConfig:
 
 def tiny_sft_config(tmp_path, *overrides: str) -> SFTConfig:
     """An SFT config on the embedded task with a tiny model, fast enough for tests."""
-    base = [f"output_dir={tmp_path / 'run'}",
+    base = [f"output_dir={tmp_path / 'run'}", *CPU_FP32,
             f"model.embedded.hidden_size={TINY['hidden_size']}",
             f"model.embedded.num_layers={TINY['num_layers']}",
             f"model.embedded.num_heads={TINY['num_heads']}",
@@ -165,7 +174,7 @@ def tiny_ppo_config(tmp_path, *overrides: str):
     """A PPO-family config on the embedded task with a tiny model (2 iterations)."""
     from align.config import PPOConfig
 
-    base = [f"output_dir={tmp_path / 'run'}",
+    base = [f"output_dir={tmp_path / 'run'}", *CPU_FP32,
             f"model.embedded.hidden_size={TINY['hidden_size']}",
             f"model.embedded.num_layers={TINY['num_layers']}",
             f"model.embedded.num_heads={TINY['num_heads']}",
@@ -183,7 +192,7 @@ def tiny_dpo_config(tmp_path, *overrides: str):
     """A DPO config on the embedded task's pairs with a tiny model, fast enough for tests."""
     from align.config import DPOConfig
 
-    base = [f"output_dir={tmp_path / 'run'}",
+    base = [f"output_dir={tmp_path / 'run'}", *CPU_FP32,
             *(f"model.embedded.{key}={value}" for key, value in TINY.items()),
             "task.num_pairs=512", "task.num_eval=16", "data.max_length=24",
             "trainer.lr=3e-3", "trainer.max_steps=6", "trainer.global_batch_size=16",

@@ -161,7 +161,7 @@ CASES = {"sft": sft_case, "reward": reward_case, "dpo": dpo_case, "ppo_policy": 
 def groups():
     """A 1-worker and a 2-worker group, side by side on the shared cores."""
     made = {n: WorkerGroup(ProbeWorker, DistributedConfig(num_workers=n, cpus_per_worker=0.5,
-                                                          torch_threads=1))
+                                                          gpus_per_worker=0, torch_threads=1))
             for n in (1, 2)}
     yield made
     for group in made.values():

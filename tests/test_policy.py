@@ -11,9 +11,11 @@ from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.errors import ModelError
 from align.policy import Policy
 from align.rollout import Sampling
+from align.saving import save_pretrained
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 70]])
+GREEDY = Sampling(max_new_tokens=6, greedy=True)
 
 
 def frozen_policy(model_cfg: ModelConfig) -> Policy:
@@ -58,7 +60,7 @@ def test_lora_adapter_and_merged_round_trip(arch, tiny_model_dir, saved_tokenize
 
 
 def test_embedded_full_model_round_trip(tmp_path):
-    policy = frozen_policy(ModelConfig())
+    policy = frozen_policy(ModelConfig(dtype="float32"))
     expected = logits(policy.model)
     policy.save(tmp_path / "final")
     assert list((tmp_path / "final").glob("*.safetensors"))
@@ -70,19 +72,71 @@ def test_embedded_full_model_round_trip(tmp_path):
         policy.tokenizer(text, add_special_tokens=False).input_ids
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["full", "merged-lora"])
+def test_save_refuses_weights_that_do_not_fit(tmp_path, tiny_model_dir, merged):
+    """A state dict missing a tensor (or holding a foreign one) must not become a model."""
+    cfg = ModelConfig(name_or_path=tiny_model_dir("llama"), dtype="float32")
+    cfg.lora.enabled = merged
+    policy = frozen_policy(cfg)
+    state = policy.full_state_dict()
+    dropped = next(k for k in state if "layers.1.mlp" in k)
+    missing = {k: v for k, v in state.items() if k != dropped}
+    with pytest.raises(ModelError, match=f"missing.*{dropped}"):
+        save_pretrained(policy.model, missing, policy.tokenizer, tmp_path / "a", merged)
+    with pytest.raises(ModelError, match="unexpected.*extra.weight"):
+        save_pretrained(policy.model, {**state, "extra.weight": torch.zeros(1)},
+                        policy.tokenizer, tmp_path / "b", merged)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    save_pretrained(policy.model, state, policy.tokenizer, tmp_path / "c", merged)
+    assert list((tmp_path / "c").glob("*.safetensors"))
+
+
 def test_embedded_is_deterministic():
-    a, b = frozen_policy(ModelConfig()), frozen_policy(ModelConfig())
+    a, b = frozen_policy(ModelConfig(dtype="float32")), frozen_policy(ModelConfig(dtype="float32"))
     torch.testing.assert_close(logits(a.model), logits(b.model), rtol=0, atol=0)
 
 
-def test_generate_returns_new_tokens_cut_at_eos():
-    policy = frozen_policy(ModelConfig())
-    out = policy.generate([[40, 41], [40, 41, 42, 43]], Sampling(max_new_tokens=5)).tokens
-    assert len(out) == 2
-    eos = policy.tokenizer.eos_token_id
-    for row in out:
-        assert 1 <= len(row) <= 5
-        assert eos not in row[:-1]
+@torch.no_grad()
+def greedy_by_hand(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
+                   eos: int) -> list[int]:
+    """Argmax of the next-token logits, one unpadded forward per token, stopping after EOS."""
+    ids, new = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        new.append(token)
+        if token == eos:
+            break
+    return new
+
+
+def test_generate_is_greedy_decoding_unchanged_by_padding_and_batching():
+    policy = frozen_policy(ModelConfig(dtype="float32"))
+    tok = policy.tokenizer
+    prompts = [tok(text, add_special_tokens=False).input_ids
+               for text in ("Q: 3+4=", "Q: 23+58=", "Q: 99+99=", "Hi")]
+    eos = tok.eos_token_id
+    expected = [greedy_by_hand(policy.model, p, 6, eos) for p in prompts]
+    batched = policy.generate(prompts, GREEDY).tokens  # left-padded to the longest prompt
+    assert batched == expected
+    assert [policy.generate([p], GREEDY).tokens[0] for p in prompts] == expected
+    assert policy.generate(prompts[::-1], GREEDY).tokens == expected[::-1]
+    for row in batched:
+        assert 1 <= len(row) <= 6 and eos not in row[:-1]
+
+
+def test_generate_returns_new_tokens_cut_after_the_first_eos(monkeypatch):
+    policy = frozen_policy(ModelConfig(dtype="float32"))
+    eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    new = [[5, eos, 7, eos], [6, 6, 6, 6]]
+
+    def fake_generate(input_ids, **kwargs):  # the prompts (left-padded) + 4 new tokens each
+        assert input_ids.tolist() == [[40, 41, 42], [pad, pad, 40]]
+        return torch.cat([input_ids, torch.tensor(new)], dim=1)
+
+    monkeypatch.setattr(policy.model, "generate", fake_generate)
+    out = policy.generate([[40, 41, 42], [40]], Sampling(max_new_tokens=4, greedy=True))
+    assert out.tokens == [[5, eos], [6, 6, 6, 6]]
 
 
 def test_missing_model_folder_is_a_model_error(tmp_path):

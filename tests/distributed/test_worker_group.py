@@ -53,7 +53,7 @@ class EchoWorker(BaseWorker):
 
 
 def test_two_workers_form_one_world(ray_local):
-    group = WorkerGroup(EchoWorker, DistributedConfig(num_workers=2))
+    group = WorkerGroup(EchoWorker, DistributedConfig(num_workers=2, gpus_per_worker=0))
     try:
         assert group.call("world") == [(0, 2, 1), (1, 2, 1)]
         # Each worker's threads are its share of the node's CPUs.
@@ -67,7 +67,7 @@ def test_two_workers_form_one_world(ray_local):
 
 
 def test_fractional_workers_share_a_cpu(ray_local):
-    cfg = DistributedConfig(num_workers=2, cpus_per_worker=0.5)
+    cfg = DistributedConfig(num_workers=2, cpus_per_worker=0.5, gpus_per_worker=0)
     group = WorkerGroup(EchoWorker, cfg, role="reference")
     try:
         assert [w[1] for w in group.call("world")] == [2, 2]
@@ -76,7 +76,8 @@ def test_fractional_workers_share_a_cpu(ray_local):
 
 
 def test_dead_worker_fails_fast_with_role_and_rank(ray_local):
-    group = WorkerGroup(EchoWorker, DistributedConfig(num_workers=2), role="critic")
+    cfg = DistributedConfig(num_workers=2, gpus_per_worker=0)
+    group = WorkerGroup(EchoWorker, cfg, role="critic")
     refs = [a.sleep.remote(120) for a in group.actors]
     started = time.monotonic()
     ray.kill(group.actors[1])

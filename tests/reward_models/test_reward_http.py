@@ -156,13 +156,15 @@ def test_5xx_gives_up_after_max_tries(server):
 
 
 def test_unreachable_url():
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+    # The socket stays bound, without listening, for the whole test: connections to its port
+    # are refused, and no other process can start listening there meanwhile.
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    spec = f"http://127.0.0.1:{port}/score"
-    reward = load_reward({"spec": spec, "kwargs": FAST})
-    with pytest.raises(RewardError, match=rf"'{spec}'.*after 3 tries: cannot reach the endpoint"):
-        reward(PROMPTS, COMPLETIONS)
+        spec = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
+        reward = load_reward({"spec": spec, "kwargs": FAST})
+        with pytest.raises(RewardError,
+                           match=rf"'{spec}'.*after 3 tries: cannot reach the endpoint"):
+            reward(PROMPTS, COMPLETIONS)
 
 
 def test_timeout(server):

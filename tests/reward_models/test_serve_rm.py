@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from reward_models.server import RewardModelServer
 
 PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99="]
 COMPLETIONS = [" 81", " 20", " 198!"]
+STARTUP_TIMEOUT_S = 120  # imports and model loading; seconds on an idle machine
 
 
 @pytest.fixture(autouse=True)
@@ -117,13 +119,25 @@ def test_health_and_unknown_path(server, tiny_reward_model_dir):
     assert post(server.url.replace("/score", "/other"), b"{}")[0] == 404
 
 
+def first_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    """The process's first line of output, or a failure (not a hung test) after `timeout_s`."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout_s)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"serve-rm printed nothing within {timeout_s} s; stderr: "
+                    f"{proc.communicate()[1][-2000:]}")
+
+
 def test_cli_serves_on_loopback_and_stops_on_ctrl_c(tiny_reward_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve-rm",
                              tiny_reward_model_dir, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        line = proc.stdout.readline()
+        line = first_line(proc, timeout_s=STARTUP_TIMEOUT_S)
         assert "http://127.0.0.1:" in line, line + proc.stderr.read()
         url = line.split(" at ")[1].split()[0]
         reward = load_reward({"spec": url, "kwargs": {"max_tries": 1}})

@@ -19,7 +19,7 @@ from align.data import (
 from align.losses import dpo_loss, nll_loss, preference_metrics, simpo_loss
 from align.tasks import arithmetic
 from align.tracking import read_metrics
-from align.trainers.dpo import DPOTrainer, completion_logps
+from align.trainers.dpo import DPOTrainer, completion_logps, reference_cache_path
 from tests.conftest import tiny_dpo_config
 
 pytestmark = pytest.mark.slow
@@ -84,6 +84,29 @@ def test_packed_completion_logps_equal_padded_and_plain(tiny_model_dir):
     assert packed_len.tolist() == padded_len.tolist()
     plain, _ = plain_logps(model, examples[:-1])  # plain_logps assumes a non-empty prompt
     torch.testing.assert_close(torch.stack(packed.chunk(2), 1)[:-1], plain, atol=1e-5, rtol=0)
+
+
+def test_reference_cache_is_keyed_by_what_the_log_probs_depend_on(tmp_path):
+    """Other data, another max_length or another model: another cache file, never reused.
+    Settings the reference does not depend on (beta, the loss) keep the file."""
+    tok = ByT5Tokenizer()
+    rows = arithmetic.preference_rows(TaskConfig(), 8)
+    examples = tokenize_preference(rows, tok, max_length=24)
+    cfg = tiny_dpo_config(tmp_path)
+    path = reference_cache_path(cfg, tmp_path, examples)
+    assert reference_cache_path(tiny_dpo_config(tmp_path), tmp_path, list(examples)) == path
+    same = tiny_dpo_config(tmp_path, "dpo.beta=0.3", "dpo.loss_type=ipo")
+    assert reference_cache_path(same, tmp_path, examples) == path
+    changed = {
+        "other pair": (cfg, tokenize_preference([*rows[:-1], rows[0]], tok, max_length=24)),
+        "max_length": (tiny_dpo_config(tmp_path, "data.max_length=32"), examples),
+        "data source": (tiny_dpo_config(tmp_path, f"data.train={tmp_path / 'p.jsonl'}"),
+                        examples),
+        "model": (tiny_dpo_config(tmp_path, "model.embedded.seed=1"), examples),
+        "dtype": (tiny_dpo_config(tmp_path, "model.dtype=bfloat16"), examples),
+    }
+    for what, (other_cfg, other_examples) in changed.items():
+        assert reference_cache_path(other_cfg, tmp_path, other_examples) != path, what
 
 
 def test_two_workers_zero2_trains_and_margins_rise(tmp_path, ray_local):
