@@ -17,7 +17,7 @@ from align.trainers.ppo_objectives import token_logprobs, token_values
 def test_fixed_kl_coefficient_never_moves():
     kl = KLController(0.05)
     for value in (0.0, 0.3, 10.0):
-        kl.update(value)
+        kl.update(value, 1)
     assert kl.coef == 0.05
 
 
@@ -28,21 +28,21 @@ def test_fixed_kl_coefficient_never_moves():
     (0.09, 1 - 0.1 / 10),
     (0.0, 1 - 0.2 / 10),  # error -1, clipped to -0.2
 ])
-def test_adaptive_kl_moves_towards_the_target(observed, factor):
+def test_adaptive_kl_moves_towards_the_target(observed, factor):  # one sample per update
     kl = KLController(0.04, adaptive=True, target=0.1, horizon=10)
-    kl.update(observed)
+    kl.update(observed, 1)
     assert kl.coef == pytest.approx(0.04 * factor, rel=1e-12)
 
 
 def test_adaptive_kl_state_round_trips():
     kl = KLController(0.04, adaptive=True, target=0.1, horizon=10)
     for value in (0.3, 0.2, 0.01):
-        kl.update(value)
+        kl.update(value, 1)
     again = KLController(0.04, adaptive=True, target=0.1, horizon=10)
     again.load(kl.state())
     assert again.coef == kl.coef != 0.04
-    kl.update(0.5)
-    again.update(0.5)
+    kl.update(0.5, 1)
+    again.update(0.5, 1)
     assert again.coef == kl.coef
 
 
