@@ -139,23 +139,30 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
-def aggregation_normalizer(mask: torch.Tensor, aggregation: str) -> float:
+def aggregation_normalizer(mask: torch.Tensor, aggregation: str,
+                           max_new_tokens: int | None = None) -> float:
     """The `normalizer` of `aggregate` for a whole (global) batch with valid-token `mask`.
 
     "token": its valid-token count; "sequence": its sequences with at least one valid token,
-    the same ones `aggregate` averages over without a normalizer. At least 1, so a batch with
-    nothing valid gives loss 0 rather than 0 / 0.
+    the same ones `aggregate` averages over without a normalizer; "constant" (Dr. GRPO): its
+    sequences x `max_new_tokens`, whatever their lengths. At least 1, so a batch with nothing
+    valid gives loss 0 rather than 0 / 0.
 
     Args:
         mask: (B, T) 1 on valid tokens of every sequence of the batch.
-        aggregation: "token" or "sequence".
+        aggregation: "token", "sequence" or "constant".
+        max_new_tokens: the generation budget; required for "constant".
     """
     if aggregation == "token":
-        count = mask.sum()
+        count = float(mask.sum())
     elif aggregation == "sequence":
-        count = (mask.sum(-1) > 0).sum()
+        count = float((mask.sum(-1) > 0).sum())
+    elif aggregation == "constant":
+        if max_new_tokens is None:
+            raise ValueError("aggregation 'constant' needs max_new_tokens")
+        count = float(mask.size(0) * max_new_tokens)
     else:
-        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     return max(float(count), 1.0)
 
 

@@ -523,3 +523,14 @@ def test_global_normalizer_leaves_out_empty_sequences_as_the_local_mean_does(agg
                             aggregation=aggregation, normalizer=normalizer)[0] for i in (0, 2))
         torch.testing.assert_close(parts, whole)
     assert aggregation_normalizer(torch.zeros(2, 3), aggregation) == 1.0
+
+
+def test_aggregation_normalizer_counts_per_mode():
+    from align.losses import aggregation_normalizer
+
+    mask = t([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert aggregation_normalizer(mask, "token") == 3.0
+    assert aggregation_normalizer(mask, "sequence") == 2.0  # the empty sequence is left out
+    assert aggregation_normalizer(mask, "constant", max_new_tokens=4) == 12.0  # 3 rows x 4
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        aggregation_normalizer(mask, "constant")
