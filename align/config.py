@@ -352,6 +352,11 @@ class PPOConfig(RunConfig):
             raise ConfigError("rollout.temperature must be positive")
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
+        if alg.adaptive_kl and alg.kl_horizon < buffer:
+            raise ConfigError(
+                f"algorithm.kl_horizon={alg.kl_horizon} counts samples (TRL, OpenRLHF: 10000) and "
+                f"is below the {buffer} samples of one iteration: kl_coef would move by more "
+                "than the whole error each iteration; raise it")
         self._check_kl()
         if alg.tis_cap is not None and alg.tis_cap < 1:
             raise ConfigError(f"algorithm.tis_cap must be at least 1 (it caps importance "

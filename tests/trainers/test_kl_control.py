@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from align.errors import ConfigError
 from align.trainers.kl_control import KLController
 from tests.conftest import tiny_ppo_config
 
@@ -36,3 +37,10 @@ def test_fixed_coefficient_does_not_move():
     kl = KLController(0.05)
     kl.update(100.0, n_samples=256)
     assert kl.coef == 0.05
+
+
+def test_a_horizon_below_one_iteration_of_samples_is_refused(tmp_path):
+    # a horizon written in iterations (the old meaning, e.g. 100) would now adapt explosively
+    with pytest.raises(ConfigError, match="algorithm.kl_horizon=10 counts samples"):
+        tiny_ppo_config(tmp_path, "algorithm.adaptive_kl=true", "algorithm.kl_horizon=10")
+    assert tiny_ppo_config(tmp_path, "algorithm.kl_horizon=10").algorithm.kl_horizon == 10
