@@ -67,6 +67,10 @@ class HttpReward:
         self._check_number("max_response_bytes", self.max_response_bytes, minimum=1, integer=True)
         if not isinstance(self.headers, dict):
             raise ConfigError(f"reward {self.url!r}: headers must be a mapping")
+        if self.token_env is not None and not (isinstance(self.token_env, str)
+                                               and self.token_env):
+            raise ConfigError(f"reward {self.url!r}: token_env must name an environment "
+                              f"variable, got {self.token_env!r}")
 
     def _check_number(
         self, key: str, value: Any, minimum: float, integer: bool = False, inclusive: bool = True
