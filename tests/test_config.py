@@ -115,3 +115,20 @@ def test_override_addresses_list_items(tmp_path):
     assert [(r.spec, r.weight) for r in cfg.rewards] == [("a:b", 2.0), ("e:f", 0.5)]
     with pytest.raises(ConfigError, match="not an index"):
         load_config(PPOConfig, path, ["rewards.5.spec=x:y"])
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["rollout.dynamic_sampling=true", "algorithm.estimator=gae"], "rollout.dynamic_sampling"),
+    (["rollout.max_resample_rounds=-1"], "rollout.max_resample_rounds"),
+    (["algorithm.loss_aggregation=mean"], "algorithm.loss_aggregation"),
+    (["algorithm.importance_sampling_level=group"], "algorithm.importance_sampling_level"),
+])
+def test_ppo_variant_checks_name_keys(overrides, named):
+    from align.config import PPOConfig
+
+    rewards = "rewards=[{spec: reward_models.builtin:exact_match}]"
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(PPOConfig, None, [rewards, *overrides])
+    load_config(PPOConfig, None, [rewards, "rollout.dynamic_sampling=true",
+                                  "algorithm.loss_aggregation=constant",
+                                  "algorithm.importance_sampling_level=sequence"])

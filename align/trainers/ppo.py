@@ -7,8 +7,10 @@ Roles, each a Ray actor group (see OpenRLHF's split):
   - critic: a value model, for `estimator: gae` only;
   - rewards: the weighted reward list, called from the driver (trained reward models score on
     their own actor groups).
-One iteration: sample prompts -> generate -> score -> old/reference log-probs and values ->
-advantages (pure functions in align.advantages) -> `ppo_epochs` passes of minibatch updates.
+One iteration: sample prompts -> generate -> score (with `rollout.dynamic_sampling`, groups
+whose rewards are all equal are dropped and more prompts sampled: `align.trainers.
+dynamic_sampling`) -> old/reference log-probs and values -> advantages (pure functions in
+align.advantages) -> `ppo_epochs` passes of minibatch updates.
 """
 
 from __future__ import annotations
