@@ -36,3 +36,15 @@ def test_fixed_coefficient_does_not_move():
     kl = KLController(0.05)
     kl.update(100.0, n_samples=256)
     assert kl.coef == 0.05
+
+
+def test_state_round_trips_for_resume():
+    kl = KLController(0.04, adaptive=True, target=0.1, horizon=100)
+    for value in (0.3, 0.2, 0.01):
+        kl.update(value, n_samples=16)
+    again = KLController(0.04, adaptive=True, target=0.1, horizon=100)
+    again.load(kl.state())
+    assert again.coef == kl.coef != 0.04
+    kl.update(0.5, n_samples=16)
+    again.update(0.5, n_samples=16)
+    assert again.coef == kl.coef
