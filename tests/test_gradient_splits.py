@@ -82,7 +82,8 @@ def model_config() -> ModelConfig:
 def sft_case(tok) -> Case:
     examples, _ = tokenize_sft(arithmetic.sft_rows(TaskConfig(num_train=GLOBAL_BATCH)), tok, 24,
                                True)
-    return Case("causal_lm", sft_objective, lambda idx: collate_packed([examples[i] for i in idx]),
+    return Case("causal_lm", sft_objective,
+                lambda idx: collate_packed([examples[i] for i in idx], None, tok.pad_token_id),
                 {"num_tokens": float(sum(map(target_tokens, examples)))})
 
 
@@ -107,7 +108,7 @@ def dpo_case(tok) -> Case:
     reference = -20.0 + torch.randn(GLOBAL_BATCH, 2, generator=torch.Generator().manual_seed(0))
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate_preference_packed([examples[i] for i in idx])
+        batch = collate_preference_packed([examples[i] for i in idx], None, tok.pad_token_id)
         batch["reference_logps"] = torch.cat([reference[idx, 0], reference[idx, 1]])
         return batch
 

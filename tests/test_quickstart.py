@@ -8,6 +8,7 @@ import json
 import pytest
 
 from align.quickstart import PIPELINE, run_quickstart
+from reward_models.builtin import exact_match, format_reward
 from tests.conftest import TINY
 
 
@@ -18,17 +19,32 @@ def test_quickstart_runs_every_stage(tmp_path, ray_local):
               "trainer.micro_batch_size=16", "trainer.eval_every=0", "trainer.save_every=0",
               "task.num_train=400", "task.num_pairs=200", "task.num_eval=16",
               "eval.max_samples=16", "grpo:rollout.prompts_per_step=4",
-              "ppo_rm:rollout.prompts_per_step=4"]
+              "ppo_rm:rollout.prompts_per_step=4", "ppo_rm:trainer.log_completions_every=1"]
     summaries = run_quickstart(str(tmp_path), overrides=shrink, quiet=True)
     assert [s["run"] for s in summaries] == [name for name, *_ in PIPELINE]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report == summaries
     table = (tmp_path / "report.md").read_text()
     for name, *_ in PIPELINE:
-        assert f"| {name} |" in table
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert {"run": name, **summary} in summaries
+        assert f"| {name} | {summary['stage']} | {100 * summary['eval/accuracy']:.1f}% (" in table
         assert (tmp_path / name / "final").is_dir()
+    # ppo_rm optimises the reward model (the proxy) and logs the exact-match gold beside it.
     ppo_rm = [json.loads(line) for line in (tmp_path / "ppo_rm" / "metrics.jsonl").open()]
-    assert all("reward/gold" in m and "reward/proxy" in m for m in ppo_rm if "reward" in m)
+    iterations = [m for m in ppo_rm if "reward" in m]
+    assert len(iterations) == 2
+    for m in iterations:
+        assert m["reward/proxy"] == m["reward"]
+    samples = [json.loads(line) for line in (tmp_path / "ppo_rm" / "completions.jsonl").open()]
+    assert samples
+    for row in samples:
+        assert row["reward"] == pytest.approx(0.1 * row["rewards/reward_model"]
+                                              + row["rewards/format"], abs=1e-5)
+        assert row["rewards/format"] == format_reward([row["prompt"]], [row["completion"]])[0]
+        a, b = map(int, row["prompt"].removeprefix("Q: ").removesuffix("=").split("+"))
+        assert row["reward/gold"] == exact_match([row["prompt"]], [row["completion"]],
+                                                 answer=[str(a + b)])[0]
 
 
 def test_overrides_can_be_scoped_to_one_run():

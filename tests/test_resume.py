@@ -1,7 +1,8 @@
 """Exact resume after SIGKILL, and a kill during a checkpoint write, for every stage.
 
 A run killed by SIGKILL (injected with ALIGN_FAULT at a checkpoint) and resumed with
-`resume=auto` must log the same per-step metrics as an uninterrupted run.
+`resume=auto` (or into another run with `resume=PATH`) must log the same per-step metrics as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from align.checkpoint import FAULT_ENV, CheckpointManager
 from align.config import dump_config
 from align.tracking import read_metrics
 from align.trainers.registry import run_stage
-from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_sft_config
+from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_rm_config, tiny_sft_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,11 @@ def test_sft_kill_during_checkpoint_write_resumes_exactly(tmp_path, ray_local):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_metrics(comparable(straight), comparable(run))
     assert not (run / "checkpoints" / ".tmp-step-6").exists()
+    # resume=PATH: another run continues from the straight run's step-3 (not its newest).
+    cfg.output_dir, cfg.resume = str(tmp_path / "from-path"), str(
+        straight / "checkpoints" / "step-3")
+    run_stage("sft", cfg, show_progress=False)
+    assert_same_metrics(comparable(straight)[3:], comparable(tmp_path / "from-path"))
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])
@@ -103,6 +109,14 @@ def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
                                "eval.exact_match=false")
     straight = uninterrupted("dpo", config(), tmp_path)
     resumed = interrupted_then_resumed("dpo", config(), tmp_path, "kill-after-checkpoint:3")
+    assert_same_metrics(comparable(straight), comparable(resumed))
+
+
+def test_rm_resume_after_sigkill_is_exact(tmp_path, ray_local):
+    def config():
+        return tiny_rm_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3")
+    straight = uninterrupted("rm", config(), tmp_path)
+    resumed = interrupted_then_resumed("rm", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))
 
 

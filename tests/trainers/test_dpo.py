@@ -169,7 +169,8 @@ def test_precomputed_reference_matches_live_one_and_is_reused(tmp_path, ray_loca
     ("dpo.loss_type=sigmoid", "dpo.label_smoothing=0.1", "dpo.nll_coef=0.5"),
     ("dpo.loss_type=ipo", "dpo.beta=0.5"),
     ("dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.gamma=0.5"),
-], ids=["cdpo+rpo", "ipo", "simpo"])
+    ("dpo.loss_type=hinge", "dpo.beta=0.5"),
+], ids=["cdpo+rpo", "ipo", "simpo", "hinge"])
 def test_logged_metrics_equal_losses_on_plain_transformers(tmp_path, ray_local, tiny_model_dir,
                                                            loss):
     """Step 1 (policy = reference = base) and the final held-out pass (the trained final/

@@ -44,3 +44,15 @@ def test_a_horizon_below_one_iteration_of_samples_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="algorithm.kl_horizon=10 counts samples"):
         tiny_ppo_config(tmp_path, "algorithm.adaptive_kl=true", "algorithm.kl_horizon=10")
     assert tiny_ppo_config(tmp_path, "algorithm.kl_horizon=10").algorithm.kl_horizon == 10
+
+
+def test_state_round_trips_for_resume():
+    kl = KLController(0.04, adaptive=True, target=0.1, horizon=100)
+    for value in (0.3, 0.2, 0.01):
+        kl.update(value, n_samples=16)
+    again = KLController(0.04, adaptive=True, target=0.1, horizon=100)
+    again.load(kl.state())
+    assert again.coef == kl.coef != 0.04
+    kl.update(0.5, n_samples=16)
+    again.update(0.5, n_samples=16)
+    assert again.coef == kl.coef

@@ -10,9 +10,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from align.metrics import combine_metrics
 from align.tracking import read_metrics
 from align.trainers.ppo import PPOTrainer
+from reward_models.builtin import format_reward
 from tests.conftest import tiny_ppo_config
+from tests.trainers.letter_reward import lowercase_share
 
 pytestmark = pytest.mark.slow
 REWARD_FILE = Path(__file__).with_name("letter_reward.py")
@@ -22,40 +25,94 @@ def records(run: Path) -> list[dict]:
     return [m for m in read_metrics(run / "metrics.jsonl") if "policy_loss" in m]
 
 
-# Every estimator runs with LoRA under ZeRO-3 and with full weights under ZeRO-2.
+class RecordedPPO(PPOTrainer):
+    """Records what passes through the policy workers: (method, per-rank args, results)."""
+
+    def build_workers(self):
+        group = super().build_workers()
+        self.calls: list[tuple[str, list, list]] = []
+        call_each = group.call_each
+
+        def recording(method, per_rank, **kwargs):
+            results = call_each(method, per_rank, **kwargs)
+            self.calls.append((method, per_rank, results))
+            return results
+
+        group.call_each = recording  # the trainer and its hf rollout engine share this group
+        return group
+
+    def rollout_completions(self) -> list[list[str]]:
+        """Per iteration, the text of every sampled completion, decoded here from the tokens
+        the workers returned (order aside)."""
+        return [[self.tokenizer.decode(t, skip_special_tokens=True)
+                 for result in results for t in result.tokens]
+                for method, per_rank, results in self.calls
+                if method == "generate" and per_rank[0][1].logprobs]  # rollouts, not eval
+
+    def train_step_sums(self) -> list[dict[str, float]]:
+        """Per policy minibatch, the workers' summed metrics."""
+        return [combine_metrics(r["sums"] for r in results)
+                for method, _, results in self.calls if method == "train_step"]
+
+
+# Every estimator runs with LoRA under ZeRO-3 for two iterations, and with full weights under
+# ZeRO-2 for eight on a reward a tiny model can learn, which must rise.
+LEARN = (f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share', name: letters}}]",
+         "trainer.max_steps=8", "trainer.lr=3e-2", "rollout.prompts_per_step=8",
+         "rollout.max_new_tokens=8", "trainer.global_batch_size=32",
+         "trainer.micro_batch_size=16", "eval.max_samples=0", "task.num_eval=0")
+
+
 @pytest.mark.parametrize(("lora", "zero"), [(True, 3), (False, 2)], ids=["lora-z3", "full-z2"])
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
-def test_estimator_two_iterations_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
+def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
+    learn = not lora
     cfg = tiny_ppo_config(tmp_path, f"algorithm.estimator={estimator}",
-                          f"model.lora.enabled={str(lora).lower()}",
-                          "distributed.num_workers=2", f"distributed.zero_stage={zero}")
-    summary = PPOTrainer(cfg, show_progress=False).fit()
+                          f"model.lora.enabled={str(lora).lower()}", "rollout.temperature=0.8",
+                          "algorithm.kl_coef=0.04", "trainer.log_completions_every=1",
+                          "distributed.num_workers=2", f"distributed.zero_stage={zero}",
+                          *(LEARN if learn else ()))
+    trainer = RecordedPPO(cfg, show_progress=False)
+    summary = trainer.fit()
     run = tmp_path / "run"
     steps = records(run)
-    assert [m["step"] for m in steps] == [1, 2]
+    iterations = 8 if learn else 2
+    assert [m["step"] for m in steps] == list(range(1, iterations + 1))
     for m in steps:
         for key in ("policy_loss", "reward", "reward_std", "kl", "entropy", "clip_ratio",
                     "completions/mean_length", "completions/clipped_ratio", "time/generate",
-                    "time/score", "time/train", "rewards/format_reward/mean"):
+                    "time/score", "time/train"):
             assert key in m and math.isfinite(m[key]), key
         assert ("value_loss" in m) == (estimator == "gae")
-    assert summary["stage"] == "ppo" and summary["steps"] == 2
+    assert summary["stage"] == "ppo" and summary["steps"] == iterations
     assert (run / "final" / "config.json").is_file()  # embedded base: LoRA merged on save
     placement = json.loads((run / "placement.json").read_text())
     assert len(placement["policy"]) == 2
     assert ("critic" in placement) == (estimator == "gae")
 
+    # Before the first update the policy is the reference and the sampler: no KL, no clipping.
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    first = trainer.train_step_sums()[0]
+    assert first["kl_sum"] == pytest.approx(0.0, abs=1e-6)
+    assert first["clip_ratio_sum"] == 0
+    assert first["ratio_sum"] == pytest.approx(first["tokens"], rel=1e-5)
+    assert steps[-1]["kl"] > 1e-6  # the policy has moved away from the reference since
 
-def test_grpo_learns_a_simple_reward(tmp_path, ray_local):
-    cfg = tiny_ppo_config(tmp_path, f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share'}}]",
-                          "trainer.max_steps=8", "trainer.lr=3e-2", "algorithm.kl_coef=0",
-                          "rollout.prompts_per_step=8", "rollout.max_new_tokens=8",
-                          "trainer.global_batch_size=32", "trainer.micro_batch_size=32",
-                          "eval.max_samples=0", "task.num_eval=0")
-    PPOTrainer(cfg, show_progress=False).fit()
-    rewards = [m["reward"] for m in records(tmp_path / "run")]
-    assert len(rewards) == 8
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
+    # Logged rewards are the reward function's values on the completions sampled.
+    reward = lowercase_share if learn else format_reward
+    completions = trainer.rollout_completions()
+    assert len(completions) == iterations
+    for m, texts in zip(steps, completions):
+        assert m["reward"] == pytest.approx(sum(reward([""] * len(texts), texts)) / len(texts),
+                                            abs=1e-9)
+    table = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in table} == set(range(1, iterations + 1))
+    for row in table:
+        assert row["completion"] in completions[row["step"] - 1]
+        assert row["reward"] == pytest.approx(reward([row["prompt"]], [row["completion"]])[0])
+    if learn:
+        rewards = [m["reward"] for m in steps]
+        assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
 
 
 def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_local,

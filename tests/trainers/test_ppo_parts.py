@@ -1,5 +1,5 @@
-"""The PPO trainer's parts on their own (no Ray): the KL controller, token log-probs at a
-sampling temperature, and critic values at every position."""
+"""The PPO trainer's worker-side parts on their own (no Ray): token log-probs at a sampling
+temperature, and critic values at every position."""
 
 from __future__ import annotations
 
@@ -8,43 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from align.losses import IGNORE_INDEX
-from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import token_logprobs, token_values
-
-# --------------------------------------------------------------------------- KL controller
-
-
-def test_fixed_kl_coefficient_never_moves():
-    kl = KLController(0.05)
-    for value in (0.0, 0.3, 10.0):
-        kl.update(value, 1)
-    assert kl.coef == 0.05
-
-
-@pytest.mark.parametrize(("observed", "factor"), [
-    (0.15, 1 + 0.2 / 10),  # error 0.5, clipped to +0.2
-    (0.11, 1 + 0.1 / 10),  # error 0.1: within the clip
-    (0.1, 1.0),  # on target
-    (0.09, 1 - 0.1 / 10),
-    (0.0, 1 - 0.2 / 10),  # error -1, clipped to -0.2
-])
-def test_adaptive_kl_moves_towards_the_target(observed, factor):  # one sample per update
-    kl = KLController(0.04, adaptive=True, target=0.1, horizon=10)
-    kl.update(observed, 1)
-    assert kl.coef == pytest.approx(0.04 * factor, rel=1e-12)
-
-
-def test_adaptive_kl_state_round_trips():
-    kl = KLController(0.04, adaptive=True, target=0.1, horizon=10)
-    for value in (0.3, 0.2, 0.01):
-        kl.update(value, 1)
-    again = KLController(0.04, adaptive=True, target=0.1, horizon=10)
-    again.load(kl.state())
-    assert again.coef == kl.coef != 0.04
-    kl.update(0.5, 1)
-    again.update(0.5, 1)
-    assert again.coef == kl.coef
-
 
 # --------------------------------------------------------------------------- log-probs
 
