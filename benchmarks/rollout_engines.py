@@ -6,7 +6,8 @@
 One policy worker (a Ray actor, as in training) and one vLLM engine colocated with it; both
 sample the same prompts (temperature 1, with log-probs, as PPO rollouts do), alternating
 A B A B so drift of a shared machine hits both. Reported per engine: completions/s and
-generated tokens/s (median over rounds), and the seconds per weight sync (policy -> engine).
+generated tokens/s (median over rounds, after one warm-up round each), and the seconds per
+weight sync (policy -> engine).
 Run it on an otherwise idle machine; compare within one run.
 """
 
@@ -73,13 +74,13 @@ def measure(engine, prompts: list[list[int]], new_tokens: int, seed: int) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="embedded")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     group, hf, vllm, prompts, new_tokens = start(args.model)
     try:
-        syncs = [vllm.update_weights() for _ in range(3)]
-        measure(hf, prompts[:8], new_tokens, 0)  # warm-up: first-call costs out of the figures
-        measure(vllm, prompts[:8], new_tokens, 0)
+        syncs = [vllm.update_weights() for _ in range(4)][1:]  # the first one warms up
+        measure(hf, prompts, new_tokens, 0)  # warm-up: first-call costs out of the figures
+        measure(vllm, prompts, new_tokens, 0)
         results: dict[str, list[tuple[float, float]]] = {"hf": [], "vllm": []}
         for i in range(args.rounds):
             for name, engine in (("hf", hf), ("vllm", vllm)):
@@ -94,7 +95,8 @@ def main() -> None:
     for name, values in results.items():
         print(f"| {name} | {statistics.median(v[0] for v in values):.1f} | "
               f"{statistics.median(v[1] for v in values):.0f} |")
-    print(f"\nweight sync (policy -> vllm): {statistics.median(syncs):.3f} s (median of 3)")
+    print(f"\nweight sync (policy -> vllm): {statistics.median(syncs):.3f} s "
+          "(median of 3, after one warm-up)")
 
 
 if __name__ == "__main__":

@@ -56,21 +56,21 @@ class VLLMEngineActor:
                        **engine_args)
         for name in QUIET_LOGGERS:  # once vLLM has configured its loggers
             logging.getLogger(name).setLevel(logging.ERROR)
-        self.generate([[self.eos_ids[0]]], Sampling(max_new_tokens=1, greedy=True).to_dict(),
-                      [0])  # fails here, not mid-run, if this model cannot run on vLLM
+        # Fails here, not mid-run, if this model cannot run on vLLM (e.g. head_dim < 32 on CPU).
+        self.generate([[self.eos_ids[0]]], Sampling(max_new_tokens=1, greedy=True).to_dict())
 
-    def generate(self, prompts: list[list[int]], sampling: dict[str, Any],
-                 seeds: list[int | None]) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Complete each prompt once; request i samples with `seeds[i]`."""
+    def generate(self, prompts: list[list[int]], sampling: dict[str, Any]
+                 ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Complete each prompt once, sampling from the engine's own seeded stream."""
         from vllm import SamplingParams
 
         s = Sampling(**sampling)
         params = [SamplingParams(
             max_tokens=s.max_new_tokens, temperature=0.0 if s.greedy else s.temperature,
             top_p=1.0 if s.greedy else s.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
-            presence_penalty=0.0, frequency_penalty=0.0, seed=seed,
-            stop_token_ids=self.eos_ids, logprobs=0 if s.logprobs else None,
-            detokenize=False, skip_special_tokens=False) for seed in seeds]
+            presence_penalty=0.0, frequency_penalty=0.0, stop_token_ids=self.eos_ids,
+            logprobs=0 if s.logprobs else None, detokenize=False, skip_special_tokens=False)
+            for _ in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     use_tqdm=False)
         eos = set(self.eos_ids)

@@ -49,13 +49,6 @@ def engine_model_config(model_cfg: ModelConfig, tokenizer: Any) -> tuple[str, in
     return config.to_json_string(), getattr(config, "max_position_embeddings", None)
 
 
-def row_seeds(seed: int | None, n: int) -> list[int | None]:
-    """One seed per request, a function of (call seed, row): independent of the engine split."""
-    if seed is None:
-        return [None] * n
-    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint32)]
-
-
 class VLLMEngine:
     """`rollout.vllm.num_engines` vLLM engines serving one policy.
 
@@ -83,19 +76,18 @@ class VLLMEngine:
         config_json, max_positions = engine_model_config(model_cfg, tokenizer)
         if max_positions:
             max_model_len = min(max_model_len, max_positions)
-        args = self._engine_args(max_model_len, seed)
+        args = self._engine_args(max_model_len)
         remote = ray.remote(VLLMEngineActor)
         placements = self._placements(colocate_with)
-        self.actors = [remote.options(**options).remote(config_json, model_cfg.dtype, eos_ids,
-                                                        {**args, **extra})
-                       for options, extra in placements]
+        self.actors = [remote.options(**options).remote(
+            config_json, model_cfg.dtype, eos_ids, {**args, **extra, "seed": seed + i})
+            for i, (options, extra) in enumerate(placements)]
         self._get([a.__ray_ready__.remote() for a in self.actors], "start")
 
-    def _engine_args(self, max_model_len: int, seed: int) -> dict[str, Any]:
+    def _engine_args(self, max_model_len: int) -> dict[str, Any]:
         s = self.settings
         eager = s.enforce_eager if s.enforce_eager is not None else not self.on_gpu
-        args: dict[str, Any] = {"max_model_len": max_model_len, "enforce_eager": eager,
-                                "seed": seed}
+        args: dict[str, Any] = {"max_model_len": max_model_len, "enforce_eager": eager}
         if self.on_gpu:
             args.update(gpu_memory_utilization=s.gpu_memory_utilization,
                         tensor_parallel_size=s.tensor_parallel_size,
@@ -152,10 +144,11 @@ class VLLMEngine:
             policy.call("setup_weight_group", self.actors, self.settings.tensor_parallel_size)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        # No per-request seeds: vLLM's CPU runner fails on seeded requests whose prefill is
+        # chunked ("CPU Generator does not use offset"). Each engine's stream is seeded once
+        # (trainer.seed + engine index), so a run is still reproducible from its start.
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
-        seeds = row_seeds(sampling.seed, len(prompts))
-        refs = [actor.generate.remote([prompts[i] for i in part], sampling.to_dict(),
-                                      [seeds[i] for i in part])
+        refs = [actor.generate.remote([prompts[i] for i in part], sampling.to_dict())
                 for actor, part in zip(self.actors, parts) if len(part)]
         tokens: list[list[int]] = []
         logprobs: list[list[float]] = []
