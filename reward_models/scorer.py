@@ -4,9 +4,9 @@ Training (`align rm`), `align eval-rm`, `align serve-rm` and a reward-model fold
 reward all go through these functions, so one model gives one number for one text wherever it
 runs. A (prompt, completion) pair is encoded as `align.data.preference` encodes training pairs:
 prompt ids + completion ids + EOS for strings, the chat template for message lists, no special
-tokens added. Rows are right-padded with an attention mask; the Hugging Face
-sequence-classification head reads the score at the last token that is not `pad_token_id`
-(for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
+tokens added. Rows are right-padded with an attention mask (training may pack them: see
+`score_batch`); the Hugging Face sequence-classification head reads the score at the last token
+that is not `pad_token_id` (for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
 
 `pair_sums` and `pair_means` turn chosen/rejected scores into the metrics TRL users know:
 `accuracy`, `margin`, `mean_reward`, `min_reward`, `max_reward`.
