@@ -142,14 +142,17 @@ def test_packed_rollout_logprobs_and_values_equal_padded(tiny_model_dir, classif
                                token_values(critic, padded) * mask, atol=1e-5, rtol=0)
 
 
-def test_padded_sft_loss_equals_packed(tiny_model_dir):
+@pytest.mark.parametrize("row_length", [40, ONE_ROW])
+def test_padded_sft_loss_equals_packed(tiny_model_dir, row_length):
+    """Same loss and target count: no label crosses from one packed example into the next."""
     from align.trainers.sft import sft_objective
 
     model = causal(tiny_model_dir("gpt2"))
     examples = sft_examples()
-    packed, _ = sft_objective(model, collate_packed(examples, 40, 0), num_tokens=10.0)
-    padded, _ = sft_objective(model, collate_padded(examples, 0), num_tokens=10.0)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-6)
+    packed = sft_objective(model, collate_packed(examples, row_length, 0), num_tokens=10.0)
+    padded = sft_objective(model, collate_padded(examples, 0), num_tokens=10.0)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-6)
+    assert packed[1]["tokens"] == padded[1]["tokens"]
 
 
 # --------------------------------------------------------------------------- leaks
