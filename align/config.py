@@ -69,7 +69,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # fraction of train held out when eval is None
     max_length: int = 64  # tokens per example (prompt + completion)
     packing: bool | None = None  # pack rows; None: where the start-up check passes; false: pad
-    packing_length: int | None = None  # tokens per packed row; None: 4 x max_length (flash: 1 row)
+    packing_length: int | None = None  # tokens per packed row; None: longest in micro-batch
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
 

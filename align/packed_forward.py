@@ -24,21 +24,21 @@ from typing import Any
 import torch
 
 from align.config import DataConfig
-from align.data.packing import block_diagonal_mask, pack_sequences, unpack
+from align.data.packing import ONE_ROW, block_diagonal_mask, pack_sequences, unpack
 from align.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("position_ids", "block_mask")
 MASKED = ("sdpa", "eager")  # implementations that take the 4D mask `block_mask` builds
-ROW_FACTOR = 4  # default data.packing_length = ROW_FACTOR x data.max_length (docs/performance.md)
 CHECK_LENGTHS = (9, 6, 4)  # the check packs these into rows of CHECK_ROW: [9 + pad], [6 + 4]
 CHECK_ROW = 10
 
 
 @dataclass(frozen=True)
 class Packing:
-    """How a stage packs: the boundary strategy and the row length (None: one row)."""
+    """How a stage packs: the boundary strategy and the row length (None: the longest
+    sequence of each micro-batch; `ONE_ROW`: a micro-batch in one row)."""
 
     attention: str
     row_length: int | None
@@ -194,10 +194,12 @@ def resolve_packing(data: DataConfig, verdict: dict[str, Any] | None,
 
 
 def packing_length(data: DataConfig, attn_impl: str) -> int | None:
-    """`data.packing_length`, else: one row per micro-batch for flash attention (its varlen
-    kernel never computes across sequences), ROW_FACTOR x `data.max_length` otherwise."""
+    """`data.packing_length`, else: a micro-batch in one row for flash attention (its varlen
+    kernel never computes across sequences, so nothing is padded at all); otherwise None, rows
+    as wide as the micro-batch's longest sequence (sdpa and eager compute the whole W x W
+    square of a row, so wider rows cost more per token: docs/performance.md)."""
     if data.packing_length is not None:
         return data.packing_length
     if "flash" in attn_impl:
-        return None
-    return ROW_FACTOR * data.max_length
+        return ONE_ROW
+    return None

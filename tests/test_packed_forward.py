@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,14 +24,15 @@ from align.data import (
     tokenize_preference,
     tokenize_sft,
 )
-from align.data.packing import pack_padded
+from align.data.packing import ONE_ROW, pack_padded
 from align.errors import ConfigError
 from align.packed_forward import check_packing, model_inputs, resolve_packing
 from align.tasks import arithmetic
 from align.trainers.ppo_objectives import token_logprobs, token_values
 from align.trainers.rollout import pad_sequences
+from align.trainers.sft import SFTTrainer
 from reward_models.reward_model import score_batch
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_sft_config
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 # OPT builds its mask without the position ids: it needs the block mask we pass.
@@ -143,14 +142,17 @@ def test_packed_rollout_logprobs_and_values_equal_padded(tiny_model_dir, classif
                                token_values(critic, padded) * mask, atol=1e-5, rtol=0)
 
 
-def test_padded_sft_loss_equals_packed(tiny_model_dir):
+@pytest.mark.parametrize("row_length", [40, ONE_ROW])
+def test_padded_sft_loss_equals_packed(tiny_model_dir, row_length):
+    """Same loss and target count: no label crosses from one packed example into the next."""
     from align.trainers.sft import sft_objective
 
     model = causal(tiny_model_dir("gpt2"))
     examples = sft_examples()
-    packed, _ = sft_objective(model, collate_packed(examples, 40, 0), num_tokens=10.0)
-    padded, _ = sft_objective(model, collate_padded(examples, 0), num_tokens=10.0)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-6)
+    packed = sft_objective(model, collate_packed(examples, row_length, 0), num_tokens=10.0)
+    padded = sft_objective(model, collate_padded(examples, 0), num_tokens=10.0)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-6)
+    assert packed[1]["tokens"] == padded[1]["tokens"]
 
 
 # --------------------------------------------------------------------------- leaks
@@ -182,9 +184,11 @@ def test_resolve_packing_warns_or_stops(tiny_model_dir, caplog):
         resolve_packing(DataConfig(packing=True), verdict)
     assert resolve_packing(DataConfig(packing=False), verdict) is None
     exact = check_packing(causal(tiny_model_dir("llama")), "causal_lm")
-    chosen = resolve_packing(DataConfig(max_length=32), exact)
-    assert (chosen.attention, chosen.row_length) == ("position_ids", 128)
+    chosen = resolve_packing(DataConfig(), exact)
+    assert (chosen.attention, chosen.row_length) == ("position_ids", None)
     assert resolve_packing(DataConfig(packing_length=50), exact).row_length == 50
+    flash = {**exact, "attn_implementation": "flash_attention_2"}
+    assert resolve_packing(DataConfig(), flash).row_length == ONE_ROW
 
 
 # --------------------------------------------------------------------------- end to end
@@ -218,23 +222,18 @@ def leaky_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_leaky_model_pads_by_default_and_stops_when_packing_is_required(tmp_path,
-                                                                        leaky_model_dir):
-    config = tmp_path / "sft.yaml"
-    config.write_text("data:\n  max_length: 24\n")
-    common = ["sft", str(config), "--quiet", f"model.name_or_path={leaky_model_dir}",
-              "model.trust_remote_code=true", "task.num_train=64", "task.num_eval=8",
+def test_leaky_model_pads_by_default_and_stops_when_packing_is_required(
+        tmp_path, ray_local, leaky_model_dir, caplog):
+    common = [f"model.name_or_path={leaky_model_dir}", "model.trust_remote_code=true",
               "trainer.max_steps=2", "trainer.global_batch_size=8",
               "trainer.micro_batch_size=8", "eval.exact_match=false"]
-    run = subprocess.run([sys.executable, "-m", "align.cli", *common,
-                          f"output_dir={tmp_path / 'auto'}"], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "LeakyLlamaForCausalLM" in run.stderr and "packing is off" in run.stderr
-    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["steps"] == 2
-    run = subprocess.run([sys.executable, "-m", "align.cli", *common, "data.packing=true",
-                          f"output_dir={tmp_path / 'explicit'}"], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 2, run.stderr
-    assert "data.packing=true" in run.stderr and "LeakyLlamaForCausalLM" in run.stderr
-    assert "Traceback" not in run.stderr
+    trainer = SFTTrainer(tiny_sft_config(tmp_path / "auto", *common), show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="align.packed_forward"):
+        summary = trainer.fit()
+    assert trainer.packing is None and summary["steps"] == 2  # trained, padded
+    assert "LeakyLlamaForCausalLM" in caplog.text and "packing is off" in caplog.text
+    explicit = tiny_sft_config(tmp_path / "explicit", *common, "data.packing=true")
+    with pytest.raises(ConfigError, match=r"data.packing=true: .*LeakyLlamaForCausalLM"):
+        SFTTrainer(explicit, show_progress=False).fit()  # the CLI prints it and exits 2
+    # Nothing was written, so the corrected command reruns without overwrite=true.
+    assert not any((tmp_path / "explicit" / "run").iterdir())

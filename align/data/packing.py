@@ -12,31 +12,33 @@ real attends to it, and no position id outgrows the model's table however short 
 
 Sequences are placed by best-fit decreasing, as TRL's packing does: longest first, each into
 the row with the least room that still fits it. Rows are therefore full, and the cost of a
-micro-batch grows with its number of rows, not with the square of its tokens.
+micro-batch grows with its number of rows, not with the square of its tokens. By default a
+row is as wide as the batch's longest sequence: never wider than the padded batch, so packing
+costs at most what padding does, and less the more the lengths vary (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 
 import torch
 
 from align.losses import IGNORE_INDEX
 
+ONE_ROW = sys.maxsize  # a row length that puts a whole batch in one row
 
-def best_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list[int]]:
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Place items of `lengths` into bins of `capacity` by best-fit decreasing.
 
     Args:
         lengths: the size of each item.
-        capacity: the room in a bin; an item larger than it gets a bin of its own. None: one
-            bin holds everything.
+        capacity: the room in a bin; an item larger than it gets a bin of its own.
 
     Returns:
         The item indices of each bin, in the order they were placed (bins in order of opening).
     """
-    if capacity is None:
-        return [list(range(len(lengths)))] if lengths else []
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, bin number), sorted by room
     for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -61,7 +63,8 @@ def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: i
 
     Args:
         sequences: token ids of each sequence.
-        row_length: tokens per row; None puts every sequence in one row.
+        row_length: tokens per row; None: as many as the longest sequence has (then no row
+            is wider than a padded batch would be); `ONE_ROW`: every sequence in one row.
         pad_id: the id that fills the end of each row.
         attention: how the model learns the boundaries (`position_ids` or `block_mask`).
         labels: per-token labels of each sequence; each sequence's first label becomes
@@ -72,7 +75,9 @@ def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: i
     Returns:
         `input_ids`, `position_ids`, `sequence_index` (and `labels`), each (R, W); `attention`.
     """
-    rows = best_fit_decreasing([len(s) for s in sequences], row_length)
+    lengths = [len(s) for s in sequences]
+    rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
+                               else row_length)
     width = max((sum(len(sequences[i]) for i in row) for row in rows), default=0)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)

@@ -103,10 +103,12 @@ class Trainer(Generic[ConfigT]):
             resume_from = resolve_resume(cfg.output_dir, cfg.resume)
             out = prepare_output_dir(cfg.output_dir, cfg.overwrite,
                                      resuming=resume_from is not None)
-            dump_config(cfg, out / "config.yaml")
             self.output_dir = out
             checkpoints = CheckpointManager(out, cfg.trainer.keep_last)
             self.group = self.build_workers()
+            # Written once the workers are up: a model refused at start-up (packing that would
+            # leak) leaves the folder empty, so the corrected rerun needs no overwrite=true.
+            dump_config(cfg, out / "config.yaml")
             self._write_placement(out)
             step = 0
             if resume_from is not None:

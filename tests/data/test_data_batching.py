@@ -16,6 +16,7 @@ from align.data import (
     length_grouped_order,
     tokenize_sft,
 )
+from align.data.packing import ONE_ROW
 from align.losses import IGNORE_INDEX, shift_for_next_token
 
 IGN = IGNORE_INDEX
@@ -57,7 +58,7 @@ def test_collate_padded():
 def test_collate_packed_layout():
     batch = collate_packed(
         [TokenizedExample([5, 6, 7], [IGN, 6, 7]), TokenizedExample([8, 9], [8, 9])],
-        row_length=None, pad_id=0,
+        row_length=ONE_ROW, pad_id=0,
     )
     assert set(batch) == {"input_ids", "labels", "position_ids", "sequence_index", "attention"}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
@@ -70,7 +71,7 @@ def test_collate_packed_layout():
 def test_collate_packed_bounded_rows():
     examples = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9]),
                 TokenizedExample([4], [4])]
-    batch = collate_packed(examples, row_length=3, pad_id=0)
+    batch = collate_packed(examples, row_length=None, pad_id=0)  # rows as wide as the longest
     # Best-fit decreasing: [5 6 7] fills a row; [8 9] opens the next and [4] fits beside it.
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 4]]
     assert batch["sequence_index"].tolist() == [[0, 0, 0], [1, 1, 2]]
@@ -86,7 +87,7 @@ def summed_token_loss(logits, labels):
 
 @torch.no_grad()
 def test_packed_forward_equals_separate_forwards(model, examples):
-    packed = collate_packed(examples, row_length=None, pad_id=0)
+    packed = collate_packed(examples, row_length=ONE_ROW, pad_id=0)
     logits = model(
         input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
     ).logits[0]
@@ -140,14 +141,15 @@ def test_collate_preference_stacks_chosen_then_rejected():
 
 def test_collate_preference_packed_layout():
     examples = [PreferenceExample([1, 2], [3, 1], [4, 4, 1]), PreferenceExample([], [6, 1], [7, 1])]
-    batch = collate_preference_packed(examples, row_length=None, pad_id=0)
-    # chosen 0, chosen 1, rejected 0, rejected 1; an empty prompt leaves the first token unscored
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 1, 6, 1, 1, 2, 4, 4, 1, 7, 1]]
+    batch = collate_preference_packed(examples, row_length=ONE_ROW, pad_id=0)
+    # Sequences 0, 1 (chosen), 2, 3 (rejected), placed longest first: 2, 0, 1, 3. An empty
+    # prompt leaves the first token unscored.
+    assert batch["input_ids"].tolist() == [[1, 2, 4, 4, 1, 1, 2, 3, 1, 6, 1, 7, 1]]
     assert batch["labels"].tolist() == [
-        [IGN, IGN, 3, 1, IGN, 1, IGN, IGN, 4, 4, 1, IGN, 1]
+        [IGN, IGN, 4, 4, 1, IGN, IGN, 3, 1, IGN, 1, IGN, 1]
     ]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 0, 1]]
-    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 0, 1]]
+    assert batch["sequence_index"].tolist() == [[2, 2, 2, 2, 2, 0, 0, 0, 0, 1, 1, 3, 3]]
 
 
 def test_length_grouped_order():

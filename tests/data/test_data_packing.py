@@ -7,6 +7,7 @@ import random
 import torch
 
 from align.data.packing import (
+    ONE_ROW,
     best_fit_decreasing,
     block_diagonal_mask,
     last_token_positions,
@@ -23,7 +24,7 @@ def test_best_fit_decreasing_takes_the_tightest_row():
     # 6 opens row 0 (room 4), 5 row 1 (room 5); 4 fits both and goes to the tighter row 0;
     # 3 goes to row 1 (room 2 left), the first 2 fills it, the second opens row 2.
     assert best_fit_decreasing([3, 6, 2, 5, 4, 2], 10) == [[1, 4], [3, 0, 2], [5]]
-    assert best_fit_decreasing([3, 6, 2], None) == [[0, 1, 2]]
+    assert best_fit_decreasing([3, 6, 2], ONE_ROW) == [[1, 0, 2]]
     assert best_fit_decreasing([12, 3], 10) == [[0], [1]]  # too long: a row of its own
     assert best_fit_decreasing([], 10) == []
 

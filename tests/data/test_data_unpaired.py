@@ -93,16 +93,20 @@ def test_collate_unpaired_layout(packing):
     examples = [UnpairedExample([1, 2], [3, 4], True, [5]),
                 UnpairedExample([6], [7], False, [3, 4])]
     attention = "position_ids" if packing else None
-    batch = collate_unpaired(examples, pad_id=0, attention=attention, sides=("completion", "kl"))
+    # rows of 12 tokens: the four sequences (4 + 2 + 3 + 3 tokens) fit in one
+    batch = collate_unpaired(examples, pad_id=0, row_length=12, attention=attention,
+                             sides=("completion", "kl"))
     assert batch["desirable"].tolist() == [True, False]
     if packing:
-        assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 6, 7, 1, 2, 5, 6, 3, 4]]
-        assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]]
-        assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, 7,
-                                             IGNORE_INDEX, IGNORE_INDEX, 5, IGNORE_INDEX, 3, 4]]
+        # best-fit decreasing places the longest first: sequences 0, 2, 3, then 1
+        assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 3, 4, 6, 7]]
+        assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 3, 3, 3, 1, 1]]
+        assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX,
+                                             IGNORE_INDEX, 5, IGNORE_INDEX, 3, 4, IGNORE_INDEX,
+                                             7]]
     else:
         assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [6, 7, 0, 0], [1, 2, 5, 0],
                                                 [6, 3, 4, 0]]
         assert torch.equal(batch["attention_mask"].sum(-1), torch.tensor([4, 2, 3, 3]))
-    own = collate_unpaired(examples, pad_id=0, attention=attention)
+    own = collate_unpaired(examples, pad_id=0, row_length=12, attention=attention)
     assert own["input_ids"].numel() == (6 if packing else 8)
