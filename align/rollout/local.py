@@ -79,9 +79,7 @@ def _vllm(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
     try:
         engine.load_weights([(k, v.detach().cpu()) for k, v in model.state_dict().items()])
         engine.finish_sync()
-        seeds = [None if sampling.seed is None else sampling.seed + i
-                 for i in range(len(prompts))]
-        tokens, _ = engine.generate(prompts, sampling.to_dict(), seeds)
+        tokens, _ = engine.generate(prompts, sampling.to_dict())
         return tokens
     finally:
         engine.close()
