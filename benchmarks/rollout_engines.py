@@ -75,8 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="embedded")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=0, help="fewer prompts (0: the model's)")
     args = parser.parse_args()
     group, hf, vllm, prompts, new_tokens = start(args.model)
+    prompts = prompts[:args.prompts] if args.prompts else prompts
     try:
         syncs = [vllm.update_weights() for _ in range(4)][1:]  # the first one warms up
         measure(hf, prompts, new_tokens, 0)  # warm-up: first-call costs out of the figures
