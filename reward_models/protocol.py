@@ -161,6 +161,8 @@ def _on_main_thread(fn: Callable[..., T], timeout_s: float, kwargs: dict[str, An
             result = fn(**kwargs)
         finally:
             stop()
+        if state["expired"]:  # fn swallowed the interrupt, or it is still on its way
+            _absorb_interrupt()
     except BaseException as err:
         if not state["expired"]:
             raise  # fn's own error, or a real Ctrl-C
@@ -169,8 +171,7 @@ def _on_main_thread(fn: Callable[..., T], timeout_s: float, kwargs: dict[str, An
         raise CallTimeout(f"no answer within {timeout_s} s") from None
     finally:
         stop()
-    if state["expired"]:  # fn swallowed the interrupt, or it is still on its way
-        _absorb_interrupt()
+    if state["expired"]:
         raise CallTimeout(f"no answer within {timeout_s} s")
     return result
 

@@ -164,7 +164,8 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, ray_local, caps
     dump_config(cfg, config)
     code = main(["sft", str(config), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "non-finite loss" in err, err
+    # The first bad number stops it: a loss on a worker, or the gradient norm on the driver.
+    assert code == 2 and ("non-finite loss" in err or "grad_norm is nan" in err), err
     steps = sorted(int(p.name.split("-")[1])
                    for p in (Path(cfg.output_dir) / "checkpoints").glob("step-*"))
     assert steps and steps[-1] < 6  # nothing written after the loss went bad

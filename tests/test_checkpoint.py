@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -127,20 +128,23 @@ def test_keep_last_ranks_by_write_time_not_step_number(tmp_path):
     assert save(manager, 4).is_dir() and fresh.is_dir()
 
 
-def test_resaving_a_step_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path):
+def test_resaving_a_step_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path,
+                                                                           monkeypatch):
     manager = CheckpointManager(tmp_path, keep_last=2)
     first = save(manager, 3, b"old")
-    seen = []
 
-    def write(tmp: Path) -> None:
-        seen.append((first / "engine" / "weights.bin").read_bytes())
-        (tmp / "weights.bin").write_bytes(b"new")
+    def power_cut(*args):
+        raise OSError("power cut")
 
-    manager.save(3, write, {})
-    assert seen == [b"old"] and (first / "weights.bin").read_bytes() == b"new"
-    # Stopped between the two renames: the old folder is taken back.
-    first.rename(manager.root / ".old-step-3")
-    assert manager.latest() == first
+    monkeypatch.setattr(os, "replace", power_cut)  # the new folder never gets in place
+    with pytest.raises(OSError, match="power cut"):
+        save(manager, 3, b"new")
+    monkeypatch.undo()
+    assert manager.latest() == first  # the old one is taken back
+    assert (first / "engine" / "weights.bin").read_bytes() == b"old"
+    save(manager, 3, b"new")
+    assert (first / "engine" / "weights.bin").read_bytes() == b"new"
+    assert not (manager.root / ".old-step-3").exists()
 
 
 def test_torn_last_metrics_line_is_skipped(tmp_path):

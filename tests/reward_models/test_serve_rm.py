@@ -187,10 +187,11 @@ def test_requests_a_web_page_could_send_are_refused(server, headers, status, nee
 @pytest.mark.parametrize(("length", "status"), [("\u00b2", 400), ("12a", 400), ("-1", 400),
                                                 ("9" * 5000, 413)])
 def test_a_bad_content_length_gets_an_answer(server, length, status):
+    """`\u00b2` (superscript two) passes str.isdigit() but not int(): the handler crashed."""
     host, port = server.server_address[:2]
     code, body = raw(server, (f"POST /score HTTP/1.1\r\nHost: {host}:{port}\r\n"
                               "Content-Type: application/json\r\n"
-                              f"Content-Length: {length}\r\n\r\n").encode())
+                              f"Content-Length: {length}\r\n\r\n").encode("latin-1"))
     assert code == status, body
 
 
