@@ -19,6 +19,7 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
+from align.deepspeed_setup import skip_cpu_shm_comm_op
 from align.errors import TrainingError
 from align.metrics import accumulate
 from align.model_loading import (
@@ -89,6 +90,7 @@ class Policy:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.engine = None
+        skip_cpu_shm_comm_op()  # deepspeed.initialize may start the comm backend itself
         if trainable:
             ds_cfg = deepspeed_config(trainer_cfg, dist_cfg, self.world_size, self.dtype)
             scheduler = _scheduler_factory(trainer_cfg, total_steps)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
+from align.deepspeed_setup import skip_cpu_shm_comm_op
 from align.model_loading import ModelKind
 from align.policy import Objective, Policy
 from align.rollout import Generation, Sampling
@@ -45,6 +46,7 @@ class BaseWorker:
     def init_distributed(self, master_addr: str, master_port: int, backend: str) -> None:
         import deepspeed
 
+        skip_cpu_shm_comm_op()
         os.environ.update({
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
             "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
