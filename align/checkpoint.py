@@ -67,7 +67,8 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output_dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resuming:
+    # A folder holding only the marker is one whose run stopped before writing anything.
+    if out.is_dir() and any(p.name != RUN_MARKER for p in out.iterdir()) and not resuming:
         if not overwrite:
             raise OutputDirError(
                 f"output_dir {out} is not empty (a previous run?). Pass resume=auto to continue "

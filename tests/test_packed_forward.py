@@ -15,6 +15,7 @@ from transformers import (
     ByT5Tokenizer,
 )
 
+from align.checkpoint import RUN_MARKER, prepare_output_dir
 from align.config import DataConfig, TaskConfig
 from align.data import (
     collate_packed,
@@ -235,5 +236,8 @@ def test_leaky_model_pads_by_default_and_stops_when_packing_is_required(
     explicit = tiny_sft_config(tmp_path / "explicit", *common, "data.packing=true")
     with pytest.raises(ConfigError, match=r"data.packing=true: .*LeakyLlamaForCausalLM"):
         SFTTrainer(explicit, show_progress=False).fit()  # the CLI prints it and exits 2
-    # Nothing was written, so the corrected command reruns without overwrite=true.
-    assert not any((tmp_path / "explicit" / "run").iterdir())
+    # Nothing but the run marker was written, so the corrected command reruns without
+    # overwrite=true.
+    run = tmp_path / "explicit" / "run"
+    assert [p.name for p in run.iterdir()] == [RUN_MARKER]
+    prepare_output_dir(run, overwrite=False, resuming=False)

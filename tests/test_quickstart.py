@@ -17,6 +17,7 @@ def test_quickstart_runs_every_stage(tmp_path, ray_local):
     shrink = [*(f"model.embedded.{k}={v}" for k, v in TINY.items()),
               "trainer.max_steps=2", "trainer.global_batch_size=16",
               "trainer.micro_batch_size=16", "trainer.eval_every=0", "trainer.save_every=0",
+              "trainer.log_every=1",
               "task.num_train=400", "task.num_pairs=200", "task.num_eval=16",
               "eval.max_samples=16", "grpo:rollout.prompts_per_step=4",
               "ppo_rm:rollout.prompts_per_step=4", "ppo_rm:trainer.log_completions_every=1"]

@@ -96,7 +96,9 @@ def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
     assert first["kl_sum"] == pytest.approx(0.0, abs=1e-6)
     assert first["clip_ratio_sum"] == 0
     assert first["ratio_sum"] == pytest.approx(first["tokens"], rel=1e-5)
-    assert steps[-1]["kl"] > 1e-6  # the policy has moved away from the reference since
+    # The policy has moved away from the reference since. The logged KL is gae's in-reward k1
+    # estimate: unbiased, but a sample mean of it may fall below zero.
+    assert abs(steps[-1]["kl"]) > 1e-6
 
     # Logged rewards are the reward function's values on the completions sampled.
     reward = lowercase_share if learn else format_reward
