@@ -58,11 +58,15 @@ $(CORE_STAMP): pyproject.toml Makefile
 quickstart: $(CORE_STAMP)
 	$(VENV)/bin/align quickstart
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist): its end-to-end tests spend much of
+# their time starting Ray, actors and engines, which two of them overlap well on two cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -274,6 +274,8 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling; 1 samples from the full distribution
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
     max_resample_rounds: int = 4  # dynamic sampling: most extra rounds of prompts_per_step
+    async_steps: int = 0  # k >= 1: separate engines sample up to k iterations ahead; 0: sync
+    timeout_s: float = 600.0  # longest wait for one iteration's rollouts before the run stops
 
 
 @dataclass
@@ -322,6 +324,9 @@ class CriticConfig:
     cpus_per_worker: float | None = None  # default: an even share with the policy
 
 
+ASYNC_TIS_CAP = 2.0  # importance-weight cap with rollout.async_steps and no algorithm.tis_cap
+
+
 @dataclass
 class PPOConfig(RunConfig):
     dropout_off_by_default: ClassVar[bool] = True
@@ -368,6 +373,25 @@ class PPOConfig(RunConfig):
                               f"algorithm.estimator to grpo or rloo, not {alg.estimator}")
         if ro.max_resample_rounds < 0:
             raise ConfigError("rollout.max_resample_rounds must be >= 0")
+        self._check_async()
+
+    def _check_async(self) -> None:
+        ro = self.rollout
+        if ro.async_steps < 0:
+            raise ConfigError(f"rollout.async_steps must be >= 0; got {ro.async_steps}")
+        if ro.timeout_s <= 0:
+            raise ConfigError(f"rollout.timeout_s must be positive; got {ro.timeout_s}")
+        if ro.async_steps and (ro.engine == "hf" or ro.vllm.colocate):
+            raise ConfigError(
+                f"rollout.async_steps={ro.async_steps} generates while the policy trains, so it "
+                "needs engines of their own: set rollout.engine=vllm and "
+                "rollout.vllm.colocate=false (or rollout.async_steps=0)")
+
+    def importance_cap(self) -> float | None:
+        """algorithm.tis_cap, or with async rollouts (sampled by an older policy) the default
+        cap of decoupled PPO's behaviour-policy correction."""
+        cap = self.algorithm.tis_cap
+        return ASYNC_TIS_CAP if cap is None and self.rollout.async_steps else cap
 
 
     def _check_kl(self) -> None:

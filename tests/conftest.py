@@ -36,7 +36,10 @@ CPU_FP32 = ("model.dtype=float32", "distributed.gpus_per_worker=0")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` are skipped where torch sees no CUDA device (or it is hidden)."""
+    """End-to-end (`slow`) tests run first, so that with `-n 2` (`make test`) the two workers
+    share them instead of one finishing them alone at the end. Tests marked `gpu` are skipped
+    where torch sees no CUDA device (or it is hidden)."""
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: file order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a GPU: ALIGN_TEST_GPU=1 pytest -m gpu on a GPU host")

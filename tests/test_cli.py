@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
 import sys
 
 import pytest
 
+from align.cli import main
+
 
 def run_align(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+    """`align ARGS` in this process (as `align.cli.main` runs it): exit code and output."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_unknown_key_exits_2_and_suggests(tmp_path):
+    """Through the real entry point, in a process of its own."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("output_dir: out\n")
-    result = run_align("sft", str(bad), "trainer.lrr=1")
+    result = subprocess.run([sys.executable, "-m", "align.cli", "sft", str(bad),
+                             "trainer.lrr=1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "'trainer.lrr'" in result.stderr
     assert "did you mean 'trainer.lr'" in result.stderr

@@ -33,12 +33,28 @@ def summary_exists(folder: Path) -> bool:
     return (folder / "summary.json").is_file() and (folder / "final").is_dir()
 
 
-def test_full_pipeline_recipe(tmp_path, ray_local, capsys):
+def test_full_pipeline_recipe_wires_each_stage_to_the_last(tmp_path, monkeypatch, capsys):
+    """The quickstart's stages (test_quickstart trains them): here each stage's config loads
+    with the user's overrides and points at the runs before it."""
+    import align.recipe
+
+    trained = []
+
+    def record(stage, cfg, show_progress):
+        trained.append((stage, cfg))
+        return {"stage": stage, "eval/accuracy": 0.5}
+
+    monkeypatch.setattr(align.recipe, "run_stage", record)
     out = run_recipe("arithmetic_rlhf.py", tmp_path, "ppo_rm:rollout.prompts_per_step=4",
                      capsys=capsys)
-    for run in ("sft", "rm", "ppo_rm", "dpo"):
-        assert summary_exists(tmp_path / run), run
-    assert "PPO(RM)  held-out exact match" in out
+    assert [stage for stage, _ in trained] == ["sft", "rm", "ppo", "dpo"]
+    sft_final = str(tmp_path / "sft" / "final")
+    (_, sft), (_, rm), (_, ppo), (_, dpo) = trained
+    assert sft.output_dir == str(tmp_path / "sft") and sft.trainer.max_steps == 2
+    assert rm.model.name_or_path == ppo.model.name_or_path == dpo.model.name_or_path == sft_final
+    assert ppo.rewards[0].spec == str(tmp_path / "rm" / "final")
+    assert ppo.rollout.prompts_per_step == 4  # a scoped override reaches its run alone
+    assert "PPO(RM)  held-out exact match  50.0%" in out
 
 
 def test_dpo_from_sft_recipe(tmp_path, ray_local, capsys):

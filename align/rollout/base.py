@@ -35,6 +35,7 @@ class Generation:
 
     tokens: list[list[int]]
     logprobs: list[list[float]] | None = None  # per token, same lengths as `tokens`
+    span: tuple[float, float] | None = None  # wall-clock (start, end) of generation, if known
 
 
 class RolloutEngine(Protocol):

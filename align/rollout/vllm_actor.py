@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,24 @@ class VLLMEngineActor:
 
     def generate(self, prompts: list[list[int]], sampling: dict[str, Any]
                  ) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Complete each prompt once, sampling from the engine's own seeded stream."""
+        """Complete each prompt once (see `generate_timed`)."""
+        tokens, logprobs, _ = self.generate_timed(prompts, sampling)
+        return tokens, logprobs
+
+    def generate_timed(self, prompts: list[list[int]], sampling: dict[str, Any]
+                       ) -> tuple[list[list[int]], list[list[float]] | None, tuple[float, float]]:
+        """Complete each prompt once; also returns the call's wall-clock (start, end).
+
+        With `sampling["seed"]`, the engine's random stream is reseeded for this call: requests
+        carry no seeds of their own (vLLM's CPU runner fails on seeded requests whose prefill
+        is chunked), so the call as a whole is what is reproducible, e.g. after a resume.
+        """
         from vllm import SamplingParams
 
+        start = time.time()
         s = Sampling(**sampling)
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
         params = [SamplingParams(
             max_tokens=s.max_new_tokens, temperature=0.0 if s.greedy else s.temperature,
             top_p=1.0 if s.greedy else s.top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
@@ -81,7 +96,7 @@ class VLLMEngineActor:
             tokens.append(ids)
             if s.logprobs:
                 logprobs.append([completion.logprobs[i][t].logprob for i, t in enumerate(ids)])
-        return tokens, (logprobs if s.logprobs else None)
+        return tokens, (logprobs if s.logprobs else None), (start, time.time())
 
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         """Reload the named tensors in place (whole layers; others keep their weights)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -58,15 +58,18 @@ class VLLMEngine:
         max_model_len: longest prompt + completion an engine must hold.
         eos_ids: ids generation stops at.
         colocate_with: the policy group whose bundles colocated engines share (None: separate).
+        concurrent: engines generate while the policy trains (async rollouts), so on CPU each
+            uses only its own bundle's core.
     """
 
     name = "vllm"
 
     def __init__(self, model_cfg: ModelConfig, settings: VLLMSettings, max_model_len: int,
                  eos_ids: list[int], tokenizer: Any, seed: int,
-                 colocate_with: WorkerGroup | None = None) -> None:
+                 colocate_with: WorkerGroup | None = None, concurrent: bool = False) -> None:
         ensure_ray(None)
         self.settings = settings
+        self.concurrent = concurrent
         self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         self.colocated = colocate_with is not None
         self.transport = "nccl" if self.on_gpu and not self.colocated else "object_store"
@@ -99,7 +102,9 @@ class VLLMEngine:
     def _placements(self, policy: WorkerGroup | None) -> list[tuple[dict, dict]]:
         """Ray options and extra engine args of each engine actor."""
         s, tp = self.settings, self.settings.tensor_parallel_size
-        threads = max(1, int(node_cpus()))  # rollouts and training take turns on the cores
+        # Rollouts and training take turns on the cores, unless they run at once (async):
+        # then each engine keeps to its bundle's one CPU.
+        threads = 1 if self.concurrent else max(1, int(node_cpus()))
         env = {"runtime_env": {"env_vars": engine_env(self.on_gpu, threads)}}
         if policy is not None:
             share = (1 - COLOCATED_POLICY_GPU_SHARE) if self.on_gpu else 0
@@ -144,18 +149,41 @@ class VLLMEngine:
             policy.call("setup_weight_group", self.actors, self.settings.tensor_parallel_size)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
-        # No per-request seeds: vLLM's CPU runner fails on seeded requests whose prefill is
-        # chunked ("CPU Generator does not use offset"). Each engine's stream is seeded once
-        # (trainer.seed + engine index), so a run is still reproducible from its start.
+        return self.collect(self.submit(prompts, sampling))
+
+    def submit(self, prompts: list[list[int]], sampling: Sampling) -> list[Any]:
+        """Start generating on the engines and return at once (a handle for `collect`).
+
+        Prompts are split evenly across the engines. A call's seed reseeds each engine's
+        stream (offset by engine index) for that call alone, so the same call gives the same
+        completions whenever it runs, e.g. after a resume.
+        """
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
-        refs = [actor.generate.remote([prompts[i] for i in part], sampling.to_dict())
-                for actor, part in zip(self.actors, parts) if len(part)]
+        refs = []
+        for i, (actor, part) in enumerate(zip(self.actors, parts)):
+            if len(part):
+                call = sampling.to_dict()
+                if sampling.seed is not None:
+                    call["seed"] = sampling.seed + 7919 * i
+                refs.append(actor.generate_timed.remote([prompts[j] for j in part], call))
+        return refs
+
+    def collect(self, handle: list[Any], timeout_s: float | None = None) -> Generation:
+        """Wait for a `submit`'s completions (a TrainingError past `timeout_s`)."""
         tokens: list[list[int]] = []
-        logprobs: list[list[float]] = []
-        for part_tokens, part_logprobs in self._get(refs, "generate"):
+        logprobs: list[list[float]] | None = []
+        starts, ends = [], []
+        for part_tokens, part_logprobs, (start, end) in self._get(handle, "generate",
+                                                                  timeout_s):
             tokens.extend(part_tokens)
-            logprobs.extend(part_logprobs or [])
-        return Generation(tokens, logprobs if sampling.logprobs else None)
+            if part_logprobs is None:  # not asked for: every part returns None
+                logprobs = None
+            elif logprobs is not None:
+                logprobs.extend(part_logprobs)
+            starts.append(start)
+            ends.append(end)
+        span = (min(starts), max(ends)) if starts else None
+        return Generation(tokens, logprobs, span)
 
     def update_weights(self) -> float:
         if self.policy is None:
@@ -185,9 +213,13 @@ class VLLMEngine:
             remove_placement_group(self._pg)
             self._pg = None
 
-    def _get(self, refs: list[Any], what: str) -> list[Any]:
+    def _get(self, refs: list[Any], what: str, timeout_s: float | None = None) -> list[Any]:
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            self.shutdown()
+            raise TrainingError(f"vllm engine: generate did not finish within rollout.timeout_s="
+                                f"{timeout_s:g} s; raise it, or check the engines' logs") from None
         except (RayTaskError, RayActorError) as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             self.shutdown()

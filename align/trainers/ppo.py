@@ -26,6 +26,7 @@ import torch
 from align.advantages import compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
 from align.data import tokenize_prompts
+from align.data.prompts import PromptExample
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
 from align.losses import aggregation_normalizer
@@ -36,6 +37,7 @@ from align.rollout.eos import eos_token_ids
 from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
 from align.rollout.verify import check_logprob_gap, logprob_gap, max_logprob_diff
 from align.tasks import load_task
+from align.trainers.async_rollouts import RolloutPipeline
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import StepResult, can_split, train_objective
@@ -49,7 +51,13 @@ from align.trainers.ppo_objectives import (
     token_values,
     value_objective,
 )
-from align.trainers.rollout import Rollout, completion_ids, generate_rollout, infer_rows
+from align.trainers.rollout import (
+    Rollout,
+    assemble_rollout,
+    completion_ids,
+    infer_rows,
+    repeated_ids,
+)
 from align.trainers.stage_data import stage_rows
 from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
@@ -82,6 +90,8 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.rewards = self.gold = None  # loaded in prepare_data; released in close()
         self.critic_packing: Packing | None = None  # as `self.packing`, for the critic's model
         self.engine = None  # the rollout engine (align.rollout), started with the workers
+        self.pipeline: RolloutPipeline | None = None  # rollout.async_steps >= 1
+        self.max_staleness = 0
 
     def fit(self) -> dict[str, Any]:
         try:
@@ -172,6 +182,9 @@ class PPOTrainer(Trainer[PPOConfig]):
         on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         self.max_logprob_diff = max_logprob_diff(cfg.rollout.vllm.max_logprob_diff,
                                                  cfg.model.dtype, on_gpu)
+        if cfg.rollout.async_steps:
+            self.pipeline = RolloutPipeline(self.engine, cfg.rollout.async_steps,
+                                            cfg.rollout.timeout_s)
 
     def _sync_engine_once(self) -> None:
         if not self.engine_synced:
@@ -203,10 +216,15 @@ class PPOTrainer(Trainer[PPOConfig]):
                 role(critic_n or 1, cfg.critic.cpus_per_worker, critic_zero))
 
     def extra_state(self) -> dict[str, Any]:
-        return self.kl.state()
+        state: dict[str, Any] = self.kl.state()
+        if self.pipeline is not None:  # rollouts sampled with weights the checkpoint lacks
+            state["async_rollouts"] = self.pipeline.state()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.kl.load(state)
+        if self.pipeline is not None:
+            self.pipeline.load(state.get("async_rollouts", []))
 
     # ---------------------------------------------------------------- one iteration
 
@@ -214,6 +232,8 @@ class PPOTrainer(Trainer[PPOConfig]):
         ro = self.cfg.rollout
         self._sync_engine_once()
         timing = {"time/generate": 0.0, "time/score": 0.0}
+        if self.pipeline is not None:
+            self.pipeline.fill(step, self.total_steps, self._first_round)
         if ro.dynamic_sampling:
             scored, metrics = sample_until_full(
                 lambda round_: self._sample_round(step, round_, timing), ro.prompts_per_step,
@@ -225,14 +245,19 @@ class PPOTrainer(Trainer[PPOConfig]):
             scored, metrics = self._sample_round(step, 0, timing), {}
         self.engine.sleep()
         rollout, scores, gold = scored.rollout, scored.scores, scored.gold
-        t2 = time.perf_counter()
+        t2, train_start = time.perf_counter(), time.time()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
         gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
                           response_mask(rollout.batch))
-        check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
+        if not timing.get("rollout/staleness"):  # a stale rollout's gap includes the updates
+            check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
         t3 = time.perf_counter()
         metrics.update(self._update(rollout, step))
         t4 = time.perf_counter()
+        if self.pipeline is not None:  # the engines finish what they generated meanwhile
+            drained = self.pipeline.drain((train_start, time.time()))
+            timing["time/wait"] += drained["time/wait"]
+            timing["time/overlap"] = drained["time/overlap"]
         self.engine.wake()
         sync_seconds = self.engine.update_weights()
         metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
@@ -248,20 +273,19 @@ class PPOTrainer(Trainer[PPOConfig]):
     def _sample_round(self, step: int, round_: int, timing: dict[str, float]) -> ScoredRollout:
         """Generate and score one round: the step's own prompts (round 0) or, for dynamic
         sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
-        cfg, ro = self.cfg, self.cfg.rollout
-        if round_ == 0:
-            indices = self.schedule.indices(step)
-        else:
-            rng = np.random.default_rng([cfg.trainer.seed, step, round_])
-            indices = rng.choice(len(self.prompts), ro.prompts_per_step, replace=False).tolist()
+        ro = self.cfg.rollout
+        examples, sampling = self._request(step, round_)
         t0 = time.perf_counter()
-        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                            top_p=ro.top_p,
-                            seed=cfg.trainer.seed * 1_000_003 + step + round_ * 7_919_993,
-                            logprobs=True)
-        rollout = generate_rollout(self.engine, self.tokenizer,
-                                   [self.prompts[i] for i in indices], ro.n_samples_per_prompt,
-                                   sampling, self.eos_ids)
+        if self.pipeline is not None and round_ == 0:  # sampled ahead, while earlier updates ran
+            generation, staleness, waited = self.pipeline.take(step)
+            self.max_staleness = max(self.max_staleness, staleness)
+            timing.update({"rollout/staleness": staleness,
+                           "rollout/staleness_max": self.max_staleness, "time/wait": waited})
+        else:
+            generation = self.engine.generate(repeated_ids(examples, ro.n_samples_per_prompt),
+                                              sampling)
+        rollout = assemble_rollout(self.tokenizer, examples, ro.n_samples_per_prompt,
+                                   generation, self.eos_ids)
         t1 = time.perf_counter()
         # Token ids reach the rewards as TRL passes them (overlong_penalty counts them), and so
         # does which completions never ended (a reward model scores those without EOS).
@@ -273,6 +297,25 @@ class PPOTrainer(Trainer[PPOConfig]):
         timing["time/generate"] += t1 - t0
         timing["time/score"] += time.perf_counter() - t1
         return ScoredRollout(rollout, scores, gold)
+
+    def _request(self, step: int, round_: int) -> tuple[list[PromptExample], Sampling]:
+        """The prompts and sampling of a round: the step's own prompts (round 0) or, for
+        dynamic sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
+        cfg, ro = self.cfg, self.cfg.rollout
+        if round_ == 0:
+            indices = self.schedule.indices(step)
+        else:
+            rng = np.random.default_rng([cfg.trainer.seed, step, round_])
+            indices = rng.choice(len(self.prompts), ro.prompts_per_step, replace=False).tolist()
+        sampling = Sampling(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                            top_p=ro.top_p,
+                            seed=cfg.trainer.seed * 1_000_003 + step + round_ * 7_919_993,
+                            logprobs=True)
+        return [self.prompts[i] for i in indices], sampling
+
+    def _first_round(self, step: int) -> tuple[list[list[int]], Sampling]:
+        examples, sampling = self._request(step, 0)
+        return repeated_ids(examples, self.cfg.rollout.n_samples_per_prompt), sampling
 
     def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Old/reference log-probs, values, advantages and returns into `rollout.tensors`.
@@ -288,7 +331,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         mask = response_mask(rollout.batch)
         kl = kl_penalty(old, ref, self.kl_estimator) * mask
         tensors = {"old_logprobs": old, "ref_logprobs": ref}
-        if alg.tis_cap is not None:
+        if cfg.importance_cap() is not None:
             tensors["engine_logprobs"] = rollout.engine_logprobs
         values = None
         if self.use_critic:
@@ -314,7 +357,7 @@ class PPOTrainer(Trainer[PPOConfig]):
                          clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
                          aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
-                         entropy_coef=alg.entropy_coef, tis_cap=alg.tis_cap,
+                         entropy_coef=alg.entropy_coef, tis_cap=cfg.importance_cap(),
                          importance_sampling_level=alg.importance_sampling_level)
         sums: dict[str, float] = {}
         minibatches = 0

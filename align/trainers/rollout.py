@@ -18,7 +18,7 @@ from align.data.prompts import PromptExample
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
 from align.packed_forward import Packing
-from align.rollout import RolloutEngine, Sampling
+from align.rollout import Generation, RolloutEngine, Sampling
 from align.rollout.verify import shifted_logprobs
 from align.trainers.dispatch import infer_in_chunks
 
@@ -53,8 +53,19 @@ def generate_rollout(engine: RolloutEngine, tokenizer: Any, examples: list[Promp
                      n_samples: int, sampling: Sampling, eos_ids: list[int]) -> Rollout:
     """Sample `n_samples` completions per prompt with the rollout engine, with the log-prob
     the engine sampled each token with (checked against the trainer's, align.rollout.verify)."""
+    generation = engine.generate(repeated_ids(examples, n_samples), sampling)
+    return assemble_rollout(tokenizer, examples, n_samples, generation, eos_ids)
+
+
+def repeated_ids(examples: list[PromptExample], n_samples: int) -> list[list[int]]:
+    """Each prompt's token ids `n_samples` times in a row (the rows of one rollout)."""
+    return [e.ids for e in examples for _ in range(n_samples)]
+
+
+def assemble_rollout(tokenizer: Any, examples: list[PromptExample], n_samples: int,
+                     generation: Generation, eos_ids: list[int]) -> Rollout:
+    """The Rollout of `generation`, the completions of `repeated_ids(examples, n_samples)`."""
     repeated = [e for e in examples for _ in range(n_samples)]
-    generation = engine.generate([e.ids for e in repeated], sampling)
     outputs = generation.tokens
     columns = {key: [e.columns.get(key) for e in repeated]
                for key in (repeated[0].columns if repeated else {})}

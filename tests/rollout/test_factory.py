@@ -30,7 +30,21 @@ def test_auto_picks_the_measured_default_for_this_device(ray_local):
     (["rollout.vllm.max_logprob_diff=0"], "max_logprob_diff must be positive"),
     (["algorithm.tis_cap=0.5"], "tis_cap must be at least 1"),
     (["rollout.engine=sglang"], "rollout.engine"),
+    (["rollout.async_steps=-1"], "rollout.async_steps must be >= 0"),
+    (["rollout.timeout_s=0"], "rollout.timeout_s must be positive"),
+    (["rollout.async_steps=1"], "needs engines of their own"),  # colocated by default
+    (["rollout.async_steps=1", "rollout.engine=hf", "rollout.vllm.colocate=false"],
+     "set rollout.engine=vllm"),
 ])
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         ppo(*overrides)
+
+
+def test_async_rollouts_resolve_to_separate_vllm_engines_with_a_behaviour_cap(ray_local):
+    cfg = ppo("rollout.async_steps=1", "rollout.vllm.colocate=false")
+    assert engine_name(cfg) == "vllm" and separate_engine(cfg)  # auto: vLLM even on CPU
+    assert cfg.importance_cap() == 2.0  # decoupled PPO's correction, on by default
+    assert ppo("rollout.async_steps=1", "rollout.vllm.colocate=false",
+               "algorithm.tis_cap=1.5").importance_cap() == 1.5
+    assert ppo().importance_cap() is None
