@@ -58,15 +58,16 @@ $(CORE_STAMP): pyproject.toml Makefile
 quickstart: $(CORE_STAMP)
 	$(VENV)/bin/align quickstart
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist): its end-to-end tests spend much of
-# their time starting Ray, actors and engines, which two of them overlap well on two cores.
+# The suite runs on TEST_WORKERS processes (pytest-xdist): one end-to-end test keeps only
+# about one core busy (much of it waits on process start-up and calls between processes), so
+# two run side by side; idle workers take queued tests from busy ones (worksteal).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -35,11 +35,15 @@ TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size":
 CPU_FP32 = ("model.dtype=float32", "distributed.gpus_per_worker=0")
 
 
+# Modules of several whole runs each (a minute or more per test), started first.
+LONGEST = ("test_resume.py", "test_quickstart.py", "test_async_engine.py")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """End-to-end (`slow`) tests run first, so that with `-n 2` (`make test`) the two workers
-    share them instead of one finishing them alone at the end. Tests marked `gpu` are skipped
-    where torch sees no CUDA device (or it is hidden)."""
-    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: file order otherwise
+    """The longest tests run first, then the other end-to-end (`slow`) ones, so that with
+    `-n 2` (`make test`) the two workers share them instead of one finishing them alone at the
+    end. Tests marked `gpu` are skipped where torch sees no CUDA device (or it is hidden)."""
+    items.sort(key=lambda item: (item.path.name not in LONGEST, "slow" not in item.keywords))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a GPU: ALIGN_TEST_GPU=1 pytest -m gpu on a GPU host")

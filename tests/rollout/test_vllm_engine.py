@@ -16,6 +16,7 @@ from align.tasks.arithmetic import is_correct
 from align.tracking import read_metrics
 from align.trainers.ppo import PPOTrainer
 from tests.conftest import tiny_ppo_config
+from tests.trainers.test_ppo import REWARD_FILE
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -70,16 +71,21 @@ def test_lora_one_worker_separate_engine(tmp_path, ray_local, vllm_model_dir):
 
     cfg = tiny_ppo_config(tmp_path, *VLLM_TINY, f"model.name_or_path={vllm_model_dir}",
                           "model.lora.enabled=true", "rollout.vllm.colocate=false",
-                          "trainer.lr=5e-2", "algorithm.kl_coef=0")
+                          "trainer.lr=5e-2", "algorithm.kl_coef=0",
+                          # a reward that differs within groups, so the adapter must move
+                          f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share'}}]")
     summary = PPOTrainer(cfg, show_progress=False).fit()
     run = tmp_path / "run"
     assert (run / "final" / "adapter_config.json").is_file()
-    base = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
-    texts = check_run(run, summary, PeftModel.from_pretrained(base, run / "final"))
-    base_texts = greedy_texts(AutoModelForCausalLM.from_pretrained(vllm_model_dir),
-                              [json.loads(line)["prompt"] for line in
-                               (run / "eval_samples.jsonl").open()], 4)
-    assert texts != base_texts  # the adapter changed the policy, and the engine served it
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(vllm_model_dir),
+                                      run / "final").eval()
+    check_run(run, summary, tuned)
+    # The adapter changed the policy (so the engine's equal greedy texts and tiny log-prob
+    # gaps show it served the adapter, not the base weights).
+    base = AutoModelForCausalLM.from_pretrained(vllm_model_dir).eval()
+    ids = torch.tensor([ByT5Tokenizer()("Q: 12+34=", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        assert (tuned(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
 def test_zero3_two_workers_two_engines_in_buckets(tmp_path, ray_local):
