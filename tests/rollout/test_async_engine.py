@@ -75,16 +75,19 @@ def kill_at_step(monkeypatch, step: int, victim) -> list[float]:
     return killed
 
 
-@pytest.mark.parametrize(("role", "victim", "message"), [
+# Each runs a full async iteration before the kill: with a critic and LoRA, and with RLOO.
+@pytest.mark.parametrize(("role", "victim", "message", "setup"), [
     pytest.param("engine", lambda pipe: pipe.engine.actors[0],
-                 r"vllm engine failed to generate", id="engine"),
+                 r"vllm engine failed to generate",
+                 ["algorithm.estimator=gae", "model.lora.enabled=true"], id="engine"),
     pytest.param("trainer", lambda pipe: pipe.engine.policy.actors[0],
-                 r"policy worker rank 0 died", id="trainer"),
+                 r"policy worker rank 0 died", ["algorithm.estimator=rloo"], id="trainer"),
 ])
 def test_a_dead_actor_ends_the_run_within_a_minute(tmp_path, ray_local, monkeypatch, role,
-                                                  victim, message):
+                                                  victim, message, setup):
     killed = kill_at_step(monkeypatch, 1, victim)
-    cfg = tiny_ppo_config(tmp_path, *ASYNC, "trainer.max_steps=4", "eval.max_samples=0")
+    cfg = tiny_ppo_config(tmp_path, *ASYNC, *setup, "trainer.max_steps=4",
+                          "eval.max_samples=0")
     with pytest.raises(TrainingError, match=message):
         PPOTrainer(cfg, show_progress=False).fit()
     assert killed and time.monotonic() - killed[0] < 60, role
