@@ -173,15 +173,47 @@ class RewardModelSettings:
 
 
 @dataclass
+class MiningSettings:
+    """Hard negatives mined from a policy's own samples (align.trainers.mining)."""
+
+    policy: str | None = None  # model folder to sample from; None: no mining
+    reward: str = "reward_models.builtin:exact_match"  # verifier spec labelling the samples
+    prompts: str | None = None  # RL rows {prompt, ...}; None: the task's (data.train: embedded)
+    num_prompts: int = 2000  # training prompts sampled (0: all)
+    samples_per_prompt: int = 8  # completions per prompt
+    pairs_per_prompt: int = 2  # at most, each the best sample against a worse distinct one
+    max_new_tokens: int = 16  # generation budget per sample
+    temperature: float = 1.0  # sampling temperature (> 0: samples must differ to be paired)
+    engine: Literal["hf", "vllm"] = "hf"  # where the samples are generated (this process)
+    batch_size: int = 256  # prompts per generate call
+
+
+@dataclass
 class RMConfig(RunConfig):
     dropout_off_by_default: ClassVar[bool] = True
     output_dir: str = "runs/rm"
     rm: RewardModelSettings = field(default_factory=RewardModelSettings)
+    mining: MiningSettings = field(default_factory=MiningSettings)
 
     def check(self) -> None:
         if not 0.0 <= self.rm.center_coef < float("inf"):
             raise ConfigError(f"rm.center_coef must be a finite number >= 0; got "
                               f"{self.rm.center_coef}")
+        mining = self.mining
+        if mining.policy is None:
+            return
+        if mining.prompts is None and self.data.train != EMBEDDED:
+            raise ConfigError("mining.prompts: give the RL rows ({prompt, ...}, with the "
+                              "columns mining.reward needs) whose samples are mined")
+        for key in ("num_prompts", "samples_per_prompt", "pairs_per_prompt",
+                    "max_new_tokens", "batch_size"):
+            low = 0 if key == "num_prompts" else 2 if key == "samples_per_prompt" else 1
+            if getattr(mining, key) < low:
+                raise ConfigError(f"mining.{key} must be at least {low}; got "
+                                  f"{getattr(mining, key)}")
+        if not mining.temperature > 0:
+            raise ConfigError(f"mining.temperature must be > 0 (samples must differ); got "
+                              f"{mining.temperature}")
 
 
 @dataclass
@@ -244,12 +276,17 @@ class DPOConfig(RunConfig):
 class RewardConfig:
     """One entry of a weighted reward list (see reward_models.load_reward for spec forms)."""
 
-    spec: str = ""  # module:function, path/file.py:function, reward-model folder, or http(s) URL
+    spec: str | list[str] = ""  # module:function, path/file.py:function, reward-model folder,
+    # or http(s) URL; a list of reward-model folders: an ensemble (reward_models.robust)
     weight: float = 1.0  # multiplier in the weighted sum
     name: str | None = None  # metric name (rewards/<name>/mean); default derived from spec
     style: Literal["trl", "verl", "openrlhf"] | None = None  # calling convention of the function
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound arguments / client options
     timeout_s: float | None = 600.0  # seconds one call may take before the run stops; null: none
+    uncertainty_penalty: float = 1.0  # ensemble: score mean - k * std across members
+    normalize: bool = False  # standardise by a running mean/std of the latest raw values
+    normalize_window: int = 4096  # raw values the running statistics cover
+    clip: list[float] | None = None  # [low, high]: bounds applied after normalising
 
 
 @dataclass
@@ -348,6 +385,11 @@ class PPOConfig(RunConfig):
         for i, entry in enumerate([*self.rewards, *self.gold_rewards]):
             if not entry.spec:
                 raise ConfigError(f"rewards[{i}].spec is empty")
+            if entry.normalize or entry.clip is not None:
+                from reward_models.robust import RewardShaping
+
+                RewardShaping(entry.normalize, entry.normalize_window, entry.clip,
+                              f"rewards[{i}]")
         if alg.estimator in ("grpo", "rloo") and ro.n_samples_per_prompt < 2:
             raise ConfigError(f"algorithm.estimator={alg.estimator} compares samples of one "
                               "prompt: rollout.n_samples_per_prompt must be at least 2")

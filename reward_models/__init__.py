@@ -18,6 +18,7 @@ One concept a module:
 - ``spec``: RewardSpec (how an entry is written) and ``load_reward`` (every kind of spec);
 - ``style_adapters``: functions written for TRL, veRL or OpenRLHF, served unchanged;
 - ``combined``: the weighted sum a trainer calls;
+- ``robust``: ensembles (mean - k * std across reward models) and shaping (normalise, clip);
 - ``builtin``: rule rewards for the embedded task;
 - ``http_reward``: the client of a remote reward (JSON over HTTP);
 - ``reward_model``: scoring with a trained reward model, and a model folder as a reward;

@@ -7,6 +7,12 @@ reward skips has no reward at all, which is an error naming the sample. Each rew
 are kept, so a trainer can log ``rewards/<name>/mean`` next to the total.
 
 Async rewards are awaited together (concurrently); sync rewards run one after another.
+
+An entry with ``normalize`` or ``clip`` is shaped (``reward_models.robust``) before its weight
+applies: training batches (``score``) update its running statistics, evaluation (calling the
+object, or ``score(..., update=False)``) only reads them; ``state``/``load`` carry them across a
+checkpoint. ``rewards/<name>/mean`` stays the raw value; ``rewards/<name>/shaped_mean`` is what
+was trained on. An ensemble entry also logs ``rewards/<name>/std_across_models``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from reward_models.protocol import (
     describe_sample,
     run_coroutine,
 )
+from reward_models.robust import RewardShaping
 from reward_models.spec import RewardSpec, default_reward_name, load_reward
 
 
@@ -38,6 +45,7 @@ class CombinedScores:
 
     total: list[float]  # weighted sum per sample
     per_reward: dict[str, RewardValues]  # each reward's own values by name, None kept
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # shaping, ensembles
 
     def metrics(self) -> dict[str, float]:
         """Batch statistics for logging.
@@ -57,6 +65,7 @@ class CombinedScores:
                 out[f"rewards/{name}/mean"] = statistics.fmean(present)
                 out[f"rewards/{name}/std"] = _std(present)
             out[f"rewards/{name}/applied"] = len(present) / len(values) if values else 0.0
+        out.update(self.extra)
         return out
 
 
@@ -71,7 +80,8 @@ class CombinedReward:
         ConfigError: When the list is empty, lengths differ, or two rewards share a name.
     """
 
-    def __init__(self, rewards: Sequence[LoadedReward], weights: Sequence[float]) -> None:
+    def __init__(self, rewards: Sequence[LoadedReward], weights: Sequence[float],
+                 shaping: Sequence[RewardShaping | None] | None = None) -> None:
         if not rewards:
             raise ConfigError("rewards: at least one reward is needed")
         if len(rewards) != len(weights):
@@ -86,6 +96,7 @@ class CombinedReward:
             seen[reward.name] = reward.label
         self.rewards = list(rewards)
         self.weights = [float(w) for w in weights]
+        self.shaping = list(shaping) if shaping is not None else [None] * len(self.rewards)
 
     @classmethod
     def from_specs(
@@ -127,7 +138,9 @@ class CombinedReward:
                     raise ConfigError(f"rewards[{index}]: {err}") from err
                 used.add(reward.name)
                 rewards.append(reward)
-            return cls(rewards, [s.weight for s in parsed])
+            shaping = [RewardShaping(s.normalize, s.normalize_window, s.clip, s.label)
+                       if s.normalize or s.clip is not None else None for s in parsed]
+            return cls(rewards, [s.weight for s in parsed], shaping)
         except BaseException:  # the rewards loaded so far may hold Ray actors
             for reward in rewards:
                 reward.close()
@@ -144,11 +157,26 @@ class CombinedReward:
         return [r.name for r in self.rewards]
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
-        """The weighted total per sample (the Reward protocol)."""
-        return self.score(prompts, completions, **columns).total
+        """The weighted total per sample (the Reward protocol); shaping statistics are read,
+        not updated."""
+        return self.score(prompts, completions, update=False, **columns).total
 
-    def score(self, prompts: list[str], completions: list[str], **columns: Any) -> CombinedScores:
+    def state(self) -> dict[str, Any]:
+        """The running statistics of every shaped reward, by name (JSON-ready)."""
+        return {r.name: shape.state() for r, shape in zip(self.rewards, self.shaping)
+                if shape is not None}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for reward, shape in zip(self.rewards, self.shaping):
+            if shape is not None and reward.name in state:
+                shape.load(state[reward.name])
+
+    def score(self, prompts: list[str], completions: list[str], update: bool = True,
+              **columns: Any) -> CombinedScores:
         """Score a batch with every reward and combine.
+
+        Args:
+            update: add the raw values to the shaped rewards' running statistics first.
 
         Raises:
             RewardError: When a reward fails (see LoadedReward) or every reward returned None
@@ -174,7 +202,18 @@ class CombinedReward:
             for i, values in zip(pending, run_coroutine(_gather_in_order(list(pending.values())))):
                 results[i] = values
         per_reward = {r.name: values for r, values in zip(self.rewards, results)}
-        return CombinedScores(self._totals(results, prompts), per_reward)
+        extra: dict[str, float] = {}
+        shaped = list(results)
+        for i, (reward, shape) in enumerate(zip(self.rewards, self.shaping)):
+            spread = [v for v in getattr(reward.fn, "last_spread", None) or [] if v is not None]
+            if spread:
+                extra[f"rewards/{reward.name}/std_across_models"] = statistics.fmean(spread)
+            if shape is not None:
+                shaped[i] = shape(results[i], update)
+                present = [v for v in shaped[i] if v is not None]
+                if present:
+                    extra[f"rewards/{reward.name}/shaped_mean"] = statistics.fmean(present)
+        return CombinedScores(self._totals(shaped, prompts), per_reward, extra)
 
     def _totals(self, results: list[Any], prompts: list[str]) -> list[float]:
         totals = []

@@ -13,6 +13,10 @@ In YAML an entry is either a bare string or a mapping::
       - {spec: rewards/orm.py:reward_func, style: openrlhf}   # an OpenRLHF one (mapping form)
       - runs/rm/final                                     # a trained reward-model folder
       - https://rm.example.com/score                      # a JSON API
+      - spec: [runs/rm-0/final, runs/rm-1/final]          # an ensemble: mean - k * std
+        uncertainty_penalty: 1.0
+        normalize: true                                   # running mean 0, std 1
+        clip: [-3, 3]                                     # then bounded
 
 Styles name the calling convention a function was written for: ``trl`` (the default, the
 Reward protocol), ``verl`` (``compute_score(data_source, solution_str, ground_truth,
@@ -30,6 +34,9 @@ module that happens to be called ``verl`` (``verl:fn``) is still read as a modul
    ``pkg.module:fn`` imports the module normally; ``path/to/file.py:fn`` executes that one file
    (its folder is not put on ``sys.path``) as a private module, once per process. ``fn`` may be
    dotted (``module:Scorer.score``) to reach an attribute of an attribute.
+
+A list of specs is an ensemble (``reward_models.robust``); ``normalize`` and ``clip`` shape an
+entry's values before its weight applies (``reward_models.robust``, done by CombinedReward).
 """
 
 from __future__ import annotations
@@ -70,15 +77,23 @@ class RewardSpec:
         ConfigError: When a field has the wrong type or value (the message names it).
     """
 
-    spec: str  # module:function, path/file.py:function, a reward-model folder, or http(s) URL
+    spec: str | tuple[str, ...]  # module:function, path/file.py:function, a reward-model
+    # folder, or http(s) URL; a list of them (reward-model folders): an ensemble
     weight: float = 1.0  # factor in the weighted sum; 0 computes and logs it without training on it
     name: str | None = None  # metric name (rewards/<name>/mean); default derived from the spec
     style: str | None = None  # calling convention of a function: trl (default), verl, openrlhf
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound to the function like
     # functools.partial; for a URL or folder, options of that loader (e.g. timeout_s)
     timeout_s: float | None = None  # seconds one call may take before the run stops; None: no limit
+    uncertainty_penalty: float = 1.0  # ensemble: k in mean - k * std across members
+    normalize: bool = False  # standardise with a running mean and std (reward_models.robust)
+    normalize_window: int = 4096  # raw values the running statistics cover
+    clip: tuple[float, float] | None = None  # [low, high] bounds applied after normalising
 
     def __post_init__(self) -> None:
+        if isinstance(self.spec, (list, tuple)):
+            self._check_members()
+            return
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ConfigError(f"reward spec must be a non-empty string, got {self.spec!r}")
         prefix_style, target = split_style_prefix(self.spec.strip())
@@ -96,6 +111,22 @@ class RewardSpec:
         object.__setattr__(self, "spec", target)
         object.__setattr__(self, "style", prefix_style or style)
         self._check_weight_name_kwargs()
+
+    def _check_members(self) -> None:
+        members = self.spec
+        if len(members) < 2 or not all(isinstance(m, str) and m.strip() for m in members):
+            raise ConfigError(f"reward spec {list(members)!r}: an ensemble is a list of at "
+                              "least two non-empty specs (reward-model folders)")
+        if self.style not in (None, "trl"):
+            raise ConfigError(f"reward {list(members)!r}: style applies to one function, "
+                              "not to an ensemble")
+        object.__setattr__(self, "spec", tuple(m.strip() for m in members))
+        self._check_weight_name_kwargs()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The member specs of an ensemble; () for a single reward."""
+        return self.spec if isinstance(self.spec, tuple) else ()
 
     def _check_weight_name_kwargs(self) -> None:
         weight = self.weight
@@ -118,10 +149,14 @@ class RewardSpec:
                 f"reward {self.label!r}: kwargs must be a mapping of names to values, "
                 f"got {self.kwargs!r}"
             )
+        if isinstance(self.clip, list):
+            object.__setattr__(self, "clip", tuple(self.clip))
 
     @property
     def label(self) -> str:
         """The spec as a user would write it (style prefix included): used in every message."""
+        if self.members:
+            return "[" + ", ".join(self.members) + "]"
         return f"{self.style}:{self.spec}" if self.style else self.spec
 
     @classmethod
@@ -315,7 +350,10 @@ def load_reward(
 
 
 def default_reward_name(spec: RewardSpec) -> str:
-    """A metric name from the spec: the function name, the URL's host, or the folder's name."""
+    """A metric name from the spec: the function name, the URL's host, or the folder's name
+    (`ensemble` for a list)."""
+    if spec.members:
+        return "ensemble"
     target = spec.spec
     if target.startswith(("http://", "https://")):
         return urlparse(target).hostname or "http"
@@ -330,6 +368,8 @@ def holds_model(path: Path) -> bool:
 
 
 def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
+    if spec.members:
+        return _ensemble(spec, base_dir)
     target = spec.spec
     if target.startswith(("http://", "https://")):
         _refuse_style(spec, "a URL")
@@ -372,6 +412,26 @@ def _reward_model(path: Path, spec: RewardSpec) -> Callable[..., Any]:
     except Exception as err:
         raise ConfigError(f"reward {spec.label!r}: loading the reward model in {path} failed: "
                           f"{type(err).__name__}: {err}") from err
+
+
+def _ensemble(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
+    """The members loaded one by one (each with the entry's kwargs), then combined."""
+    from reward_models.robust import EnsembleReward
+
+    members: list[Callable[..., Any]] = []
+    try:
+        for i, member in enumerate(spec.members):
+            try:
+                members.append(_build(RewardSpec(member, kwargs=spec.kwargs), base_dir))
+            except (ConfigError, RewardError) as err:
+                raise type(err)(f"ensemble member {i}: {err}") from err
+        return EnsembleReward(members, spec.uncertainty_penalty, spec.label)
+    except BaseException:  # members loaded so far may hold Ray actors
+        for member in members:
+            close = getattr(member, "close", None)
+            if callable(close):
+                close()
+        raise
 
 
 def _refuse_style(spec: RewardSpec, what: str) -> None:

@@ -78,6 +78,9 @@ class Trainer(Generic[ConfigT]):
         """Whether the policy workers hold a frozen reference (`Policy.reference_view`)."""
         return False
 
+    def write_derived(self, out: Path) -> None:
+        """Write files the run derived from its inputs (e.g. mined pairs) into its folder."""
+
     def extra_state(self) -> dict[str, Any]:
         """Driver-side state a resume needs besides the workers' (e.g. a KL controller)."""
         return {}
@@ -109,6 +112,7 @@ class Trainer(Generic[ConfigT]):
             # Written once the workers are up: a model refused at start-up (packing that would
             # leak) leaves the folder empty, so the corrected rerun needs no overwrite=true.
             dump_config(cfg, out / "config.yaml")
+            self.write_derived(out)
             self._write_placement(out)
             step = 0
             if resume_from is not None:

@@ -217,12 +217,16 @@ class PPOTrainer(Trainer[PPOConfig]):
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = self.kl.state()
+        shaping = self.rewards.state()
+        if shaping:
+            state["reward_shaping"] = shaping
         if self.pipeline is not None:  # rollouts sampled with weights the checkpoint lacks
             state["async_rollouts"] = self.pipeline.state()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.kl.load(state)
+        self.rewards.load(state.get("reward_shaping", {}))
         if self.pipeline is not None:
             self.pipeline.load(state.get("async_rollouts", []))
 

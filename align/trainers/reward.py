@@ -7,19 +7,32 @@ in one forward pass; the loss is -logsigmoid(r_c - r_r - margin)
 plus an optional centring term (`align.losses.pairwise_loss`), normalised by the number of
 pairs in the whole global batch so the update does not depend on how it is split over workers.
 Metrics are TRL's: accuracy, margin, mean_reward, min_reward, max_reward.
+
+With `mining.policy` set, pairs mined from that policy's own samples join the training pairs
+(align.trainers.mining).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from align.config import RMConfig
-from align.data import PreferenceExample, collate_preference, collate_preference_packed
+from align.data import (
+    PreferenceExample,
+    collate_preference,
+    collate_preference_packed,
+    load_rows,
+    tokenize_preference,
+)
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import evaluate_objective, train_objective
-from align.trainers.stage_data import load_preference_examples
+from align.trainers.mining import MinedPairs, mine
+from align.trainers.stage_data import load_preference_examples, stage_rows
 from reward_models.reward_model import pair_means, pair_sums, score_batch
 
 
@@ -51,9 +64,34 @@ class RewardTrainer(Trainer[RMConfig]):
     def prepare_data(self) -> int:
         cfg = self.cfg
         self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
+        self.mined = None
+        if cfg.mining.policy is not None:
+            self.mined = self._mine()
+            source = f"mined from {cfg.mining.policy}"
+            self.train = self.train + tokenize_preference(self.mined.rows, self.tokenizer,
+                                                          cfg.data.max_length, source)
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
         return len(self.train)
+
+    def _mine(self) -> MinedPairs:
+        cfg, mining = self.cfg, self.cfg.mining
+        if mining.prompts is None:
+            rows = stage_rows(cfg, "rl")
+            prompts, source = rows.train, rows.train_name
+        else:
+            prompts, source = load_rows(mining.prompts, cfg.data.split), mining.prompts
+        print(f"mining: sampling {mining.samples_per_prompt} completions for up to "
+              f"{mining.num_prompts or len(prompts)} prompts from {mining.policy}", flush=True)
+        mined = mine(mining, prompts, source, cfg.data.max_length, cfg.trainer.seed)
+        print("mining: " + ", ".join(f"{k.split('/')[1]} {v:g}"
+                                      for k, v in mined.stats.items()), flush=True)
+        return mined
+
+    def write_derived(self, out: Path) -> None:
+        if self.mined is not None:
+            with (out / "mined_pairs.jsonl").open("w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.mined.rows)
 
     def collate(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         pad, packing = self.tokenizer.pad_token_id, self.packing
@@ -87,4 +125,7 @@ class RewardTrainer(Trainer[RMConfig]):
         if not sums:
             return {}
         metrics = {"loss": sums["loss"], **pair_means(sums), "pairs": len(self.eval)}
-        return {f"eval/{key}": value for key, value in metrics.items()}
+        out = {f"eval/{key}": value for key, value in metrics.items()}
+        if final and self.mined is not None:
+            out.update(self.mined.stats)
+        return out
