@@ -1,8 +1,8 @@
 """Exact resume after SIGKILL, and a kill during a checkpoint write.
 
-SFT, DPO and PPO with a critic are killed and resumed: every stage resumes through the same
-`Trainer` loop and checkpoint code, which these cover with and without a reference model and
-an extra role (the reward model's trainer adds no state of its own).
+SFT, the reward model, DPO and PPO with a critic are killed and resumed: every stage resumes
+through the same `Trainer` loop and checkpoint code, which these cover with and without a
+reference model and an extra role.
 
 A run killed by SIGKILL (injected with ALIGN_FAULT at a checkpoint) and resumed with
 `resume=auto` (or into another run with `resume=PATH`) must log the same per-step metrics as an
@@ -23,7 +23,7 @@ from align.checkpoint import FAULT_ENV, CheckpointManager
 from align.config import dump_config
 from align.tracking import read_metrics
 from align.trainers.registry import run_stage
-from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_sft_config
+from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_rm_config, tiny_sft_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,14 @@ def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
                                "eval.exact_match=false")
     straight = uninterrupted("dpo", config(), tmp_path)
     resumed = interrupted_then_resumed("dpo", config(), tmp_path, "kill-after-checkpoint:3")
+    assert_same_metrics(comparable(straight), comparable(resumed))
+
+
+def test_rm_resume_after_sigkill_is_exact(tmp_path, ray_local):
+    def config():
+        return tiny_rm_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3")
+    straight = uninterrupted("rm", config(), tmp_path)
+    resumed = interrupted_then_resumed("rm", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))
 
 
