@@ -134,10 +134,12 @@ def test_ctrl_c_while_starting_leaves_nothing(ray_local, monkeypatch):
 
 
 def test_simulated_two_node_cluster():
-    """Joining an existing cluster by address; SPREAD puts one rank on each node."""
+    """Joining an existing cluster by address; SPREAD puts one rank on each node. The nodes
+    have 4 CPUs whatever this machine has, so the threads' share is checked at a size other
+    than 1."""
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    cluster.add_node(num_cpus=4)
     cluster.wait_for_nodes()
     try:
         cfg = DistributedConfig(num_workers=2, ray_address=cluster.address,
@@ -146,6 +148,7 @@ def test_simulated_two_node_cluster():
         try:
             assert len(set(group.call("node_id"))) == 2
             assert group.call("world") == [(0, 2, 1), (1, 2, 1)]
+            assert group.call("threads") == [2, 2]  # half of a 4-CPU node each
         finally:
             group.shutdown()
     finally:
