@@ -40,7 +40,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_adapter_and_merged_round_trip(arch, tiny_model_dir, saved_tokenizer, tmp_path):
     base = tiny_model_dir(arch)
-    cfg = ModelConfig(name_or_path=base, tokenizer=str(saved_tokenizer))
+    cfg = ModelConfig(name_or_path=base, tokenizer=str(saved_tokenizer), dtype="float32")
     cfg.lora.enabled = True
     policy = frozen_policy(cfg)
     n_lora = sum(1 for n, _ in policy.model.named_parameters() if "lora_" in n)

@@ -12,6 +12,8 @@ from reward_models.reward_model import score_texts
 
 PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99=", "Q: 40+2="]
 COMPLETIONS = [" 81", " 20", " 198 and some more words", " 4"]  # lengths differ: padding
+# In-process scoring in fp32 whatever the host (`dtype: auto` is bf16 on a GPU).
+IN_PROCESS = {"num_workers": 0, "dtype": "float32"}
 
 
 def direct(folder: str, prompts: list[str], completions: list[str]) -> list[float]:
@@ -35,7 +37,7 @@ def direct_scores(model, tok, prompts: list[str], completions: list[str],
 
 
 def test_in_process_scores_match_the_model(tiny_reward_model_dir):
-    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": {"num_workers": 0}})
+    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": IN_PROCESS})
     assert isinstance(reward.fn, RewardModelScorer)
     expected = direct(tiny_reward_model_dir, PROMPTS, COMPLETIONS)
     assert len(set(expected)) == len(expected)  # the samples really are told apart
@@ -46,7 +48,7 @@ def test_in_process_scores_match_the_model(tiny_reward_model_dir):
 def test_truncated_completions_are_scored_as_they_are(tiny_reward_model_dir):
     """A completion that hit its token budget gets no EOS: the model can tell it from one that
     ended (the trainer passes `completion_truncated`)."""
-    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": {"num_workers": 0}})
+    reward = load_reward({"spec": tiny_reward_model_dir, "kwargs": IN_PROCESS})
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
     truncated = [False, True, False, True]
