@@ -176,12 +176,13 @@ class RewardModelSettings:
 class MiningSettings:
     """Hard negatives mined from a policy's own samples (align.trainers.mining)."""
 
-    policy: str | None = None  # model folder to sample from; None: no mining
+    policy: str | list[str] | None = None  # model folder(s) to sample from; None: no mining
     reward: str = "reward_models.builtin:exact_match"  # verifier spec labelling the samples
     prompts: str | None = None  # RL rows {prompt, ...}; None: the task's (data.train: embedded)
     num_prompts: int = 2000  # training prompts sampled (0: all)
     samples_per_prompt: int = 8  # completions per prompt
     pairs_per_prompt: int = 2  # at most, each the best sample against a worse distinct one
+    repeat: int = 1  # times each mined pair joins the training pairs (weights them up)
     max_new_tokens: int = 16  # generation budget per sample
     temperature: float = 1.0  # sampling temperature (> 0: samples must differ to be paired)
     engine: Literal["hf", "vllm"] = "hf"  # where the samples are generated (this process)
@@ -206,7 +207,7 @@ class RMConfig(RunConfig):
             raise ConfigError("mining.prompts: give the RL rows ({prompt, ...}, with the "
                               "columns mining.reward needs) whose samples are mined")
         for key in ("num_prompts", "samples_per_prompt", "pairs_per_prompt",
-                    "max_new_tokens", "batch_size"):
+                    "max_new_tokens", "batch_size", "repeat"):
             low = 0 if key == "num_prompts" else 2 if key == "samples_per_prompt" else 1
             if getattr(mining, key) < low:
                 raise ConfigError(f"mining.{key} must be at least {low}; got "

@@ -8,7 +8,7 @@ written `RUN:key=value`, to the run of that name only (e.g. `grpo:rollout.prompt
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,16 @@ def scoped_overrides(overrides: list[str], run: str,
     return chosen
 
 
-def parse_args(description: str, default_output: str) -> argparse.Namespace:
-    """A recipe's command line: `--output-dir DIR`, `--quiet` and `[key=value ...]`."""
+def parse_args(description: str, default_output: str,
+               configure: Callable[[argparse.ArgumentParser], None] | None = None
+               ) -> argparse.Namespace:
+    """A recipe's command line: `--output-dir DIR`, `--quiet` and `[key=value ...]`, plus the
+    options `configure` adds to the parser."""
     parser = argparse.ArgumentParser(description=description)
+    if configure is not None:
+        configure(parser)
     parser.add_argument("--output-dir", type=Path, default=Path(default_output))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*",
                         help="key=value for every run, or RUN:key=value for one")
-    return parser.parse_args()
+    return parser.parse_intermixed_args()  # options may follow the overrides

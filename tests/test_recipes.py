@@ -87,3 +87,16 @@ def test_digit_credit_hand_values():
         sys.path.remove(str(RECIPES))
     scores = digit_credit(["p"] * 4, [" 81", " 71", " 18", "x"], ["81", "81", "81", "81"])
     assert scores == [1.0, 0.25, 0.0, 0.0]
+
+
+def test_robust_reward_recipe_trains_against_an_ensemble(tmp_path, ray_local, capsys):
+    mining = [f"{run}:{key}" for run in ("rm_0", "rm_1")
+              for key in ("mining.num_prompts=8", "mining.samples_per_prompt=2")]
+    out = run_recipe("robust_reward.py", tmp_path, "--members", "2", *mining,
+                     "ppo_ensemble:rollout.prompts_per_step=4", capsys=capsys)
+    for run in ("sft", "rm_0", "rm_1", "ppo_ensemble"):
+        assert summary_exists(tmp_path / run), run
+    assert (tmp_path / "rm_1" / "mined_pairs.jsonl").is_file()
+    metrics = (tmp_path / "ppo_ensemble" / "metrics.jsonl").read_text()
+    assert "rewards/reward_model/std_across_models" in metrics  # scored by both members
+    assert "reward/gold" in metrics and "PPO(ensemble)    held-out exact match" in out

@@ -97,11 +97,16 @@ def test_sft_kill_during_checkpoint_write_resumes_exactly(tmp_path, ray_local):
 
 
 def test_ppo_resume_after_sigkill_is_exact(tmp_path, ray_local):
-    """gae: the critic's weights and optimizer, and the adaptive KL coefficient, resume too."""
+    """gae: the critic's weights and optimizer, the adaptive KL coefficient and a normalised
+    reward's running statistics resume too."""
+    letters = Path(__file__).parent / "trainers" / "letter_reward.py"
+
     def config():
         return tiny_ppo_config(tmp_path, "algorithm.estimator=gae",
                                "trainer.max_steps=6", "trainer.save_every=3",
-                               "algorithm.adaptive_kl=true", "eval.max_samples=0")
+                               "algorithm.adaptive_kl=true", "eval.max_samples=0",
+                               f"rewards=[{{spec: '{letters}:lowercase_share', normalize: true, "
+                               "normalize_window: 64}]")
     straight = uninterrupted("ppo", config(), tmp_path)
     resumed = interrupted_then_resumed("ppo", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))

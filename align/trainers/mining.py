@@ -6,8 +6,9 @@ the learned reward rises while the true one falls. Mining adds pairs of exactly 
 completions:
 
 1. sample `samples_per_prompt` completions from `mining.policy` (any model folder, e.g. the SFT
-   checkpoint PPO starts from) for `num_prompts` training prompts (`align.policy_eval`'s
-   generation, `hf` or `vllm`);
+   checkpoint PPO starts from, or a list of them: a policy already optimised against an
+   earlier reward model shows the mistakes that one rewarded) for `num_prompts` training
+   prompts (`align.policy_eval`'s generation, `hf` or `vllm`);
 2. label every sample with `mining.reward` (any reward spec; a verifier such as exact match);
 3. for each prompt whose samples got different scores, pair its most frequent best-scored
    completion (chosen) with up to `pairs_per_prompt` distinct lower-scored ones (rejected),
@@ -16,8 +17,10 @@ completions:
 Every sample counts, those that ran into the token budget without ending too (a policy's
 run-on answers are among what a reward model must learn to rank low; a pair's completions are
 encoded as training pairs are, with EOS; `mining/ended` gives the share that ended); empty ones,
-which no pair can hold, are not. The pairs join the training pairs; `mined_pairs.jsonl` in the
-run folder holds them, and the summary gives `mining/*` counts.
+which no pair can hold, are not. The pairs join the training pairs, `mining.repeat` times each
+(a few thousand mined pairs beside tens of thousands of curated ones are otherwise seen about
+twice in a run); `mined_pairs.jsonl` in the run folder holds them, and the summary gives
+`mining/*` counts.
 """
 
 from __future__ import annotations
@@ -82,28 +85,34 @@ def mine(settings: MiningSettings, rows: list[dict], source: str, max_length: in
     rows = rows[:settings.num_prompts or None]
     if not rows:
         raise DataError("mining has no prompts to sample", source=source)
-    scorer = CombinedReward.from_specs([settings.reward])
-    try:
-        policy = settings.policy
+    policies = [settings.policy] if isinstance(settings.policy, str) else list(settings.policy)
+    k = settings.samples_per_prompt
+    ids: list[list[int]] = []  # prompt-major: each prompt's samples from every policy
+    per_policy = []
+    for number, policy in enumerate(policies):
         tokenizer = load_tokenizer(ModelConfig(name_or_path=policy, tokenizer=policy))
         examples = tokenize_prompts(rows, tokenizer, max_length, source)
-        k = settings.samples_per_prompt
-        eval_settings = EvalSettings(max_new_tokens=settings.max_new_tokens, greedy=False,
-                                     temperature=settings.temperature, seed=seed,
-                                     batch_size=settings.batch_size, max_length=max_length,
-                                     engine=settings.engine)
-        ids = generate(policy, [e.ids for e in examples for _ in range(k)], tokenizer,
-                       eval_settings)
-        eos = eos_token_id(tokenizer)
-        ended = [bool(t) and (t[-1] == eos or len(t) < settings.max_new_tokens) for t in ids]
-        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
-        columns = {key: [e.columns.get(key) for e in examples for _ in range(k)]
-                   for key in (examples[0].columns if examples else {})}
-        scores = scorer.score([e.text for e in examples for _ in range(k)], texts,
+        sampling = EvalSettings(max_new_tokens=settings.max_new_tokens, greedy=False,
+                                temperature=settings.temperature, seed=seed + 7919 * number,
+                                batch_size=settings.batch_size, max_length=max_length,
+                                engine=settings.engine)
+        per_policy.append(generate(policy, [e.ids for e in examples for _ in range(k)],
+                                   tokenizer, sampling))
+    n = k * len(policies)
+    ids = [t for p in range(len(examples)) for out in per_policy
+           for t in out[p * k:(p + 1) * k]]
+    eos = eos_token_id(tokenizer)
+    ended = [bool(t) and (t[-1] == eos or len(t) < settings.max_new_tokens) for t in ids]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    columns = {key: [e.columns.get(key) for e in examples for _ in range(n)]
+               for key in (examples[0].columns if examples else {})}
+    scorer = CombinedReward.from_specs([settings.reward])
+    try:
+        scores = scorer.score([e.text for e in examples for _ in range(n)], texts,
                               update=False, **columns).total
     finally:
         scorer.close()
-    groups = [[(texts[i], scores[i]) for i in range(p * k, (p + 1) * k) if texts[i]]
+    groups = [[(texts[i], scores[i]) for i in range(p * n, (p + 1) * n) if texts[i]]
               for p in range(len(examples))]
     pairs = build_pairs([r["prompt"] for r in rows], groups, settings.pairs_per_prompt)
     best = [max(s for _, s in g) for g in groups if g]

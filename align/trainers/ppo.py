@@ -405,6 +405,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         metrics = {"reward": stats["reward/mean"], "reward_std": stats["reward/std"],
                    **{k: v for k, v in stats.items() if k.startswith("rewards/")
                       and k.endswith("/mean")},
+                   **scores.extra,  # shaped values, ensemble spread
                    "kl": float(kl.sum(-1).mean()), "kl_coef": self.kl.coef,
                    "completions/mean_length": float(np.mean(rollout.lengths)),
                    "completions/clipped_ratio": float(np.mean(rollout.truncated))}

@@ -68,8 +68,9 @@ class RewardTrainer(Trainer[RMConfig]):
         if cfg.mining.policy is not None:
             self.mined = self._mine()
             source = f"mined from {cfg.mining.policy}"
-            self.train = self.train + tokenize_preference(self.mined.rows, self.tokenizer,
-                                                          cfg.data.max_length, source)
+            mined = tokenize_preference(self.mined.rows, self.tokenizer, cfg.data.max_length,
+                                        source)
+            self.train = self.train + mined * cfg.mining.repeat
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
         return len(self.train)
