@@ -73,11 +73,17 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, tor
 
     A packed batch (it has `sequence_index`) gives `input_ids` and `position_ids`, plus a
     block-diagonal `attention_mask` when its `attention` is `block_mask`; a padded batch gives
-    `input_ids` and `attention_mask`.
+    `input_ids` and `attention_mask`. A packed batch whose rows each hold one sequence (none
+    fitted beside another) is a right-padded batch, and is run as one: the same tokens, an
+    attention mask instead of boundaries, so it costs exactly what padding does.
     """
     device = next(model.parameters()).device
     if "sequence_index" not in batch:
         return {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+    index = batch["sequence_index"]
+    if bool(((index == index[:, :1]) | (index < 0)).all()):
+        return {"input_ids": batch["input_ids"].to(device),
+                "attention_mask": (index >= 0).long().to(device)}
     inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
     if batch["attention"] == "block_mask":
         allowed = block_diagonal_mask(batch["sequence_index"].to(device))

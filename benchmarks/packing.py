@@ -15,7 +15,8 @@ layouts take turns step by step and the fastest step of each is reported.
   - chat: ChatML `{messages}` rows of about 70 tokens, micro-batch 64: SFT samples/s and DPO
     seconds per step (64 pairs, reference log-probs precomputed), padded and packed.
   - with --trainers, the same chat data through `SFTTrainer`/`DPOTrainer` (Ray, DeepSpeed,
-    one worker), 10 steps each, `data.packing` unset (the default) against `false`.
+    one worker), 10 steps each, `data.packing` unset (the default) against `false`, run
+    A B A B; the median step after the first (SFT as samples/s).
 
 Run on an otherwise idle machine; compare figures within one run only.
 """
@@ -171,10 +172,19 @@ def chat(steps: int, micro_batch: int = 64) -> dict:
     return out
 
 
-def trainers(folder: Path, steps: int = 10, micro_batch: int = 64) -> dict:
-    """The real loops (Ray, DeepSpeed, one worker) on the chat data, packing unset vs false."""
-    from align.config import DPOConfig, SFTConfig, load_config
+def median_step(run: Path) -> float:
+    """Median `step_seconds` of a run after its first step (which pays one-off warm-up)."""
     from align.tracking import read_metrics
+
+    seconds = [m["step_seconds"] for m in read_metrics(run / "metrics.jsonl")
+               if "step_seconds" in m]
+    return statistics.median(seconds[1:] or seconds)
+
+
+def trainers(folder: Path, steps: int = 10, micro_batch: int = 64, rounds: int = 2) -> dict:
+    """The real loops (Ray, DeepSpeed, one worker) on the chat data, packing unset vs false,
+    alternating over `rounds`; each figure is the median over rounds of a run's median step."""
+    from align.config import DPOConfig, SFTConfig, load_config
     from align.trainers.dpo import DPOTrainer
     from align.trainers.sft import SFTTrainer
 
@@ -185,25 +195,28 @@ def trainers(folder: Path, steps: int = 10, micro_batch: int = 64) -> dict:
     sft, pairs = chat_rows(micro_batch * steps)
     for name, rows in (("sft", sft), ("pairs", pairs)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = {}
-    for packing in ("null", "false"):
-        common = [f"model.name_or_path={model_dir}", "data.max_length=128",
-                  f"data.packing={packing}", f"trainer.max_steps={steps}",
-                  f"trainer.global_batch_size={micro_batch}",
-                  f"trainer.micro_batch_size={micro_batch}", "trainer.log_every=1",
-                  "eval.exact_match=false"]
-        cfg = load_config(SFTConfig, None, [*common, f"data.train={folder / 'sft.jsonl'}",
-                                            f"output_dir={folder / ('sft-' + packing)}"])
-        out[f"sft_packing_{packing}_samples_per_second"] = SFTTrainer(
-            cfg, show_progress=False).fit()["samples_per_second"]
-        run = folder / f"dpo-{packing}"
-        cfg = load_config(DPOConfig, None, [*common, f"data.train={folder / 'pairs.jsonl'}",
-                                            f"output_dir={run}"])
-        DPOTrainer(cfg, show_progress=False).fit()
-        seconds = [m["step_seconds"] for m in read_metrics(run / "metrics.jsonl")
-                   if "step_seconds" in m]
-        out[f"dpo_packing_{packing}_seconds_per_step"] = round(statistics.median(seconds), 3)
-        print(json.dumps(out), flush=True)
+    runs: dict[str, list[float]] = {}
+    for round_ in range(rounds):  # A B A B: drift falls on both settings alike
+        for packing in ("null", "false"):
+            common = [f"model.name_or_path={model_dir}", "data.max_length=128",
+                      f"data.packing={packing}", f"trainer.max_steps={steps}",
+                      f"trainer.global_batch_size={micro_batch}",
+                      f"trainer.micro_batch_size={micro_batch}", "trainer.log_every=1",
+                      "eval.exact_match=false"]
+            tag = f"{packing}-{round_}"
+            cfg = load_config(SFTConfig, None, [*common, f"data.train={folder / 'sft.jsonl'}",
+                                                f"output_dir={folder / ('sft-' + tag)}"])
+            SFTTrainer(cfg, show_progress=False).fit()
+            runs.setdefault(f"sft_packing_{packing}_samples_per_second", []).append(
+                micro_batch / median_step(folder / f"sft-{tag}"))
+            run = folder / f"dpo-{tag}"
+            cfg = load_config(DPOConfig, None, [*common, f"data.train={folder / 'pairs.jsonl'}",
+                                                f"output_dir={run}"])
+            DPOTrainer(cfg, show_progress=False).fit()
+            runs.setdefault(f"dpo_packing_{packing}_seconds_per_step", []).append(
+                median_step(run))
+    out = {key: round(statistics.median(values), 3) for key, values in runs.items()}
+    print(json.dumps(out), flush=True)
     return out
 
 
