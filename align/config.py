@@ -55,6 +55,8 @@ class EmbeddedModelConfig:
 class ModelConfig:
     name_or_path: str = EMBEDDED  # local folder or hub name; `embedded` builds a small Llama
     tokenizer: str | None = None  # tokenizer folder/name; default: same as name_or_path
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one; overrides
+    # the tokenizer's (saved with every model the run writes)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     gradient_checkpointing: bool = False  # trade compute for activation memory
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2

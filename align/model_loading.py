@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from align.config import EMBEDDED, LoraConfig, ModelConfig
-from align.errors import ModelError
+from align.errors import ConfigError, ModelError
 
 ModelKind = Literal["causal_lm", "sequence_classification"]
 
@@ -50,11 +50,37 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model.tokenizer: cannot load tokenizer '{name}': {exc}") from None
+    if cfg.chat_template is not None:
+        tok.chat_template = read_chat_template(cfg.chat_template)
     if tok.pad_token_id is None:
         # Reusing EOS as pad is safe here because losses mask padding by attention/labels,
         # never by comparing ids with pad_token_id.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def read_chat_template(value: str) -> str:
+    """`model.chat_template`: the template itself, or the path of a file holding one.
+
+    Raises:
+        ConfigError: a value that is neither a readable file nor a valid Jinja template (the
+            message gives the template error).
+    """
+    path = Path(value).expanduser()
+    template = value
+    if "{" not in value:
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: {value!r} is neither a file nor a Jinja "
+                              "template (a template holds {% ... %} or {{ ... }})")
+        template = path.read_text()
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        where = f"{path}: " if template is not value else ""
+        raise ConfigError(f"model.chat_template: {where}invalid Jinja template: {exc}") from None
+    return template
 
 
 def resolve_dtype(name: str) -> torch.dtype:
