@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # No network is assumed: fail at once instead of retrying hub downloads for a minute.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Hub access follows the user's HF_HUB_OFFLINE; an unreachable hub name fails at once
+    # with what to do (align.hub), not after a minute of retries.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "DS_ACCELERATOR" not in os.environ:
         import torch

@@ -24,6 +24,7 @@ from transformers import (
 
 from align.config import EMBEDDED, LoraConfig, ModelConfig
 from align.errors import ConfigError, ModelError
+from align.hub import require_hub
 
 ModelKind = Literal["causal_lm", "sequence_classification"]
 
@@ -184,10 +185,12 @@ def check_lora_targets(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
 
 
 def _check_model_source(name: str, key: str = "model.name_or_path") -> None:
-    """A local path must be a model folder; a hub id is `name` or `org/name`."""
+    """A local path must be a model folder; a hub id (`name` or `org/name`) must be reachable
+    or cached (align.hub)."""
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if not looks_local:
+        require_hub(name, key)
         return
     if not path.exists():
         raise ModelError(f"{key}: '{name}' does not exist (if it is an earlier stage's "

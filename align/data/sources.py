@@ -164,6 +164,10 @@ def _read_folder(path: Path, split: str, source: str) -> list[dict]:
 def _read_hub(name: str, split: str) -> list[dict]:
     import datasets
 
+    from align.hub import require_hub
+
+    require_hub(name, "dataset", "dataset")
+
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, unknown name, bad split: all for people
