@@ -77,6 +77,7 @@ class DataConfig:
     packing_length: int | None = None  # tokens per packed row; None: longest in micro-batch
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
+    columns: dict[str, str] = field(default_factory=dict)  # ours: theirs, e.g. {prompt: question}
 
 
 @dataclass
@@ -159,6 +160,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model.disable_dropout is None:
             self.model.disable_dropout = self.dropout_off_by_default
+        columns = self.data.columns
+        if columns:
+            if self.data.train == EMBEDDED:
+                raise ConfigError("data.columns renames the columns of data files; the "
+                                  "embedded task's rows already have align's names")
+            theirs = list(columns.values())
+            if not all(isinstance(c, str) and c for c in theirs):
+                raise ConfigError(f"data.columns maps align's names to your column names "
+                                  f"(strings), e.g. {{prompt: question}}; got {columns!r}")
+            if len(set(theirs)) < len(theirs):
+                raise ConfigError(f"data.columns maps one of your columns twice: {columns!r}")
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 
 class AlignError(Exception):
     """Base class for every user-facing error; the CLI prints it and exits with status 2."""
@@ -9,6 +13,21 @@ class AlignError(Exception):
 
 class ConfigError(AlignError):
     """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# Our column name -> the user's, while their rows are prepared (`data.columns`): DataErrors then
+# name the column as it is in their data.
+_COLUMN_ALIASES: ContextVar[dict[str, str] | None] = ContextVar("column_aliases", default=None)
+
+
+@contextmanager
+def column_aliases(columns: dict[str, str]) -> Iterator[None]:
+    """Within the block, a DataError about column `ours` names `columns[ours]` instead."""
+    token = _COLUMN_ALIASES.set(dict(columns))
+    try:
+        yield
+    finally:
+        _COLUMN_ALIASES.reset(token)
 
 
 class DataError(AlignError):
@@ -25,6 +44,7 @@ class DataError(AlignError):
         if row is not None:
             where.append(f"row {row}")
         if column is not None:
+            column = (_COLUMN_ALIASES.get() or {}).get(column, column)
             where.append(f"column '{column}'")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.source, self.row, self.column = source, row, column

@@ -177,3 +177,23 @@ def _read_hub(name: str, split: str) -> list[dict]:
             source=name,
         ) from None
     return dataset.to_list()
+
+
+def rename_columns(rows: list[dict], columns: dict[str, str], source: str) -> list[dict]:
+    """`data.columns`: each row with the user's columns renamed to ours ({ours: theirs}).
+
+    Raises:
+        DataError: a row lacks a mapped column (named as in the user's data).
+    """
+    if not columns:
+        return rows
+    renamed = []
+    for number, row in enumerate(rows, start=1):
+        row = dict(row)
+        for ours, theirs in columns.items():
+            if theirs not in row:
+                raise DataError(f"missing (data.columns maps it to '{ours}'; the row has "
+                                f"{sorted(row)})", source=source, row=number, column=theirs)
+            row[ours] = row.pop(theirs)
+        renamed.append(row)
+    return renamed

@@ -23,7 +23,7 @@ from align.checkpoint import (
 )
 from align.config import RunConfig, dump_config, to_dict
 from align.distributed import PolicyWorker, WorkerGroup
-from align.errors import TrainingError
+from align.errors import TrainingError, column_aliases
 from align.model_loading import check_lora_targets, load_tokenizer
 from align.packed_forward import Packing, resolve_packing
 from align.trackers import open_trackers
@@ -101,7 +101,8 @@ class Trainer(Generic[ConfigT]):
         try:
             self.tokenizer = load_tokenizer(cfg.model)
             check_lora_targets(cfg.model, self.tokenizer, self.model_kind)
-            num_examples = self.prepare_data()
+            with column_aliases(cfg.data.columns):  # errors name the user's columns
+                num_examples = self.prepare_data()
             self.total_steps = self.count_steps(num_examples)
             resume_from = resolve_resume(cfg.output_dir, cfg.resume)
             out = prepare_output_dir(cfg.output_dir, cfg.overwrite,

@@ -27,6 +27,7 @@ from align.data import (
     load_rows,
     tokenize_preference,
 )
+from align.data.sources import rename_columns
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
@@ -81,7 +82,8 @@ class RewardTrainer(Trainer[RMConfig]):
             rows = stage_rows(cfg, "rl")
             prompts, source = rows.train, rows.train_name
         else:
-            prompts, source = load_rows(mining.prompts, cfg.data.split), mining.prompts
+            prompts, source = rename_columns(load_rows(mining.prompts, cfg.data.split),
+                                             cfg.data.columns, mining.prompts), mining.prompts
         print(f"mining: sampling {mining.samples_per_prompt} completions for up to "
               f"{mining.num_prompts or len(prompts)} prompts from {mining.policy}", flush=True)
         mined = mine(mining, prompts, source, cfg.data.max_length, cfg.trainer.seed)

@@ -12,6 +12,7 @@ import numpy as np
 
 from align.config import EMBEDDED, DataConfig, RunConfig
 from align.data import PreferenceExample, load_rows, tokenize_preference
+from align.data.sources import rename_columns
 from align.errors import DataError
 from align.tasks import RowKind, TaskRows, load_task
 from align.trainers.evaluation import Evaluator, exact_match
@@ -28,9 +29,10 @@ def stage_rows(cfg: RunConfig, kind: RowKind) -> TaskRows:
 def load_train_eval_rows(data: DataConfig, seed: int) -> TaskRows:
     """Rows of a dataset: held-out rows from `data.eval` when given, else `data.eval_fraction`
     of train held out by `seed` (none when 0)."""
-    rows = load_rows(data.train, data.split)
+    rows = rename_columns(load_rows(data.train, data.split), data.columns, data.train)
     if data.eval:
-        return TaskRows(rows, load_rows(data.eval, data.split), data.train, data.eval)
+        held_out = rename_columns(load_rows(data.eval, data.split), data.columns, data.eval)
+        return TaskRows(rows, held_out, data.train, data.eval)
     if data.eval_fraction <= 0:
         return TaskRows(rows, [], data.train, data.train)
     order = np.random.default_rng(seed).permutation(len(rows))
