@@ -89,14 +89,29 @@ def test_digit_credit_hand_values():
     assert scores == [1.0, 0.25, 0.0, 0.0]
 
 
-def test_robust_reward_recipe_trains_against_an_ensemble(tmp_path, ray_local, capsys):
-    mining = [f"{run}:{key}" for run in ("rm_0", "rm_1")
-              for key in ("mining.num_prompts=8", "mining.samples_per_prompt=2")]
-    out = run_recipe("robust_reward.py", tmp_path, "--members", "2", *mining,
-                     "ppo_ensemble:rollout.prompts_per_step=4", capsys=capsys)
-    for run in ("sft", "rm_0", "rm_1", "ppo_ensemble"):
-        assert summary_exists(tmp_path / run), run
-    assert (tmp_path / "rm_1" / "mined_pairs.jsonl").is_file()
-    metrics = (tmp_path / "ppo_ensemble" / "metrics.jsonl").read_text()
-    assert "rewards/reward_model/std_across_models" in metrics  # scored by both members
-    assert "reward/gold" in metrics and "PPO(ensemble)    held-out exact match" in out
+def test_robust_reward_recipe_wires_mined_members_into_one_ensemble(tmp_path, monkeypatch,
+                                                                  capsys):
+    """Each member mines the SFT policy with its own seed and PPO scores their ensemble (the
+    stages themselves are trained in test_mining and test_resume, the ensemble scored in
+    test_reward_robust)."""
+    import align.recipe
+
+    trained = []
+
+    def record(stage, cfg, show_progress):
+        trained.append((stage, cfg))
+        return {"stage": stage, "eval/accuracy": 0.5, "mining/pairs": 3.0}
+
+    monkeypatch.setattr(align.recipe, "run_stage", record)
+    out = run_recipe("robust_reward.py", tmp_path, "--members", "3",
+                     "rm_2:mining.num_prompts=8", capsys=capsys)
+    assert [stage for stage, _ in trained] == ["sft", "rm", "rm", "rm", "ppo"]
+    sft_final = str(tmp_path / "sft" / "final")
+    members = [cfg for stage, cfg in trained if stage == "rm"]
+    assert [m.trainer.seed for m in members] == [0, 1, 2]
+    assert all(m.mining.policy == m.model.name_or_path == sft_final for m in members)
+    assert [m.mining.num_prompts for m in members] == [4000, 4000, 8]
+    ppo = trained[-1][1]
+    assert ppo.model.name_or_path == sft_final
+    assert ppo.rewards[0].spec == [str(tmp_path / f"rm_{i}" / "final") for i in range(3)]
+    assert "PPO(ensemble)    held-out exact match  50.0%" in out and "(3 mined pairs)" in out

@@ -110,6 +110,7 @@ def test_ppo_resume_after_sigkill_is_exact(tmp_path, ray_local):
     straight = uninterrupted("ppo", config(), tmp_path)
     resumed = interrupted_then_resumed("ppo", config(), tmp_path, "kill-after-checkpoint:3")
     assert_same_metrics(comparable(straight), comparable(resumed))
+    assert "rewards/lowercase_share/shaped_mean" in (straight / "metrics.jsonl").read_text()
 
 
 def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
