@@ -87,23 +87,25 @@ def mine(settings: MiningSettings, rows: list[dict], source: str, max_length: in
         raise DataError("mining has no prompts to sample", source=source)
     policies = [settings.policy] if isinstance(settings.policy, str) else list(settings.policy)
     k = settings.samples_per_prompt
-    ids: list[list[int]] = []  # prompt-major: each prompt's samples from every policy
-    per_policy = []
-    for number, policy in enumerate(policies):
+    texts_by_policy, ended_by_policy = [], []
+    for number, policy in enumerate(policies):  # each decoded with its own tokenizer
         tokenizer = load_tokenizer(ModelConfig(name_or_path=policy, tokenizer=policy))
         examples = tokenize_prompts(rows, tokenizer, max_length, source)
         sampling = EvalSettings(max_new_tokens=settings.max_new_tokens, greedy=False,
                                 temperature=settings.temperature, seed=seed + 7919 * number,
                                 batch_size=settings.batch_size, max_length=max_length,
                                 engine=settings.engine)
-        per_policy.append(generate(policy, [e.ids for e in examples for _ in range(k)],
-                                   tokenizer, sampling))
-    n = k * len(policies)
-    ids = [t for p in range(len(examples)) for out in per_policy
-           for t in out[p * k:(p + 1) * k]]
-    eos = eos_token_id(tokenizer)
-    ended = [bool(t) and (t[-1] == eos or len(t) < settings.max_new_tokens) for t in ids]
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+        ids = generate(policy, [e.ids for e in examples for _ in range(k)], tokenizer, sampling)
+        eos = eos_token_id(tokenizer)
+        ended_by_policy.append([bool(t) and (t[-1] == eos or len(t) < settings.max_new_tokens)
+                                for t in ids])
+        texts_by_policy.append([tokenizer.decode(t, skip_special_tokens=True) for t in ids])
+    n = k * len(policies)  # samples per prompt, prompt-major: every policy's k in turn
+
+    def prompt_major(per_policy: list[list[Any]]) -> list[Any]:
+        return [x for p in range(len(rows)) for out in per_policy for x in out[p * k:(p + 1) * k]]
+
+    texts, ended = prompt_major(texts_by_policy), prompt_major(ended_by_policy)
     columns = {key: [e.columns.get(key) for e in examples for _ in range(n)]
                for key in (examples[0].columns if examples else {})}
     scorer = CombinedReward.from_specs([settings.reward])
@@ -116,7 +118,7 @@ def mine(settings: MiningSettings, rows: list[dict], source: str, max_length: in
               for p in range(len(examples))]
     pairs = build_pairs([r["prompt"] for r in rows], groups, settings.pairs_per_prompt)
     best = [max(s for _, s in g) for g in groups if g]
-    stats = {"mining/prompts": float(len(examples)), "mining/samples": float(len(ids)),
+    stats = {"mining/prompts": float(len(examples)), "mining/samples": float(len(texts)),
              "mining/ended": sum(ended) / max(1, len(ended)),
              "mining/mean_score": sum(scores) / max(1, len(scores)),
              "mining/prompts_with_pairs": float(sum(len({s for _, s in g}) > 1
