@@ -78,6 +78,9 @@ class DataConfig:
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
     columns: dict[str, str] = field(default_factory=dict)  # ours: theirs, e.g. {prompt: question}
+    cache: bool = True  # reuse prepared (tokenised) data from the cache when nothing changed
+    cache_dir: str | None = None  # prepared data; None: $ALIGN_DATA_CACHE, ~/.cache/align/data
+    num_proc: int = 0  # processes preparing data; 0: one per 20k rows, at most one per core
 
 
 @dataclass
@@ -171,6 +174,9 @@ class RunConfig:
                                   f"(strings), e.g. {{prompt: question}}; got {columns!r}")
             if len(set(theirs)) < len(theirs):
                 raise ConfigError(f"data.columns maps one of your columns twice: {columns!r}")
+        if self.data.num_proc < 0:
+            raise ConfigError(f"data.num_proc must be 0 (automatic) or a number of processes, "
+                              f"got {self.data.num_proc}")
 
 
 @dataclass

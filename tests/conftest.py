@@ -8,8 +8,13 @@ runs the GPU tests with it visible; without a GPU they are skipped.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared data and datasets' own Arrow copies go to a folder of this test run, not ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="align-test-cache-")
+os.environ.setdefault("ALIGN_DATA_CACHE", os.path.join(_CACHE, "align"))
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("ALIGN_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch, DeepSpeed or Ray look for a GPU

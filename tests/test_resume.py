@@ -11,6 +11,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from align.checkpoint import FAULT_ENV, CheckpointManager
 from align.config import dump_config
+from align.tasks import load_task
 from align.tracking import read_metrics
 from align.trainers.registry import run_stage
 from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_rm_config, tiny_sft_config
@@ -73,9 +75,18 @@ def uninterrupted(stage: str, cfg, tmp_path: Path) -> Path:
 
 
 def test_sft_kill_during_checkpoint_write_resumes_exactly(tmp_path, ray_local):
+    """On a data file: the killed run prepares it into the cache, the resumed one reads it from
+    there, the straight run prepares it with the cache off, and all see the same steps."""
+    rows = load_task(tiny_sft_config(tmp_path).task).rows("sft").train
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = tiny_sft_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3",
-                          "eval.exact_match=false")
-    straight = uninterrupted("sft", cfg, tmp_path)
+                          "eval.exact_match=false", f"data.train={data}",
+                          "data.eval_fraction=0.02", f"data.cache_dir={tmp_path / 'cache'}")
+    straight_cfg = tiny_sft_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3",
+                                   "eval.exact_match=false", f"data.train={data}",
+                                   "data.eval_fraction=0.02", "data.cache=false")
+    straight = uninterrupted("sft", straight_cfg, tmp_path)
     config = tmp_path / "sft.yaml"
     cfg.output_dir = str(tmp_path / "interrupted")
     dump_config(cfg, config)
@@ -89,6 +100,7 @@ def test_sft_kill_during_checkpoint_write_resumes_exactly(tmp_path, ray_local):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_metrics(comparable(straight), comparable(run))
     assert not (run / "checkpoints" / ".tmp-step-6").exists()
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("sft-")]) == 1
     # resume=PATH: another run continues from the straight run's step-3 (not its newest).
     cfg.output_dir, cfg.resume = str(tmp_path / "from-path"), str(
         straight / "checkpoints" / "step-3")

@@ -119,7 +119,8 @@ def assistant_segments(
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:index], True, source, row, column)
-        through = render(tokenizer, messages[: index + 1], False, source, row, column)
+        through = full_text if index == len(messages) - 1 else render(
+            tokenizer, messages[: index + 1], False, source, row, column)
         if not (
             len(before) >= done and through.startswith(before) and full_text.startswith(through)
         ):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align.data.conversations import check_messages, is_messages, split_completion
-from align.data.text import encode, eos_token_id, require_text, with_eos
+from align.data.text import encode_many, eos_token_id, require_text, with_eos
 from align.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,41 @@ def tokenize_preference(
             prompt leaves no room for a completion; `margin` is not a number or is given for
             only some rows.
     """
-    examples: list[PreferenceExample] = []
-    truncated = 0
-    for number, row in enumerate(rows, start=1):
-        prompt_ids, chosen_ids, rejected_ids = _tokenize_pair(row, tokenizer, source, number)
+    columns = encode_preference_rows(rows, tokenizer, source, 1, max_length=max_length)
+    margins = columns["margin"]
+    for number, margin in enumerate(margins, start=1):
+        if (margin is None) != (margins[0] is None):
+            raise margin_mismatch(source, number, margins[0] is not None)
+    warn_truncated(source, sum(columns["truncated"]), len(rows), max_length)
+    return preference_examples(columns)
+
+
+def encode_preference_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
+                           max_length: int) -> dict[str, list]:
+    """Rows (numbered from `first` in `source`) as columns: `prompt_ids`, `chosen_ids`,
+    `rejected_ids` (completions cut to fit `max_length`), `margin` (None when absent),
+    `length` and whether each was `truncated`. Every text is encoded in one batched call.
+
+    Raises:
+        DataError: as `tokenize_preference` (but for `margin` given for only some rows, which
+            is a check across rows), for the first bad row.
+    """
+    plans: list[tuple[str, str, str, bool]] = []
+    failure = None
+    for number, row in enumerate(rows, start=first):
+        try:
+            plans.append(_pair_texts(row, tokenizer, source, number))
+        except DataError as err:  # rows before it may hold an error found only once encoded
+            failure = err
+            break
+    ids = iter(encode_many(tokenizer, [text for plan in plans for text in plan[:3]]))
+    out: dict[str, list] = {name: [] for name in (
+        "prompt_ids", "chosen_ids", "rejected_ids", "margin", "length", "truncated")}
+    for number, (row, plan) in enumerate(zip(rows, plans), start=first):
+        prompt_ids, chosen_ids, rejected_ids = next(ids), next(ids), next(ids)
+        if plan[3]:
+            eos = eos_token_id(tokenizer)
+            chosen_ids, rejected_ids = with_eos(chosen_ids, eos), with_eos(rejected_ids, eos)
         room = max_length - len(prompt_ids)
         if room <= 0:
             raise DataError(
@@ -79,30 +110,45 @@ def tokenize_preference(
                 row=number,
                 column="prompt",
             )
-        if len(chosen_ids) > room or len(rejected_ids) > room:
-            truncated += 1
-        margin = _margin(row, source, number)
-        if examples and (margin is None) != (examples[0].margin is None):
-            raise DataError(
-                "`margin` must be given for every row or for none (row 1 "
-                f"{'has' if examples[0].margin is not None else 'has none'})",
-                source=source,
-                row=number,
-                column="margin",
-            )
-        examples.append(
-            PreferenceExample(prompt_ids, chosen_ids[:room], rejected_ids[:room], margin)
-        )
+        out["margin"].append(_margin(row, source, number))
+        out["truncated"].append(len(chosen_ids) > room or len(rejected_ids) > room)
+        out["length"].append(len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)))
+        out["prompt_ids"].append(prompt_ids)
+        out["chosen_ids"].append(chosen_ids[:room])
+        out["rejected_ids"].append(rejected_ids[:room])
+    if failure is not None:
+        raise failure
+    return out
+
+
+def preference_examples(columns: dict[str, list]) -> list[PreferenceExample]:
+    """Examples from a batch of `encode_preference_rows` columns (as read back from a table)."""
+    return [PreferenceExample(*fields) for fields in zip(
+        columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"],
+        columns["margin"])]
+
+
+def margin_mismatch(source: str, number: int, first_has_margin: bool) -> DataError:
+    """The error for a row whose `margin` presence differs from row 1's."""
+    return DataError(
+        "`margin` must be given for every row or for none (row 1 "
+        f"{'has' if first_has_margin else 'has none'})",
+        source=source,
+        row=number,
+        column="margin",
+    )
+
+
+def warn_truncated(source: str, truncated: int, total: int, max_length: int) -> None:
     if truncated:
         logger.warning(
             "%s: %d of %d preference pairs were longer than max_length=%d and had "
             "their completions truncated",
             source,
             truncated,
-            len(rows),
+            total,
             max_length,
         )
-    return examples
 
 
 def extract_prompt(
@@ -124,9 +170,20 @@ def extract_prompt(
     return chosen[:index], chosen[index:], rejected[index:]
 
 
-def _tokenize_pair(
-    row: Any, tokenizer: Any, source: str, number: int
-) -> tuple[list[int], list[int], list[int]]:
+def _tokenize_pair(row: Any, tokenizer: Any, source: str,
+                   number: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids of one row, completions ended as `_pair_texts` says."""
+    *texts, ends_with_eos = _pair_texts(row, tokenizer, source, number)
+    prompt_ids, chosen_ids, rejected_ids = encode_many(tokenizer, texts)
+    if ends_with_eos:
+        eos = eos_token_id(tokenizer)
+        chosen_ids, rejected_ids = with_eos(chosen_ids, eos), with_eos(rejected_ids, eos)
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def _pair_texts(row: Any, tokenizer: Any, source: str,
+                number: int) -> tuple[str, str, str, bool]:
+    """(prompt, chosen, rejected) texts of a row, and whether the completions end with EOS."""
     if not isinstance(row, dict):
         raise DataError(
             f"expected a dict of columns, got {type(row).__name__}", source=source, row=number
@@ -162,17 +219,8 @@ def _tokenize_pair(
             tokenizer, prompt, chosen, source, number, "chosen"
         )
         _, rejected_text = split_completion(tokenizer, prompt, rejected, source, number, "rejected")
-        return (
-            encode(tokenizer, prompt_text),
-            encode(tokenizer, chosen_text),
-            encode(tokenizer, rejected_text),
-        )
-    eos = eos_token_id(tokenizer)
-    return (
-        encode(tokenizer, prompt),
-        with_eos(encode(tokenizer, chosen), eos),
-        with_eos(encode(tokenizer, rejected), eos),
-    )
+        return prompt_text, chosen_text, rejected_text, False
+    return prompt, chosen, rejected, True
 
 
 def _check_string(

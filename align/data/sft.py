@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align.data.conversations import assistant_segments, check_messages, render, split_completion
-from align.data.text import encode, eos_token_id, require_text, with_eos
+from align.data.text import encode_many, eos_token_id, require_text, with_eos
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
 
@@ -30,7 +30,9 @@ SHAPES = (
     "(a list of {role, content}), or `text`"
 )
 
-# A row cut into consecutive pieces of token ids, each flagged as trained (in the loss) or not.
+# A row cut into consecutive pieces of text: (text, trained (in the loss), ends with EOS).
+Piece = tuple[str, bool, bool]
+# The same pieces as token ids, each flagged as trained or not.
 Segments = list[tuple[list[int], bool]]
 
 
@@ -66,59 +68,97 @@ def tokenize_sft(
         DataError: a row has none of the accepted shapes, a cell has the wrong type or is
             empty, or a prompt leaves no room for its completion within `max_length`.
     """
-    examples: list[TokenizedExample] = []
-    truncated = 0
-    for number, row in enumerate(rows, start=1):
-        segments, prompt_column = _segments(row, tokenizer, completion_only_loss, source, number)
-        if prompt_column is not None:
-            prompt_length = _leading_untrained(segments)
-            if prompt_length >= max_length:
-                raise DataError(
-                    f"prompt of {prompt_length} tokens is longer than "
-                    f"data.max_length={max_length} allows (no room is left for the "
-                    "completion); shorten it or raise data.max_length",
-                    source=source,
-                    row=number,
-                    column=prompt_column,
-                )
-        input_ids, labels = _flatten(segments, completion_only_loss)
-        if len(input_ids) > max_length:
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-            truncated += 1
+    columns = encode_sft_rows(rows, tokenizer, source, 1, max_length=max_length,
+                              completion_only_loss=completion_only_loss)
+    return sft_examples(columns), sum(columns["truncated"])
+
+
+def encode_sft_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
+                    max_length: int, completion_only_loss: bool) -> dict[str, list]:
+    """Rows (numbered from `first` in `source`) as columns: `input_ids`, `labels`, `length`
+    and whether each was `truncated`. Every text of the rows is encoded in one batched call.
+
+    Raises:
+        DataError: as `tokenize_sft`, for the first bad row.
+    """
+    plans: list[tuple[list[Piece], str | None]] = []
+    failure = None
+    for number, row in enumerate(rows, start=first):
+        try:
+            plans.append(_pieces(row, tokenizer, completion_only_loss, source, number))
+        except DataError as err:  # rows before it may hold an error found only once encoded
+            failure = err
+            break
+    ids = iter(encode_many(tokenizer, [text for pieces, _ in plans for text, _, _ in pieces]))
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
+    for number, (pieces, prompt_column) in enumerate(plans, start=first):
+        segments = [(with_eos(next(ids), eos_token_id(tokenizer)) if eos else next(ids), trained)
+                    for _, trained, eos in pieces]
+        input_ids, labels = _checked(segments, prompt_column, max_length, completion_only_loss,
+                                     source, number)
+        out["truncated"].append(len(input_ids) > max_length)
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("no tokens to train on", source=source, row=number)
-        examples.append(TokenizedExample(input_ids=input_ids, labels=labels))
-    return examples, truncated
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["length"].append(len(input_ids))
+    if failure is not None:
+        raise failure
+    return out
 
 
-def _segments(
+def sft_examples(columns: dict[str, list]) -> list[TokenizedExample]:
+    """Examples from a batch of `encode_sft_rows` columns (as read back from a table)."""
+    return [TokenizedExample(ids, labels)
+            for ids, labels in zip(columns["input_ids"], columns["labels"])]
+
+
+def _checked(segments: Segments, prompt_column: str | None, max_length: int,
+             completion_only_loss: bool, source: str, number: int
+             ) -> tuple[list[int], list[int]]:
+    """The row's ids and labels, untruncated, once its prompt is known to leave room."""
+    if prompt_column is not None:
+        prompt_length = _leading_untrained(segments)
+        if prompt_length >= max_length:
+            raise DataError(
+                f"prompt of {prompt_length} tokens is longer than "
+                f"data.max_length={max_length} allows (no room is left for the "
+                "completion); shorten it or raise data.max_length",
+                source=source,
+                row=number,
+                column=prompt_column,
+            )
+    return _flatten(segments, completion_only_loss)
+
+
+def _pieces(
     row: Any, tokenizer: Any, completion_only_loss: bool, source: str, number: int
-) -> tuple[Segments, str | None]:
-    """The row's token pieces, and the column holding its prompt (None when it has none)."""
+) -> tuple[list[Piece], str | None]:
+    """The row's text pieces, and the column holding its prompt (None when it has none)."""
     if not isinstance(row, dict):
         raise DataError(
             f"expected a dict of columns, got {type(row).__name__}", source=source, row=number
         )
     if "messages" in row:
-        return _messages_segments(row["messages"], tokenizer, completion_only_loss, source, number)
+        return _messages_pieces(row["messages"], tokenizer, completion_only_loss, source, number)
     if "prompt" in row or "completion" in row:
         for column in ("prompt", "completion"):
             if column not in row:
                 raise DataError(
                     f"missing column; {SHAPES}", source=source, row=number, column=column
                 )
-        return _prompt_completion_segments(
+        return _prompt_completion_pieces(
             row["prompt"], row["completion"], tokenizer, source, number
         ), "prompt"
     if "text" in row:
-        text = require_text(row["text"], source, number, "text")
-        return [(with_eos(encode(tokenizer, text), eos_token_id(tokenizer)), True)], None
+        return [(require_text(row["text"], source, number, "text"), True, True)], None
     raise DataError(f"{SHAPES}; found columns {sorted(row)}", source=source, row=number)
 
 
-def _prompt_completion_segments(
+def _prompt_completion_pieces(
     prompt: Any, completion: Any, tokenizer: Any, source: str, number: int
-) -> Segments:
+) -> list[Piece]:
     if isinstance(prompt, list):
         prompt = check_messages(prompt, source, number, "prompt")
         if not isinstance(completion, list):
@@ -133,23 +173,20 @@ def _prompt_completion_segments(
         prompt_text, completion_text = split_completion(
             tokenizer, prompt, completion, source, number, "completion"
         )
-        return [(encode(tokenizer, prompt_text), False), (encode(tokenizer, completion_text), True)]
+        return [(prompt_text, False, False), (completion_text, True, False)]
     prompt = require_text(prompt, source, number, "prompt", allow_empty=True)
     completion = require_text(completion, source, number, "completion")
-    return [
-        (encode(tokenizer, prompt), False),
-        (with_eos(encode(tokenizer, completion), eos_token_id(tokenizer)), True),
-    ]
+    return [(prompt, False, False), (completion, True, True)]
 
 
-def _messages_segments(
+def _messages_pieces(
     messages: Any, tokenizer: Any, completion_only_loss: bool, source: str, number: int
-) -> tuple[Segments, str | None]:
+) -> tuple[list[Piece], str | None]:
     messages = check_messages(messages, source, number, "messages")
     if not completion_only_loss:
         # Full-sequence loss needs no turn boundaries: one piece, truncated if too long.
-        text = render(tokenizer, messages, False, source, number, "messages")
-        return [(encode(tokenizer, text), True)], None
+        return [(render(tokenizer, messages, False, source, number, "messages"), True,
+                 False)], None
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(
             "no assistant message, so nothing to train on with completion_only_loss",
@@ -158,7 +195,7 @@ def _messages_segments(
             column="messages",
         )
     pieces = assistant_segments(tokenizer, messages, source, number, "messages")
-    return [(encode(tokenizer, text), trained) for text, trained in pieces], "messages"
+    return [(text, trained, False) for text, trained in pieces], "messages"
 
 
 def _leading_untrained(segments: Segments) -> int:

@@ -42,10 +42,10 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
         rows = _read_folder(path, split, source)
     elif path.is_file():
         rows = _read_file(path, source)
-    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+    elif not is_hub_name(source):
         raise DataError("file not found", source=source)
     else:
-        rows = _read_hub(source, split)
+        rows = hub_dataset(source, split).to_list()
     if not rows:
         raise DataError("the dataset has no rows", source=source)
     for number, row in enumerate(rows, start=1):
@@ -141,19 +141,8 @@ def _read_table(path: Path, suffix: str, source: str) -> list[dict]:
 def _read_folder(path: Path, split: str, source: str) -> list[dict]:
     import datasets
 
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as err:  # any reader failure is reported to the user
-            raise DataError(f"cannot read the save_to_disk folder: {err}", source=source) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(
-                    f"no split '{split}'; the folder holds {', '.join(sorted(loaded))}",
-                    source=source,
-                )
-            loaded = loaded[split]
-        return loaded.to_list()
+    if is_saved_dataset(path):
+        return saved_dataset(path, split, source).to_list()
     # Any other folder (e.g. of data files) goes through the generic loader.
     try:
         return datasets.load_dataset(str(path), split=split).to_list()
@@ -161,7 +150,38 @@ def _read_folder(path: Path, split: str, source: str) -> list[dict]:
         raise DataError(f"cannot load the folder as a dataset: {err}", source=source) from None
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether a folder was written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def saved_dataset(path: Path, split: str, source: str) -> Any:
+    """The `split` of a `save_to_disk` folder, as a (memory-mapped) `datasets.Dataset`."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # any reader failure is reported to the user
+        raise DataError(f"cannot read the save_to_disk folder: {err}", source=source) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"no split '{split}'; the folder holds {', '.join(sorted(loaded))}",
+                source=source,
+            )
+        loaded = loaded[split]
+    return loaded
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether a source that is no local path is to be read from the hub (a name, not a
+    path or file name that is missing)."""
+    suffix = Path(source).suffix.lower()
+    return not (suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")))
+
+
+def hub_dataset(name: str, split: str) -> Any:
+    """The `split` of a hub dataset, as `datasets.load_dataset` gives it."""
     import datasets
 
     from align.hub import require_hub
@@ -169,14 +189,13 @@ def _read_hub(name: str, split: str) -> list[dict]:
     require_hub(name, "dataset", "dataset")
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, unknown name, bad split: all for people
         raise DataError(
             f"no such file or folder exists locally, and loading it as a Hugging "
             f"Face Hub dataset failed: {type(err).__name__}: {err}",
             source=name,
         ) from None
-    return dataset.to_list()
 
 
 def rename_columns(rows: list[dict], columns: dict[str, str], source: str) -> list[dict]:

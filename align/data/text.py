@@ -13,8 +13,43 @@ from align.errors import DataError, ModelError
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text`, with no special tokens added."""
+    """Token ids of `text`, with no special tokens added (the ids `tokenizer(text,
+    add_special_tokens=False)` gives; a fast tokenizer's backend is called directly, which
+    skips a third of the time per call)."""
+    backend = plain_backend(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text, in one batched call of a fast tokenizer's backend."""
+    backend = plain_backend(tokenizer)
+    if backend is None:
+        return [encode(tokenizer, text) for text in texts]
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+    return [encoding.ids for encoding in batch(texts, add_special_tokens=False)]
+
+
+def plain_backend(tokenizer: Any) -> Any:
+    """A fast tokenizer's Rust backend set as `tokenizer(text)` sets it for one text (no
+    truncation, no padding, special tokens split or not as the tokenizer says), copied once
+    and kept on the tokenizer; None for a slow (Python) tokenizer."""
+    cached = tokenizer.__dict__.get("_plain_backend")
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if cached is not None and cached[0] == split:
+        return cached[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    plain.encode_special_tokens = split
+    tokenizer.__dict__["_plain_backend"] = (split, plain)
+    return plain
 
 
 def eos_token_id(tokenizer: Any) -> int:

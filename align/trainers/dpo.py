@@ -50,6 +50,7 @@ from align.data import (
     collate_unpaired,
 )
 from align.data.packing import sequence_sums
+from align.data.tables import take
 from align.distributed import WorkerGroup
 from align.losses import (
     IGNORE_INDEX,
@@ -234,7 +235,8 @@ class DPOTrainer(Trainer[DPOConfig]):
             self.train, self.eval = load_unpaired_examples(cfg, self.tokenizer)
             order_fn = partial(fixed_batch_order, len(self.train), batch, seed)
         else:
-            self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
+            data = load_preference_examples(cfg, self.tokenizer, self.show_progress)
+            self.train, self.eval = data.train, data.held_out
         # Exact match after training: the embedded task's held-out prompts and true answers.
         scored = stage_rows(cfg, "sft").held_out if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)
@@ -269,7 +271,7 @@ class DPOTrainer(Trainer[DPOConfig]):
             self.eval, self.reference["eval"])
 
         def collate(mb: list[int]) -> dict[str, torch.Tensor]:
-            return self.collate([examples[i] for i in mb], None if known is None else known[mb])
+            return self.collate(take(examples, mb), None if known is None else known[mb])
 
         batches = collated_shards(indices, self.group, self.cfg.trainer.micro_batch_size,
                                   collate, evenly)
@@ -298,7 +300,7 @@ class DPOTrainer(Trainer[DPOConfig]):
              evenly: bool) -> tuple[dict[str, float], dict[str, float]]:
         """`method` ("train_step" or "evaluate") on the examples `indices` of `split`; returns
         (the TRL-named means, rank 0's shared metrics)."""
-        examples = [(self.train if split == "train" else self.eval)[i] for i in indices]
+        examples = take(self.train if split == "train" else self.eval, indices)
         batches = self._batches(split, indices, evenly)
         if self.unpaired:
             kl = self._kl_baseline(split, indices, evenly)
@@ -349,7 +351,7 @@ class DPOTrainer(Trainer[DPOConfig]):
 
         Runs before any checkpoint is loaded, while the policy still equals the reference.
         """
-        path = reference_cache_path(self.cfg, self.output_dir, self.train + self.eval,
+        path = reference_cache_path(self.cfg, self.output_dir, [*self.train, *self.eval],
                                     self.packing)
         if path.is_file():
             cached = torch.load(path, weights_only=True)
@@ -373,7 +375,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         out = torch.zeros(len(examples), 2)
         for mb, logps in infer_in_chunks(
                 self.group, reference_logps, len(examples),
-                lambda idx: self._both_columns([examples[i] for i in idx]),
+                lambda idx: self._both_columns(take(examples, idx)),
                 self.cfg.trainer.micro_batch_size, reference=reference):
             out[mb] = torch.stack(logps.chunk(2), dim=1)
         return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from align.config import EvalConfig
@@ -21,14 +21,19 @@ def exact_match(completion: str, reference: str) -> bool:
     return completion.strip() == reference.strip()
 
 
-def exact_match_set(rows: list[dict], max_samples: int) -> tuple[list[str], list[str]]:
+def exact_match_set(rows: Iterable[dict], max_samples: int) -> tuple[list[str], list[str]]:
     """(prompts, references) of the rows whose prompt and completion are strings, at most
-    `max_samples` of them (0: all): what `final_exact_match` scores."""
-    scored = [r for r in rows if isinstance(r.get("prompt"), str)
-              and isinstance(r.get("completion"), str)]
-    if max_samples:
-        scored = scored[:max_samples]
-    return [r["prompt"] for r in scored], [r["completion"] for r in scored]
+    `max_samples` of them (0: all): what `final_exact_match` scores. Rows are read only until
+    enough are found."""
+    prompts: list[str] = []
+    references: list[str] = []
+    for row in rows:
+        if max_samples and len(prompts) == max_samples:
+            break
+        if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            prompts.append(row["prompt"])
+            references.append(row["completion"])
+    return prompts, references
 
 
 def final_exact_match(group: WorkerGroup, tokenizer, prompts: list[str], references: list[str],

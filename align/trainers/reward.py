@@ -28,6 +28,7 @@ from align.data import (
     tokenize_preference,
 )
 from align.data.sources import rename_columns
+from align.data.tables import take
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
@@ -64,14 +65,15 @@ class RewardTrainer(Trainer[RMConfig]):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        self.train, self.eval = load_preference_examples(cfg, self.tokenizer)
+        data = load_preference_examples(cfg, self.tokenizer, self.show_progress)
+        self.train, self.eval = data.train, data.held_out
         self.mined = None
         if cfg.mining.policy is not None:
             self.mined = self._mine()
             source = f"mined from {cfg.mining.policy}"
             mined = tokenize_preference(self.mined.rows, self.tokenizer, cfg.data.max_length,
                                         source)
-            self.train = self.train + mined * cfg.mining.repeat
+            self.train = [*self.train, *mined * cfg.mining.repeat]  # mined sets are small
         self.schedule = StepSchedule(len(self.train), cfg.trainer.global_batch_size,
                                      cfg.trainer.seed)
         return len(self.train)
@@ -114,7 +116,7 @@ class RewardTrainer(Trainer[RMConfig]):
     # ---------------------------------------------------------------- steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        examples = [self.train[i] for i in self.schedule.indices(step)]
+        examples = take(self.train, self.schedule.indices(step))
         result = train_objective(self.group, reward_objective, examples, self.collate,
                                  self.cfg.trainer.micro_batch_size,
                                  **self._objective_kwargs(len(examples)))

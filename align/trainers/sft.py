@@ -12,20 +12,16 @@ from typing import Any
 import torch
 
 from align.config import SFTConfig
-from align.data import (
-    TokenizedExample,
-    collate_packed,
-    collate_padded,
-    length_grouped_order,
-    tokenize_sft,
-)
+from align.data import TokenizedExample, collate_packed, collate_padded, length_grouped_order
+from align.data.prepare import sft_encoder
+from align.data.sft import sft_examples
 from align.losses import IGNORE_INDEX, sft_loss
 from align.packed_forward import model_inputs
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
 from align.trainers.dispatch import evaluate_objective, train_objective
 from align.trainers.evaluation import exact_match_set, final_exact_match
-from align.trainers.stage_data import stage_evaluator, stage_rows
+from align.trainers.stage_data import stage_evaluator, stage_examples
 
 
 def sft_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -49,18 +45,17 @@ class SFTTrainer(Trainer[SFTConfig]):
 
     def prepare_data(self) -> int:
         cfg = self.cfg
-        rows = stage_rows(cfg, "sft")
-        self.train, truncated = tokenize_sft(rows.train, self.tokenizer, cfg.data.max_length,
-                                             cfg.data.completion_only_loss, rows.train_name)
-        self.eval, _ = tokenize_sft(rows.held_out, self.tokenizer, cfg.data.max_length,
-                                    cfg.data.completion_only_loss, rows.held_out_name)
-        self.truncated = truncated
+        data = stage_examples(cfg, "sft", sft_encoder(cfg.data.max_length,
+                                                      cfg.data.completion_only_loss),
+                              self.tokenizer, sft_examples, self.show_progress)
+        self.train, self.eval = data.train, data.held_out
+        self.truncated = data.truncated()
         # Exact match needs a string prompt and a string reference completion.
-        self.eval_prompts, self.eval_references = exact_match_set(rows.held_out,
+        self.eval_prompts, self.eval_references = exact_match_set(data.held_out_rows(),
                                                                   cfg.eval.max_samples)
         order_fn = None
         if cfg.data.group_by_length and cfg.data.packing is not True:
-            lengths = [len(e.input_ids) for e in self.train]
+            lengths = self.train.column("length").tolist()
 
             def order_fn(epoch: int) -> list[int] | None:
                 # Padded batches only; whether they are padded is known once workers are up.
@@ -81,7 +76,7 @@ class SFTTrainer(Trainer[SFTConfig]):
     # ---------------------------------------------------------------- steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        examples = [self.train[i] for i in self.schedule.indices(step)]
+        examples = self.train.take(self.schedule.indices(step))
         num_tokens = float(sum(target_tokens(e) for e in examples))
         result = train_objective(self.group, sft_objective, examples, self.collate,
                                  self.cfg.trainer.micro_batch_size, num_tokens=num_tokens)
