@@ -11,9 +11,13 @@ arguments; every other dataset column arrives as a keyword list of the same leng
 apply to it". ``async def`` rewards are awaited; sync code drives them with ``run_coroutine``.
 ``call_with_timeout`` bounds how long a sync reward may run.
 
-The PPO-family trainer adds one column of its own, ``completion_truncated`` (TRUNCATED_COLUMN):
-True where a completion stopped at its token budget rather than at EOS. The decoded text does
-not show the difference; a trained reward model scores such a completion without EOS.
+The PPO-family trainer adds columns of its own (align.reward_columns): ``completion_ids``, the
+generated token ids as TRL passes them; ``completion_truncated`` (TRUNCATED_COLUMN), True where a
+completion stopped at its token budget rather than at EOS (the decoded text does not show it; a
+trained reward model scores such a completion without EOS); and, for conversational prompts,
+``prompt_messages``. ``prompts`` are the rendered prompt texts and ``completions`` the decoded
+texts; the ``trl``-style adapter (reward_models.style_adapters) turns conversational samples
+into TRL's form (the prompt's messages, ``[{"role": "assistant", "content": text}]``).
 
 Every check names the reward (its spec as written in the config) and, for a bad value, the
 0-based sample index in the batch with an excerpt of its prompt, so a person can find the row.
@@ -35,8 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from align.errors import RewardError
-
-TRUNCATED_COLUMN = "completion_truncated"  # per sample: hit the token budget without EOS
+from align.reward_columns import TRUNCATED_COLUMN as TRUNCATED_COLUMN  # re-exported
 
 RewardValues = list[float | None]
 """One value per sample; ``None`` marks a sample the reward does not apply to."""

@@ -8,7 +8,10 @@ time, not a crash mid-run), and returns a callable with the Reward protocol sign
 - ``trl``: called as TRL calls it, by keyword. A function without ``**kwargs`` receives only the
   columns it names; a named column missing from the batch is a RewardError naming it. A spec
   ``kwargs`` key must name a parameter (``**kwargs`` is where columns go, so a typo would
-  otherwise pass silently).
+  otherwise pass silently). Samples whose prompt was a message list (the batch's
+  ``prompt_messages`` column) arrive as TRL's GRPOTrainer passes conversational data: the
+  prompt as its messages and the completion as ``[{"role": "assistant", "content": text}]``;
+  string prompts keep string completions. The column itself is not passed on.
 - ``verl``: ``compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`` once per
   sample, as veRL's reward manager calls it. ``solution_str`` is the completion; the others
   come from the columns ``data_source``, ``ground_truth`` (else ``answer``) and ``extra_info``,
@@ -33,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from align.errors import ConfigError, RewardError, did_you_mean
+from align.reward_columns import PROMPT_MESSAGES_COLUMN
 from reward_models.protocol import describe_sample, is_async_callable
 
 _VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
@@ -91,11 +95,27 @@ def _check_kwargs(
             raise ConfigError(f"reward {label!r}: kwargs key {key!r} is not a parameter{hint}")
 
 
+def conversational_form(prompts: Sequence[Any], completions: Sequence[Any],
+                        messages: Sequence[list[dict] | None] | None) -> tuple[list, list]:
+    """TRL's form of a batch: where ``messages[i]`` is a prompt's message list, that list and
+    ``[{"role": "assistant", "content": completions[i]}]``; other samples as they are."""
+    if messages is None:
+        return list(prompts), list(completions)
+    pairs = [(p, c) if m is None else (m, [{"role": "assistant", "content": c}])
+             for p, c, m in zip(prompts, completions, messages)]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
 def _adapt_trl(
     fn: Callable[..., Any], signature: inspect.Signature | None, bound: set[str], label: str
 ) -> Callable[..., Any]:
     if signature is None:
-        return fn
+        def call_unchecked(prompts: list[str], completions: list[str], **columns: Any) -> Any:
+            messages = columns.pop(PROMPT_MESSAGES_COLUMN, None)
+            prompts, completions = conversational_form(prompts, completions, messages)
+            return fn(prompts=prompts, completions=completions, **columns)
+
+        return call_unchecked
     params = {n: p for n, p in signature.parameters.items() if n not in bound}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     keyword_names = {n for n, p in params.items() if p.kind not in (*_VAR, _POSITIONAL_ONLY)}
@@ -111,6 +131,8 @@ def _adapt_trl(
     }
 
     def call_trl(prompts: list[str], completions: list[str], **columns: Any) -> Any:
+        messages = columns.pop(PROMPT_MESSAGES_COLUMN, None)
+        prompts, completions = conversational_form(prompts, completions, messages)
         missing = sorted(required - set(columns))
         if missing:
             raise RewardError(

@@ -211,3 +211,19 @@ def tiny_dpo_config(tmp_path, *overrides: str):
             "trainer.micro_batch_size=8", "trainer.log_every=1", "trainer.scheduler=constant",
             "eval.max_samples=16", "eval.max_new_tokens=4"]
     return load_config(DPOConfig, None, [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """Factory: a tiny Llama, Qwen2 or GPT-2 saved with a ChatML tokenizer (tests/chat_models.py;
+    GPT-2's pad is its EOS)."""
+    from tests.chat_models import save_chat_model
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = str(save_chat_model(arch, tmp_path_factory.mktemp(f"chat-{arch}")))
+        return cache[arch]
+
+    return make

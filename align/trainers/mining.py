@@ -32,6 +32,7 @@ from typing import Any
 from align.config import MiningSettings
 from align.data import tokenize_prompts
 from align.data.conversations import is_messages
+from align.data.prompts import reward_columns
 from align.data.text import eos_token_id
 from align.errors import DataError
 
@@ -106,8 +107,7 @@ def mine(settings: MiningSettings, rows: list[dict], source: str, max_length: in
         return [x for p in range(len(rows)) for out in per_policy for x in out[p * k:(p + 1) * k]]
 
     texts, ended = prompt_major(texts_by_policy), prompt_major(ended_by_policy)
-    columns = {key: [e.columns.get(key) for e in examples for _ in range(n)]
-               for key in (examples[0].columns if examples else {})}
+    columns = reward_columns(examples, n)
     scorer = CombinedReward.from_specs([settings.reward])
     try:
         scores = scorer.score([e.text for e in examples for _ in range(n)], texts,

@@ -26,12 +26,13 @@ import torch
 from align.advantages import compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
 from align.data import tokenize_prompts
-from align.data.prompts import PromptExample
+from align.data.prompts import PromptExample, reward_columns
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
 from align.losses import aggregation_normalizer
 from align.metrics import accumulate
 from align.packed_forward import Packing
+from align.reward_columns import COMPLETION_IDS_COLUMN
 from align.rollout import Sampling
 from align.rollout.eos import eos_token_ids
 from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
@@ -293,7 +294,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         t1 = time.perf_counter()
         # Token ids reach the rewards as TRL passes them (overlong_penalty counts them), and so
         # does which completions never ended (a reward model scores those without EOS).
-        columns = {"completion_ids": completion_ids(rollout), **rollout.columns,
+        columns = {COMPLETION_IDS_COLUMN: completion_ids(rollout), **rollout.columns,
                    TRUNCATED_COLUMN: rollout.truncated}
         scores = self.rewards.score(rollout.prompts, rollout.completions, **columns)
         gold = (self.gold.score(rollout.prompts, rollout.completions, **columns)
@@ -428,9 +429,8 @@ class PPOTrainer(Trainer[PPOConfig]):
         texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         eos = set(self.eos_ids)
         truncated = [not i or i[-1] not in eos for i in ids]
-        columns = {k: [p.columns.get(k) for p in self.eval_prompts]
-                   for k in self.eval_prompts[0].columns}
-        columns.update({TRUNCATED_COLUMN: truncated, "completion_ids": ids})
+        columns = reward_columns(self.eval_prompts)
+        columns.update({TRUNCATED_COLUMN: truncated, COMPLETION_IDS_COLUMN: ids})
         metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
         if self.gold is not None:
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from align.data.packing import pack_padded
-from align.data.prompts import PromptExample
+from align.data.prompts import PromptExample, reward_columns
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
 from align.packed_forward import Packing
@@ -27,7 +27,7 @@ from align.trainers.dispatch import infer_in_chunks
 class Rollout:
     prompts: list[str]  # N prompt texts (each repeated per sample)
     completions: list[str]  # N decoded completions (special tokens removed)
-    columns: dict[str, list[Any]]  # other dataset columns, N values each
+    columns: dict[str, list[Any]]  # other dataset columns, N values each (reward_columns)
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (N, T)
     lengths: list[int]  # completion lengths in tokens (EOS included)
     truncated: list[bool]  # hit max_new_tokens without EOS
@@ -67,14 +67,12 @@ def assemble_rollout(tokenizer: Any, examples: list[PromptExample], n_samples: i
     """The Rollout of `generation`, the completions of `repeated_ids(examples, n_samples)`."""
     repeated = [e for e in examples for _ in range(n_samples)]
     outputs = generation.tokens
-    columns = {key: [e.columns.get(key) for e in repeated]
-               for key in (repeated[0].columns if repeated else {})}
     batch = pad_sequences([e.ids for e in repeated], outputs, tokenizer.pad_token_id)
     eos = set(eos_ids)
     return Rollout(
         prompts=[e.text for e in repeated],
         completions=[tokenizer.decode(o, skip_special_tokens=True) for o in outputs],
-        columns=columns,
+        columns=reward_columns(examples, n_samples),
         batch=batch,
         lengths=[len(o) for o in outputs],
         truncated=[not o or o[-1] not in eos for o in outputs],

@@ -1,0 +1,65 @@
+"""Tiny chat models as users bring them: a Llama, Qwen2 or GPT-2 folder holding a byte-level BPE
+tokenizer with ChatML special tokens and a ChatML chat template.
+
+Qwen2 and Llama end a turn with `<|im_end|>` (their EOS) and pad with `<|endoftext|>`; GPT-2
+pads with its EOS, `<|endoftext|>`, as GPT-2 tokenizers do. Every byte is one token (no merges),
+so any text encodes; the three special tokens come after the 256 bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def chatml_tokenizer(arch: str) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ChatML tokens; GPT-2's pad is its EOS."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL)
+    eos = "<|endoftext|>" if arch == "gpt2" else "<|im_end|>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos,
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32):
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
+    if arch == "llama":
+        return LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=2 * width, max_position_embeddings=256, **ids)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=2 * width,
+                           max_position_embeddings=256, **ids)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=width, n_layer=2, n_head=4, n_positions=256, **ids)
+    raise ValueError(arch)
+
+
+def save_chat_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random causal LM of `arch` and its ChatML tokenizer, saved in `folder`."""
+    tokenizer = chatml_tokenizer(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(chat_config(arch, tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
