@@ -8,9 +8,9 @@ encodes training pairs: prompt ids + completion ids + EOS for strings, the chat 
 message lists, no special tokens added. A string completion marked truncated (generation
 stopped at its token budget, not at EOS; the PPO trainer passes the column
 `completion_truncated`) is scored as it is, without the EOS, so the reward model sees that it
-did not end. Rows are right-padded with an attention mask; the Hugging Face
-sequence-classification head reads the score at the last token that is not `pad_token_id`
-(for the byte tokenizer pad is 0 and EOS is 1, so that is the EOS).
+did not end. Rows are right-padded with an attention mask, and the score is read at each
+sequence's last real token (its EOS), even where the tokenizer's pad token is its EOS
+(`score_batch`).
 `pair_sums` and `pair_means` turn chosen/rejected scores into the metrics TRL users know:
 `accuracy`, `margin`, `mean_reward`, `min_reward`, `max_reward`.
 
@@ -45,7 +45,7 @@ from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
 from align.errors import ConfigError, ModelError, RewardError, did_you_mean
 from align.model_loading import load_model, load_tokenizer
-from align.packed_forward import head_outputs, unwrap
+from align.packed_forward import head_outputs
 from reward_models.protocol import TRUNCATED_COLUMN
 
 SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
@@ -146,28 +146,30 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
 
 
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scores of a right-padded or packed batch.
+    """Scores of a padded or packed batch, read at each sequence's true last token.
+
+    Hugging Face's classification head reads the last token that is not `pad_token_id`; where
+    pad is EOS (GPT-2 style tokenizers) that skips the EOS closing every sequence, so the head's
+    output is read here instead: at the last position the attention mask keeps (left or right
+    padding), or at each packed sequence's last token.
 
     Args:
         model: a sequence classifier with one label (a plain, peft or DeepSpeed-wrapped module).
         batch: `input_ids` and `attention_mask`, each (N, T); or packed rows (see
-            `align.data.packing`), where the head reads each sequence's last token that is not
-            `pad_token_id`, as Hugging Face's head does in a padded row.
+            `align.data.packing`).
 
     Returns:
         (N,) float32 scores, differentiable when the model is.
     """
+    scores = head_outputs(model, batch)  # (rows, W): through the model, as ZeRO-3 needs
     if "sequence_index" in batch:
-        scores = head_outputs(model, batch)  # (rows, W): through the model, as ZeRO-3 needs
         index = batch["sequence_index"].to(scores.device)
-        pad_id = unwrap(model).config.get_text_config().pad_token_id
-        last = last_token_positions(batch["input_ids"].to(scores.device), index,
-                                    int(index.max()) + 1, pad_id)
+        last = last_token_positions(index, int(index.max()) + 1)
         return scores.flatten()[last].float()
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device), use_cache=False)
-    return out.logits[:, 0].float()
+    mask = batch["attention_mask"].to(scores.device)
+    positions = torch.arange(mask.shape[1], device=scores.device)
+    last = (positions * (mask > 0)).argmax(-1)  # the rightmost token attended to
+    return scores[torch.arange(len(last), device=scores.device), last].float()
 
 
 def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

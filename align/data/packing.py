@@ -162,17 +162,12 @@ def block_diagonal_mask(sequence_index: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def last_token_positions(input_ids: torch.Tensor, sequence_index: torch.Tensor,
-                         num_sequences: int, pad_id: int | None) -> torch.Tensor:
-    """(num_sequences,) flat position of each packed sequence's last token that is not
-    `pad_id` (its first token when every token is `pad_id`; its last when `pad_id` is None):
-    the token Hugging Face's sequence-classification heads read in a padded batch."""
+def last_token_positions(sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(num_sequences,) flat position of each packed sequence's last token: where a reward
+    model reads its score. Found from `sequence_index`, never by comparing ids with a pad id
+    (where pad is EOS, that would skip the closing EOS)."""
     index = sequence_index.reshape(-1)
     positions = torch.arange(index.numel(), device=index.device)
     real = index >= 0
-    first = torch.full((num_sequences,), index.numel(), dtype=torch.long, device=index.device)
-    first = first.scatter_reduce(0, index[real], positions[real], "amin")
-    keep = real if pad_id is None else real & (input_ids.reshape(-1) != pad_id)
     last = torch.full((num_sequences,), -1, dtype=torch.long, device=index.device)
-    last = last.scatter_reduce(0, index[keep], positions[keep], "amax")
-    return torch.where(last >= 0, last, first)
+    return last.scatter_reduce(0, index[real], positions[real], "amax")

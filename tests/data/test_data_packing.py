@@ -75,11 +75,8 @@ def test_sequence_sums_and_last_tokens():
     index = torch.tensor([[1, 1, 1, 2], [0, 0, -1, -1]])
     values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 100.0, 100.0]])
     assert sequence_sums(values, index, 3).tolist() == [11.0, 6.0, 4.0]
-    ids = torch.tensor([[7, 1, 1, 1], [1, 1, 0, 0]])
-    # The last token that is not the pad id (1 here, as for GPT-2's pad = eos); a sequence of
-    # nothing but pad ids is read at its first token, as Hugging Face's head reads it.
-    assert last_token_positions(ids, index, 3, pad_id=1).tolist() == [4, 0, 3]
-    assert last_token_positions(ids, index, 3, pad_id=None).tolist() == [5, 2, 3]
+    # Each sequence's last token, whatever its id (an EOS that is also the pad id included).
+    assert last_token_positions(index, 3).tolist() == [5, 2, 3]
 
 
 def test_block_diagonal_mask():
