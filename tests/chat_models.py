@@ -24,6 +24,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ARCHS = ("llama", "qwen2", "gpt2")
+INIT_STD = 0.5  # large random weights: peaked distributions that a few LoRA steps visibly move
+ASCII_IDS = 94  # ids 0-93 are the printable ASCII bytes `!`..`~` (the alphabet sorted)
 
 
 def chatml_tokenizer(arch: str) -> PreTrainedTokenizerFast:
@@ -40,9 +42,11 @@ def chatml_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32):
+def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32,
+                init_std: float = INIT_STD):
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
+           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None,
+           "initializer_range": init_std}
     if arch == "llama":
         return LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=2 * width, max_position_embeddings=256, **ids)
