@@ -20,7 +20,9 @@ from typing import Any
 
 from align.config import EMBEDDED, ModelConfig, TaskConfig
 from align.data import load_rows, tokenize_prompts
+from align.data.prompts import reward_columns
 from align.errors import ConfigError, OutputDirError
+from align.reward_columns import COMPLETION_IDS_COLUMN
 from align.rollout.base import Sampling
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -92,8 +94,10 @@ def generate(model_path: str, prompts: list[list[int]], tokenizer: Any,
 
 
 def complete(model_path: str, rows: list[dict], source: str,
-             settings: EvalSettings) -> tuple[list[Any], list[str], list[dict]]:
-    """(prompt texts, completion texts, other columns per row) of `model_path` on `rows`."""
+             settings: EvalSettings) -> tuple[list[str], list[str], dict[str, list[Any]]]:
+    """(prompt texts, completion texts, reward columns) of `model_path` on `rows`: the columns
+    are the rows' others, the prompts' messages where conversational, and `completion_ids`, as
+    `align ppo` passes them (reward_models.protocol)."""
     from align.model_loading import load_tokenizer
 
     # tokenizer= the folder itself: an adapter folder holds its tokenizer but no config.json
@@ -101,7 +105,8 @@ def complete(model_path: str, rows: list[dict], source: str,
     examples = tokenize_prompts(rows, tokenizer, settings.max_length, source)
     ids = generate(model_path, [e.ids for e in examples], tokenizer, settings)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
-    return [e.text for e in examples], texts, [e.columns for e in examples]
+    return [e.text for e in examples], texts, {**reward_columns(examples),
+                                               COMPLETION_IDS_COLUMN: ids}
 
 
 def evaluate_policy(model: str, data: str, rewards: list[str], baseline: str | None = None,
@@ -124,8 +129,7 @@ def evaluate_policy(model: str, data: str, rewards: list[str], baseline: str | N
         raise OutputDirError(f"--output {output}: folder {output.parent} does not exist")
     scorer = CombinedReward.from_specs(rewards)
     rows, source = load_prompt_rows(data, settings)
-    prompts, texts, columns = complete(model, rows, source, settings)
-    by_column = {k: [c.get(k) for c in columns] for k in (columns[0] if columns else {})}
+    prompts, texts, by_column = complete(model, rows, source, settings)
     scores = scorer.score(prompts, texts, **by_column)
     report: dict[str, Any] = {"model": model, "data": source, "prompts": len(prompts),
                               "engine": settings.engine, "greedy": settings.greedy,
@@ -138,8 +142,8 @@ def evaluate_policy(model: str, data: str, rewards: list[str], baseline: str | N
                 "rewards": {n: v[i] for n, v in scores.per_reward.items()}}
                for i, (p, t) in enumerate(zip(prompts, texts))]
     if baseline is not None:
-        _, base_texts, _ = complete(baseline, rows, source, settings)
-        base = scorer.score(prompts, base_texts, **by_column).per_reward
+        _, base_texts, base_columns = complete(baseline, rows, source, settings)
+        base = scorer.score(prompts, base_texts, **base_columns).per_reward
         ours, theirs = _paired(scores.per_reward[first], base[first])
         report["baseline"] = {"model": baseline, "reward": first,
                               "rewards": _reward_stats(base), **win_rate(ours, theirs)}

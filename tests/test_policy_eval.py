@@ -76,3 +76,31 @@ def test_bad_input_exits_2_naming_the_cause(tmp_path, capsys):
     assert "--reward" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope"), "embedded", "--reward", EXACT]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_conversational_prompts_reach_a_trl_reward_in_trls_form(tmp_path, chat_model_dir):
+    """`align eval` calls rewards as `align ppo` does: message-list prompts and completions,
+    and the completions' token ids."""
+    from tests.chat_models import ASCII_IDS, chatml_tokenizer
+
+    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}]} for w in ("hi", "yes")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    assert main(["eval", chat_model_dir("gpt2"), str(tmp_path / "chat.jsonl"), "--reward",
+                 "tests.trainers.chat_reward:ascii_share", "--max-new-tokens", "6",
+                 "--output", str(out)]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").open()]
+    assert samples[0]["prompt"].startswith("<|im_start|>user\nSay hi.<|im_end|>")
+    tok = chatml_tokenizer("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir("gpt2"))
+    for sample in samples:  # the reward counted the generated ids, EOS included
+        prompt = tok(sample["prompt"], add_special_tokens=False, return_tensors="pt")
+        new = model.generate(**prompt, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, prompt["input_ids"].shape[1]:]
+        ids = new.tolist()[: ids_end(new.tolist(), tok.eos_token_id)]
+        share = sum(i < ASCII_IDS for i in ids) / len(ids)
+        assert sample["rewards"]["ascii_share"] == pytest.approx(share)
+
+
+def ids_end(ids: list[int], eos: int) -> int:
+    return ids.index(eos) + 1 if eos in ids else len(ids)
