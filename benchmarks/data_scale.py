@@ -8,10 +8,11 @@ tokenizer (4,000 tokens, Qwen2's pre-tokenizer) and a tiny Qwen2, with `max_leng
 For each size, each tool prepares the data twice in a fresh process: first with an empty cache,
 then again with nothing changed. Reported per run: seconds from reading the file to the first
 step's batch (align: `SFTTrainer.prepare_data` and the first step's rows; TRL: `load_dataset`
-and the `SFTTrainer` constructor, which tokenises), and the peak RSS of the driver process
-(preparation processes are reported apart). align trains on assistant turns only, so it renders
-each conversation twice and tokenises its pieces; TRL's default renders once and trains on
-every token. One JSON line per size and tool, then a table.
+and the `SFTTrainer` constructor, which tokenises), the peak RSS of the driver process
+(preparation processes are reported apart) and the CPU seconds of all its processes (on a
+shared machine, CPU seconds / cores bounds what an idle one would take). align trains on
+assistant turns only, so it renders each conversation twice and tokenises its pieces; TRL's
+default renders once and trains on every token. One JSON line per size and tool, then a table.
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def measure(args: argparse.Namespace) -> None:
         result = measure_trl(args.data, args.model, args.num_proc, args.out)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
     print(json.dumps({**result, "peak_rss_mb": round(usage.ru_maxrss / 1024),
-                      "workers_peak_rss_mb": round(children.ru_maxrss / 1024)}))
+                      "workers_peak_rss_mb": round(children.ru_maxrss / 1024),
+                      "cpu_seconds": round(cpu, 1)}))
 
 
 def run_one(tool: str, data: Path, model: Path, caches: Path, num_proc: int) -> dict:
@@ -179,15 +182,16 @@ def main() -> None:
             line = {"tool": tool, "rows": rows, "first_seconds": round(first["seconds"], 2),
                     "cached_seconds": round(cached["seconds"], 2),
                     "driver_peak_rss_mb": max(first["peak_rss_mb"], cached["peak_rss_mb"]),
-                    "workers_peak_rss_mb": first["workers_peak_rss_mb"]}
+                    "workers_peak_rss_mb": first["workers_peak_rss_mb"],
+                    "first_cpu_seconds": first["cpu_seconds"]}
             print(json.dumps(line), flush=True)
             table.append(line)
-    print("\n| tool | rows | first run s | cached run s | driver peak RSS MB | "
-          "workers peak RSS MB |\n|---|---|---|---|---|---|")
+    print("\n| tool | rows | first run s | first run CPU s | cached run s | driver peak RSS MB "
+          "| workers peak RSS MB |\n|---|---|---|---|---|---|---|")
     for line in table:
         print(f"| {line['tool']} | {line['rows']:,} | {line['first_seconds']} | "
-              f"{line['cached_seconds']} | {line['driver_peak_rss_mb']} | "
-              f"{line['workers_peak_rss_mb']} |")
+              f"{line['first_cpu_seconds']} | {line['cached_seconds']} | "
+              f"{line['driver_peak_rss_mb']} | {line['workers_peak_rss_mb']} |")
 
 
 if __name__ == "__main__":
