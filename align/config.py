@@ -136,7 +136,7 @@ class DistributedConfig:
     cpus_per_worker: float | None = None  # None: share this node's CPUs among the workers
     gpus_per_worker: float | None = None  # None: 1 when Ray sees GPUs, else 0
     torch_threads: int | None = None  # torch threads per worker; None: its CPU share
-    ray_address: str | None = None  # join this Ray cluster; None starts a local one
+    ray_address: str | None = None  # cluster to join, or auto; None: RAY_ADDRESS, else local
     placement_strategy: PlacementStrategy = "PACK"  # how Ray spreads a role's bundles over nodes
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, else gloo
     call_timeout_s: float | None = 3600.0  # longest one call on the workers may run; None: no limit

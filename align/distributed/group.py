@@ -22,6 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from align.config import DistributedConfig
+from align.distributed.runtime_env import run_runtime_env
 from align.errors import AlignError, TrainingError
 
 # Environment for every worker process. PASSIVE OpenMP waits: spin-waiting threads made
@@ -32,12 +33,13 @@ PLACEMENT_TIMEOUT_S = 120
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at `address`, or start a local Ray when none is given."""
+    """Connect to the cluster at `address` (or at `RAY_ADDRESS`, which `ray job submit` sets
+    for its driver), or start a local Ray when neither is given. Either way the project's code
+    is shipped to every worker (align.distributed.runtime_env)."""
     if ray.is_initialized():
         return
-    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(
-        p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"runtime_env": run_runtime_env(WORKER_ENV), "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
     else:

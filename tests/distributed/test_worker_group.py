@@ -35,6 +35,13 @@ class EchoWorker(BaseWorker):
     def threads(self) -> int:
         return torch.get_num_threads()
 
+    def code_origin(self) -> list[str]:
+        """Where this worker imported the project's packages from."""
+        import align
+        import reward_models
+
+        return [align.__file__, reward_models.__file__]
+
     def echo(self, value: int) -> int:
         return value * 10 + self.rank
 
@@ -133,11 +140,14 @@ def test_ctrl_c_while_starting_leaves_nothing(ray_local, monkeypatch):
     assert wait_until_released(before) == (set(), set())
 
 
-def test_simulated_two_node_cluster():
+def test_simulated_two_node_cluster(tmp_path, monkeypatch):
     """Joining an existing cluster by address; SPREAD puts one rank on each node. The nodes
     have 4 CPUs whatever this machine has, so the threads' share is checked at a size other
-    than 1."""
+    than 1. As on a real second node, neither the driver's directory nor a PYTHONPATH leads
+    the workers to the code: they import the packages the run shipped to the cluster."""
     ray.shutdown()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # the nodes' processes inherit none
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     cluster.add_node(num_cpus=4)
     cluster.wait_for_nodes()
@@ -149,6 +159,8 @@ def test_simulated_two_node_cluster():
             assert len(set(group.call("node_id"))) == 2
             assert group.call("world") == [(0, 2, 1), (1, 2, 1)]
             assert group.call("threads") == [2, 2]  # half of a 4-CPU node each
+            for origin in group.call("code_origin"):
+                assert all("runtime_resources/py_modules_files" in path for path in origin)
         finally:
             group.shutdown()
     finally:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import ray
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from align.metrics import combine_metrics
 from align.tracking import read_metrics
@@ -18,6 +21,8 @@ from tests.conftest import tiny_ppo_config
 from tests.trainers.letter_reward import lowercase_share
 
 pytestmark = pytest.mark.slow
+# Ray workers cannot import test modules by name; ship this module's functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REWARD_FILE = Path(__file__).with_name("letter_reward.py")
 
 
@@ -138,9 +143,13 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_loca
     assert first["rewards/ended/mean"] == pytest.approx(1 - first["completions/clipped_ratio"])
 
 
-def test_roles_on_two_nodes(tmp_path):
-    """A simulated 2-node cluster: the policy and the critic land on different nodes."""
+def test_roles_on_two_nodes(tmp_path, monkeypatch):
+    """A simulated 2-node cluster: the policy and the critic land on different nodes. The
+    workers reach the code only as the run ships it (not through the driver's directory or
+    PYTHONPATH), as on a real second node."""
     ray.shutdown()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -152,6 +161,18 @@ def test_roles_on_two_nodes(tmp_path):
         placement = json.loads((tmp_path / "run" / "placement.json").read_text())
         assert placement["policy"][0] != placement["critic"][0]
         assert records(tmp_path / "run")[0]["value_loss"] >= 0
+        for node in (placement["policy"][0], placement["critic"][0]):
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            origin = ray.get(code_origin.options(scheduling_strategy=strategy).remote())
+            assert "runtime_resources/py_modules_files" in origin
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def code_origin() -> str:
+    """Where a process of this run on some node imports align from."""
+    import align
+
+    return align.__file__
