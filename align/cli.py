@@ -89,7 +89,9 @@ def _run_serve_rm(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there: "
                           f"{exc}") from None
-    print(f"serving reward model {args.model} at {server.url} (Ctrl-C stops)", flush=True)
+    openrlhf = server.url.replace("/score", "/get_reward")
+    print(f"serving reward model {args.model} at {server.url} (OpenRLHF's protocol: "
+          f"{openrlhf}; Ctrl-C stops)", flush=True)
     if not server.loopback_only and token is None:
         print(f"note: no token is set (--token or {TOKEN_ENV}); anyone who can reach this "
               "address can use the server", flush=True)

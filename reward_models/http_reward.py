@@ -1,12 +1,24 @@
 """HttpReward: a reward served by a JSON API, with the standard library only (urllib).
 
-Protocol: ``POST <url>`` with body ``{"prompts": [...], "completions": [...], <column>: [...]}``
-(every column of the batch, as JSON) answered by ``{"rewards": [...]}``, one number or null per
-sample (a JSON ``true``/``false`` is refused). Connection failures, timeouts and the transient
-statuses 429, 502, 503 and 504 are retried with exponential backoff up to ``max_tries`` attempts
-in all; a 500 (the server failed on this very batch, and would again), other 4xx answers,
-redirects, non-JSON bodies and oversize responses fail at once. Redirects are never followed:
-they would send the batch, and any ``Authorization`` header, to wherever the server points.
+Protocols (``protocol``):
+
+- ``align`` (the default, what ``align serve-rm`` answers at ``/score``): ``POST <url>`` with
+  body ``{"prompts": [...], "completions": [...], <column>: [...]}`` (every column of the
+  batch, as JSON).
+- ``openrlhf`` (OpenRLHF's remote reward model, what its ``serve_rm`` and ``align serve-rm``
+  answer at ``/get_reward``): body ``{"query": [...], "prompts": [...], "labels": [...]}``,
+  where a query is the prompt followed by the completion, as text, and the labels come from
+  the column ``label``, else ``answer``, else ``ground_truth`` (None where none exists). The
+  query is text, so prompts and completions must be strings (a rendered chat prompt, not a
+  message list).
+
+Either is answered by ``{"rewards": [...]}``, one number or null per sample (a JSON
+``true``/``false`` is refused; other keys are ignored). Connection failures, timeouts and the
+transient statuses 429, 502, 503 and 504 are retried with exponential backoff up to
+``max_tries`` attempts in all; a 500 (the server failed on this very batch, and would
+again), other 4xx answers, redirects, non-JSON bodies and oversize responses fail at once.
+Redirects are never followed: they would send the batch, and any ``Authorization`` header, to
+wherever the server points.
 ``timeout_s`` bounds each attempt as a whole, from connecting to the last byte of the answer
 (its sockets are shut down at the deadline), so a server that trickles bytes cannot hold a call;
 a call takes at most ``max_tries * timeout_s`` plus the backoff. Environment proxy settings
@@ -28,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.errors import ConfigError, RewardError
+from reward_models.style_adapters import openrlhf_arguments
 
 _MiB = 1024 * 1024
 _EXCERPT_BYTES = 200
 _READ_CHUNK = 64 * 1024
 _RETRY_STATUS = (429, 502, 503, 504)  # busy or a gateway's hiccup: worth another try
+PROTOCOLS = ("align", "openrlhf")  # request bodies the client can send (see the docstring)
 
 
 class _RetryableError(Exception):
@@ -57,6 +71,7 @@ class HttpReward:
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. auth)
     token_env: str | None = None  # environment variable holding a bearer token (kept out of
     # the config, which every run copies into its output_dir)
+    protocol: str = "align"  # request body: align's, or openrlhf's {query, prompts, labels}
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -71,6 +86,9 @@ class HttpReward:
                                                and self.token_env):
             raise ConfigError(f"reward {self.url!r}: token_env must name an environment "
                               f"variable, got {self.token_env!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"reward {self.url!r}: protocol must be one of "
+                              f"{', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
     def _check_number(
         self, key: str, value: Any, minimum: float, integer: bool = False, inclusive: bool = True
@@ -90,7 +108,7 @@ class HttpReward:
             RewardError: When a column is not JSON-serialisable, every attempt failed, or the
                 answer is a 4xx, too large, not JSON, or has no ``rewards`` list.
         """
-        body = _encode({"prompts": list(prompts), "completions": list(completions), **columns})
+        body = _encode(self._body(prompts, completions, columns))
         last_error: Exception | None = None
         for attempt in range(1, self.max_tries + 1):
             try:
@@ -101,6 +119,21 @@ class HttpReward:
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
         tries = "1 try" if self.max_tries == 1 else f"{self.max_tries} tries"
         raise RewardError(f"POST {self.url} failed after {tries}: {last_error}") from last_error
+
+    def _body(self, prompts: list[Any], completions: list[Any],
+              columns: dict[str, Any]) -> dict[str, Any]:
+        if self.protocol == "align":
+            return {"prompts": list(prompts), "completions": list(completions), **columns}
+        for index, sample in enumerate(zip(prompts, completions)):
+            for what, value in zip(("prompt", "completion"), sample):
+                if not isinstance(value, str):
+                    raise RewardError(
+                        f"sample {index}: the OpenRLHF protocol sends each query as text "
+                        f"(prompt + completion), but the {what} is a "
+                        f"{type(value).__name__}; use string prompts (the chat template "
+                        "already applied) or the align protocol, which takes message lists")
+        queries, prompts, labels = openrlhf_arguments(prompts, completions, columns)
+        return {"query": queries, "prompts": prompts, "labels": labels}
 
     def _post_once(self, body: bytes) -> list[Any]:
         with _Deadline(self.timeout_s) as deadline:

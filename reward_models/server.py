@@ -5,6 +5,16 @@
 ``POST /`` or ``POST /score`` with ``{"prompts": [...], "completions": [...], ...}`` (an
 optional ``completion_truncated`` list scores the completions marked true without EOS; other
 columns are accepted and ignored) answers ``{"rewards": [...]}``, one number per sample.
+``POST /get_reward`` speaks OpenRLHF's remote reward-model protocol, so an OpenRLHF trainer
+(``--remote_rm_url http://host:port/get_reward``) or a spec ``openrlhf:http://host:port/get_reward``
+can use the server: ``{"query": [...], "prompts": [...]}`` (``labels`` and other keys are
+ignored), where each query is its prompt followed by the completion, as text, answers
+``{"rewards": [...], "scores": [...]}`` (the same numbers twice, as OpenRLHF's own server
+does). Pad tokens around a query and the EOS tokens that end it are dropped (OpenRLHF decodes
+padded sequences with their special tokens); a query that starts with its prompt is scored as
+that (prompt, completion) pair, exactly as ``/score`` scores it, any other (or one without a
+prompt) as a completion of an empty prompt; the completion is scored as ended (EOS appended),
+as OpenRLHF's server does.
 ``GET /health`` answers ``{"status": "ok", "model": <the folder's name>}``.
 
 The API is for programs, not web pages, and refuses what only a browser would send:
@@ -62,6 +72,7 @@ DEFAULT_MAX_SAMPLES = 1024
 DEFAULT_MAX_CONNECTIONS = 64
 TOKEN_ENV = "ALIGN_SERVE_RM_TOKEN"
 SCORE_PATHS = ("/", "/score")
+OPENRLHF_PATHS = ("/get_reward",)  # where OpenRLHF's examples post to a remote reward model
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EMBEDDED_HELD_OUT = "embedded:arithmetic(held-out)"
 
@@ -146,6 +157,44 @@ class RewardModelServer(ThreadingHTTPServer):
                            truncated=truncated, turns=self.lock)
 
 
+    def score_queries(self, body: dict[str, Any]) -> list[float]:
+        """Score an OpenRLHF request (see the module docstring).
+
+        Raises:
+            ValueError: `query` is not a list of strings, or `prompts` is given but is not a
+                list of as many strings.
+            TooManySamples: more than `max_samples` queries.
+        """
+        queries, prompts = body.get("query"), body.get("prompts")
+        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+            raise ValueError("'query' must be a list of strings (prompt + completion each)")
+        if prompts is None:
+            prompts = [""] * len(queries)
+        if (not isinstance(prompts, list) or len(prompts) != len(queries)
+                or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"'prompts' must be a list of {len(queries)} strings, one per "
+                             "query (or left out)")
+        if len(queries) > self.max_samples:
+            raise TooManySamples(f"{len(queries)} samples exceed the limit of "
+                                 f"{self.max_samples} per request; split the batch")
+        pairs = [split_query(self.tokenizer, q, p) for q, p in zip(queries, prompts)]
+        return score_texts(self.model, self.tokenizer, [p for p, _ in pairs],
+                           [c for _, c in pairs], self.batch_size, turns=self.lock)
+
+
+def split_query(tokenizer: Any, query: str, prompt: str) -> tuple[str, str]:
+    """(prompt, completion) of an OpenRLHF query: padding and closing EOS tokens dropped, the
+    prompt split off where the query starts with it (else an empty prompt)."""
+    pad, eos = tokenizer.pad_token, tokenizer.eos_token
+    while pad and query.startswith(pad):
+        query = query[len(pad):]
+    while end := next((t for t in (pad, eos) if t and query.endswith(t)), None):
+        query = query[:-len(end)]
+    if prompt and query.startswith(prompt):
+        return prompt, query[len(prompt):]
+    return "", query
+
+
 class TooManySamples(ValueError):
     """A request holds more samples than the server's `max_samples` (answered with 413)."""
 
@@ -198,9 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"no such path {self.path!r}; POST to /score"})
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.path not in SCORE_PATHS:
-            self._reply(404, {"error": f"no such path {self.path!r}; POST to /score"},
-                        close=True)
+        if self.path not in SCORE_PATHS + OPENRLHF_PATHS:
+            self._reply(404, {"error": f"no such path {self.path!r}; POST to /score (or "
+                                       "/get_reward for OpenRLHF's protocol)"}, close=True)
             return
         if self._refused():
             return
@@ -216,7 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
             if not isinstance(body, dict):
                 raise ValueError(f"the body must be a JSON object, got {type(body).__name__}")
-            rewards = self.server.score(body)
+            openrlhf = self.path in OPENRLHF_PATHS
+            rewards = (self.server.score_queries(body) if openrlhf
+                       else self.server.score(body))
         except TooManySamples as err:
             self._reply(413, {"error": str(err)})
             return
@@ -230,7 +281,8 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("scoring a request failed")
             self._reply(500, {"error": "scoring failed on the server (its log has the cause)"})
             return
-        self._reply(200, {"rewards": rewards})
+        self._reply(200, {"rewards": rewards, "scores": rewards} if openrlhf
+                    else {"rewards": rewards})
 
     def _refused(self) -> bool:
         """Answer and return True when the request comes from a web page or lacks the token."""

@@ -26,7 +26,9 @@ module that happens to be called ``verl`` (``verl:fn``) is still read as a modul
 
 ``load_reward`` turns a spec into a checked ``LoadedReward``; the kinds, tried in order:
 
-1. ``http://...`` or ``https://...``: an ``HttpReward`` (``kwargs`` are its options).
+1. ``http://...`` or ``https://...``: an ``HttpReward`` (``kwargs`` are its options); with
+   style ``openrlhf`` (``openrlhf:http://host:5000/get_reward``) it speaks OpenRLHF's remote
+   reward-model protocol.
 2. An existing directory: a trained reward-model folder (``config.json``, or
    ``adapter_config.json`` for a LoRA adapter), scored by a ``RewardModelScorer``; torch and
    Ray are imported only then.
@@ -372,13 +374,7 @@ def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
         return _ensemble(spec, base_dir)
     target = spec.spec
     if target.startswith(("http://", "https://")):
-        _refuse_style(spec, "a URL")
-        options = [f.name for f in fields(HttpReward) if f.name != "url"]
-        for key in spec.kwargs:
-            if key not in options:
-                hint = did_you_mean(key, options, otherwise=f"; options: {options}")
-                raise ConfigError(f"reward {spec.label!r}: unknown URL option {key!r}{hint}")
-        return HttpReward(target, **spec.kwargs)
+        return _http_reward(spec)
     path = resolve_path(target, base_dir)
     if path.is_dir():
         _refuse_style(spec, "a reward-model folder")
@@ -399,6 +395,23 @@ def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
         f"reward {spec.label!r}: cannot tell what this is; expected pkg.module:function, "
         "path/to/file.py:function, a reward-model folder, or an http(s):// URL"
     )
+
+
+def _http_reward(spec: RewardSpec) -> HttpReward:
+    """A URL: align's JSON API, or with style ``openrlhf`` OpenRLHF's remote reward model."""
+    if spec.style == "verl":
+        _refuse_style(spec, "a URL (its protocol is align's or openrlhf's)")
+    options = [f.name for f in fields(HttpReward) if f.name != "url"]
+    for key in spec.kwargs:
+        if key not in options:
+            hint = did_you_mean(key, options, otherwise=f"; options: {options}")
+            raise ConfigError(f"reward {spec.label!r}: unknown URL option {key!r}{hint}")
+    kwargs = dict(spec.kwargs)
+    if spec.style == "openrlhf":
+        if kwargs.setdefault("protocol", "openrlhf") != "openrlhf":
+            raise ConfigError(f"reward {spec.label!r}: style openrlhf speaks the openrlhf "
+                              f"protocol, but kwargs.protocol is {kwargs['protocol']!r}")
+    return HttpReward(spec.spec, **kwargs)
 
 
 def _reward_model(path: Path, spec: RewardSpec) -> Callable[..., Any]:

@@ -246,17 +246,23 @@ def _adapt_openrlhf(
         return result
 
     def call_openrlhf(prompts: list[str], completions: list[str], **columns: Any) -> Any:
-        queries = [str(p) + str(c) for p, c in zip(prompts, completions)]
-        labels = [
-            _column_value(columns, ("label", "answer", "ground_truth"), i)
-            for i in range(len(prompts))
-        ]
-        result = fn(queries, list(prompts), labels)
+        result = fn(*openrlhf_arguments(prompts, completions, columns))
         if inspect.isawaitable(result):
             return _then(result, rewards_of)
         return rewards_of(result)
 
     return call_openrlhf
+
+
+def openrlhf_arguments(prompts: Sequence[Any], completions: Sequence[Any],
+                       columns: dict[str, Any]) -> tuple[list[str], list[Any], list[Any]]:
+    """OpenRLHF's ``(queries, prompts, labels)`` for a batch: ``queries`` are prompt +
+    completion strings, ``labels`` the column ``label`` (else ``answer``, else
+    ``ground_truth``; None each where none exists)."""
+    queries = [str(p) + str(c) for p, c in zip(prompts, completions)]
+    labels = [_column_value(columns, ("label", "answer", "ground_truth"), i)
+              for i in range(len(prompts))]
+    return queries, list(prompts), labels
 
 
 async def _then(awaitable: Awaitable[Any], post: Callable[[Any], Any]) -> Any:

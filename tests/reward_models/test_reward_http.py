@@ -23,6 +23,7 @@ class Handler(BaseHTTPRequestHandler):
     """Routes by path: each path is one behaviour of a reward endpoint."""
 
     hits: Counter = Counter()
+    bodies: dict = {}
     release = threading.Event()
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -37,7 +38,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/score":
+        Handler.bodies[self.path] = body
+        if self.path == "/get_reward":  # OpenRLHF's protocol: query = prompt + completion
+            rewards = [float(q.endswith(" " + str(a))) for q, a in zip(body["query"],
+                                                                       body["labels"])]
+            self.reply(200, {"rewards": rewards, "scores": rewards})
+        elif self.path == "/score":
             rewards = [
                 float(c.strip() == a) + (0.5 if p.startswith("Q:") else 0.0)
                 for p, c, a in zip(body["prompts"], body["completions"], body["answer"])
@@ -139,6 +145,31 @@ def test_scores_batch_and_sends_columns(server):
     reward = load_reward(f"{server}/score")
     assert reward(PROMPTS, COMPLETIONS, answer=["2", "4"]) == [1.5, 0.5]
     assert Handler.hits["/score"] == 1
+
+
+def test_the_openrlhf_protocol_sends_queries_prompts_and_labels(server):
+    """OpenRLHF's remote reward-model request: the prompt + completion texts as `query`, the
+    prompts, and the labels (here from the `answer` column); nothing else."""
+    reward = load_reward(f"openrlhf:{server}/get_reward")
+    assert reward(PROMPTS, COMPLETIONS, answer=["2", "4"]) == [1.0, 0.0]
+    assert Handler.bodies["/get_reward"] == {
+        "query": ["Q: 1+1= 2", "Q: 2+2= 5"], "prompts": PROMPTS, "labels": ["2", "4"]}
+    same = load_reward({"spec": f"{server}/get_reward", "kwargs": {"protocol": "openrlhf"}})
+    assert same(PROMPTS, COMPLETIONS, label=["5", "5"]) == [0.0, 1.0]
+
+
+def test_the_openrlhf_protocol_refuses_what_it_cannot_send(server):
+    reward = load_reward(f"openrlhf:{server}/get_reward")
+    chat = [[{"role": "user", "content": p}] for p in PROMPTS]
+    with pytest.raises(RewardError, match="sample 0: the OpenRLHF protocol sends each query "
+                                          "as text.*prompt is a list"):
+        reward(chat, COMPLETIONS)
+    with pytest.raises(ConfigError, match="protocol must be one of align, openrlhf"):
+        load_reward({"spec": f"{server}/x", "kwargs": {"protocol": "grpc"}})
+    with pytest.raises(ConfigError, match="kwargs.protocol is 'align'"):
+        load_reward({"spec": f"{server}/x", "style": "openrlhf", "kwargs": {"protocol": "align"}})
+    with pytest.raises(ConfigError, match="style 'verl' applies to functions"):
+        load_reward(f"verl:{server}/x")
 
 
 def test_retries_5xx_with_backoff(server):

@@ -21,7 +21,7 @@ import pytest
 
 from reward_models import load_reward
 from reward_models.reward_model import load_reward_model, score_texts
-from reward_models.server import RewardModelServer
+from reward_models.server import RewardModelServer, split_query
 
 PROMPTS = ["Q: 23+58=", "Q: 10+10=", "Q: 99+99="]
 COMPLETIONS = [" 81", " 20", " 198!"]
@@ -99,6 +99,44 @@ def test_http_reward_passes_truncation_to_the_server(server, tiny_reward_model_d
 def test_invalid_request_is_400_with_a_message(server, body, needle):
     status, answer = post(server.url, body)
     assert status == 400
+    assert needle in answer["error"]
+
+
+def test_openrlhf_requests_get_the_model_scores(server, tiny_reward_model_dir):
+    """/get_reward as an OpenRLHF trainer posts to it: each query the decoded sequence with its
+    special tokens (left padding, the closing EOS, right padding), the prompts beside it."""
+    tok = server.tokenizer
+    queries = [tok.pad_token * 2 + p + c + tok.eos_token + tok.pad_token
+               for p, c in zip(PROMPTS, COMPLETIONS)]
+    url = server.url.replace("/score", "/get_reward")
+    body = {"query": queries, "prompts": PROMPTS, "labels": ["81", "20", "198"]}
+    status, answer = post(url, json.dumps(body).encode())
+    assert status == 200, answer
+    assert answer["rewards"] == pytest.approx(expected(tiny_reward_model_dir), abs=1e-6)
+    assert answer["scores"] == answer["rewards"]
+    status, alone = post(url, json.dumps({"query": queries}).encode())  # no prompts given
+    assert status == 200 and len(alone["rewards"]) == 3
+
+
+def test_an_openrlhf_query_is_split_into_its_prompt_and_completion(server):
+    """Scored as /score scores the pair (prompt ids + completion ids, which for a subword
+    tokenizer differ from the ids of the joined text), once the special tokens are dropped."""
+    tok = server.tokenizer
+    pad, eos = tok.pad_token, tok.eos_token
+    assert split_query(tok, f"{pad}{pad}Q: 1+1= 2{eos}{pad}", "Q: 1+1=") == ("Q: 1+1=", " 2")
+    assert split_query(tok, f"Q: 1+1= 2{eos}", "Q: 9+9=") == ("", "Q: 1+1= 2")
+    assert split_query(tok, "Q: 1+1= 2", "") == ("", "Q: 1+1= 2")
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"prompts": PROMPTS}, "'query' must be a list of strings"),
+    ({"query": ["a", 2]}, "'query' must be a list of strings"),
+    ({"query": ["a", "b"], "prompts": ["a"]}, "'prompts' must be a list of 2 strings"),
+    ({"query": ["a"] * 9}, "9 samples exceed the limit of 8"),
+])
+def test_invalid_openrlhf_request_is_refused_with_a_message(server, body, needle):
+    status, answer = post(server.url.replace("/score", "/get_reward"), json.dumps(body).encode())
+    assert status in (400, 413)
     assert needle in answer["error"]
 
 
