@@ -297,8 +297,8 @@ class DPOConfig(RunConfig):
 class RewardConfig:
     """One entry of a weighted reward list (see reward_models.load_reward for spec forms)."""
 
-    spec: str | list[str] = ""  # module:function, path/file.py:function, reward-model folder,
-    # or http(s) URL; a list of reward-model folders: an ensemble (reward_models.robust)
+    spec: str | list[str] = ""  # module:function, file.py:function, reward-model folder or hub
+    # id, or http(s) URL; a list of reward models: an ensemble (reward_models.robust)
     weight: float = 1.0  # multiplier in the weighted sum
     name: str | None = None  # metric name (rewards/<name>/mean); default derived from spec
     style: Literal["trl", "verl", "openrlhf"] | None = None  # calling convention of the function

@@ -11,12 +11,42 @@ the same way, without touching the network.
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Literal
 
 from align.errors import DataError, ModelError
 
 PROBE_TIMEOUT_S = 5.0
 RepoType = Literal["model", "dataset"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_SKIPPED_WEIGHTS = ["*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.gguf",
+                    "original/*"]  # other frameworks' copies of the weights (transformers
+# reads safetensors or .bin); `original/` holds Meta's consolidated checkpoints
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a hub id `org/name` and names nothing on this machine (a
+    relative path that happens to have that shape, `runs/rm`, is a path where it exists)."""
+    return bool(_REPO_ID.fullmatch(name)) and not name.endswith(".py") and not Path(
+        name).expanduser().exists()
+
+
+def fetch_model(name: str, key: str) -> Path:
+    """The local folder of hub model `name` (checked with `require_hub`, then downloaded into
+    the Hugging Face cache, or read from it offline), for code that needs files on disk.
+
+    Raises:
+        ModelError: as `require_hub`.
+    """
+    from huggingface_hub import snapshot_download
+
+    require_hub(name, key)
+    try:
+        return Path(snapshot_download(name, ignore_patterns=_SKIPPED_WEIGHTS))
+    except Exception as exc:  # noqa: BLE001 - any failure of the download, said plainly
+        raise ModelError(f"{key}: fetching '{name}' from the Hugging Face Hub failed: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def offline() -> bool:

@@ -44,6 +44,7 @@ from align.data.sft import TokenizedExample
 from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
 from align.errors import ConfigError, ModelError, RewardError, did_you_mean
+from align.hub import fetch_model, is_repo_id
 from align.model_loading import load_model, load_tokenizer
 from align.packed_forward import head_outputs
 from reward_models.protocol import TRUNCATED_COLUMN
@@ -51,12 +52,25 @@ from reward_models.protocol import TRUNCATED_COLUMN
 SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
 
 
+def model_folder(source: str | Path, key: str = "reward model") -> Path:
+    """The reward-model folder on this machine: `source` itself, or for a hub id (`org/name`,
+    and nothing of that name here) its snapshot in the Hugging Face cache, fetched if need be
+    (`align.hub`), so each node of a cluster fetches its own copy.
+
+    Raises:
+        ModelError: a hub id that is neither cached nor reachable (named with `key`).
+    """
+    if is_repo_id(str(source)):
+        return fetch_model(str(source), key)
+    return Path(source).expanduser()
+
+
 def load_reward_model(path: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
     """Load a reward-model folder (a full model, or a LoRA adapter over a base) for inference.
 
     Args:
         path: a folder written by `align rm` (final/) or any Hugging Face sequence classifier
-            with one label.
+            with one label; or the hub id of one (see `model_folder`).
         dtype: `auto` (bf16 on a GPU that supports it, else fp32), `float32`, `bfloat16`,
             `float16`.
 
@@ -67,7 +81,7 @@ def load_reward_model(path: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
         ModelError: the folder is missing, or holds something other than a one-output
             sequence classifier (for example a causal LM).
     """
-    folder = Path(path).expanduser()
+    folder = model_folder(path)
     adapter = folder / "adapter_config.json"
     if not (folder / "config.json").is_file() and adapter.is_file():
         settings = json.loads(adapter.read_text())
@@ -320,18 +334,25 @@ class RewardModelScorer:
             raise
 
     @classmethod
-    def from_options(cls, path: Path, label: str, options: dict[str, Any]) -> RewardModelScorer:
-        """Build from a config entry: `path` the folder, `options` its spec ``kwargs``.
+    def from_options(cls, path: Path | str, label: str,
+                     options: dict[str, Any]) -> RewardModelScorer:
+        """Build from a config entry: `path` the folder (or a hub id), `options` its spec
+        ``kwargs``.
 
         Raises:
-            ConfigError: an unknown or ill-typed option (the closest valid one suggested).
+            ConfigError: an unknown or ill-typed option (the closest valid one suggested), or
+                a hub id that is neither cached nor reachable.
             RewardError: the folder does not hold a reward model.
         """
         _check_options(label, options)
         try:
-            if not (path / "adapter_config.json").is_file():
-                check_reward_model_config(path)  # fail before any actor starts
-            return cls(path, **options)
+            folder = model_folder(path, f"reward {label!r}")
+        except ModelError as err:  # a hub id not to be had: the config's spec is at fault
+            raise ConfigError(str(err)) from None
+        try:
+            if not (folder / "adapter_config.json").is_file():
+                check_reward_model_config(folder)  # fail before any actor starts
+            return cls(path, **options)  # a hub id stays one: each node fetches it
         except ModelError as err:
             raise RewardError(f"reward {label!r}: {err}") from None
 

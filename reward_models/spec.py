@@ -12,6 +12,7 @@ In YAML an entry is either a bare string or a mapping::
       - verl:rewards/gsm8k.py:compute_score               # a veRL-style function (prefix form)
       - {spec: rewards/orm.py:reward_func, style: openrlhf}   # an OpenRLHF one (mapping form)
       - runs/rm/final                                     # a trained reward-model folder
+      - Skywork/Skywork-Reward-V2-Qwen3-0.6B              # a reward model on the hub
       - https://rm.example.com/score                      # a JSON API
       - spec: [runs/rm-0/final, runs/rm-1/final]          # an ensemble: mean - k * std
         uncertainty_penalty: 1.0
@@ -32,7 +33,10 @@ module that happens to be called ``verl`` (``verl:fn``) is still read as a modul
 2. An existing directory: a trained reward-model folder (``config.json``, or
    ``adapter_config.json`` for a LoRA adapter), scored by a ``RewardModelScorer``; torch and
    Ray are imported only then.
-3. ``pkg.module:fn`` or ``path/to/file.py:fn``, adapted to its ``style`` (see style_adapters).
+3. A hub id ``org/name`` that names nothing on this machine: a reward model on the Hugging
+   Face Hub (``align.hub``: checked, then fetched into the local cache, by each process that
+   loads it; offline, read from the cache), scored like a folder.
+4. ``pkg.module:fn`` or ``path/to/file.py:fn``, adapted to its ``style`` (see style_adapters).
    ``pkg.module:fn`` imports the module normally; ``path/to/file.py:fn`` executes that one file
    (its folder is not put on ``sys.path``) as a private module, once per process. ``fn`` may be
    dotted (``module:Scorer.score``) to reach an attribute of an attribute.
@@ -60,6 +64,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from align.errors import AlignError, ConfigError, RewardError, did_you_mean
+from align.hub import is_repo_id
 from reward_models.http_reward import HttpReward
 from reward_models.protocol import LoadedReward
 from reward_models.style_adapters import adapt
@@ -383,6 +388,9 @@ def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
                 f"reward {spec.label!r}: folder {path} is not a reward model (no config.json); "
                 "point at the final/ folder a reward-model run saved, or at a file.py:function")
         return _reward_model(path, spec)
+    if is_repo_id(target) and not path.exists():
+        _refuse_style(spec, "a reward model")
+        return _reward_model(target, spec)
     if is_function_target(target):
         fn = load_callable(target, base_dir, spec.label)
         return adapt(fn, spec.style, spec.kwargs, spec.label)
@@ -393,7 +401,8 @@ def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
         )
     raise ConfigError(
         f"reward {spec.label!r}: cannot tell what this is; expected pkg.module:function, "
-        "path/to/file.py:function, a reward-model folder, or an http(s):// URL"
+        "path/to/file.py:function, a reward-model folder, a hub id (org/name), or an "
+        "http(s):// URL"
     )
 
 
@@ -414,8 +423,8 @@ def _http_reward(spec: RewardSpec) -> HttpReward:
     return HttpReward(spec.spec, **kwargs)
 
 
-def _reward_model(path: Path, spec: RewardSpec) -> Callable[..., Any]:
-    """A RewardModelScorer for a model folder; torch and Ray load only here."""
+def _reward_model(path: Path | str, spec: RewardSpec) -> Callable[..., Any]:
+    """A RewardModelScorer for a model folder or hub id; torch and Ray load only here."""
     from reward_models.reward_model import RewardModelScorer
 
     try:
