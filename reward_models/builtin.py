@@ -1,10 +1,12 @@
 """Built-in rule rewards, addressed as ``reward_models.builtin:<name>`` in a config.
 
-They follow the Reward protocol and suit the embedded arithmetic task (prompts ``Q: 23+58=``,
-completions `` 81``, integer answers 0..198 in the column ``answer``). A completion is cleaned
-before it is judged: text from the first end-of-sequence marker on (``</s>``, ``<|endoftext|>``,
-...) is dropped, then surrounding whitespace. Chat-format completions (a list of messages, as
-TRL passes in conversational mode) are judged by the last message's content.
+They follow the Reward protocol. Most suit the embedded arithmetic task (prompts ``Q: 23+58=``,
+completions `` 81``, integer answers 0..198 in the column ``answer``); ``math_answer`` judges
+the final answer of a worked solution against a math dataset's reference answer. A completion
+is cleaned before it is judged: text from the first end-of-sequence marker on (``</s>``,
+``<|endoftext|>``, ...) is dropped, then surrounding whitespace. Chat-format completions (a
+list of messages, as TRL passes in conversational mode) are judged by the last message's
+content.
 
 Parameters are set per config entry with ``kwargs``::
 
@@ -153,3 +155,90 @@ def overlong_penalty(
     free = max_length - soft_buffer
     return [0.0 if n <= free else (free - n) / soft_buffer if n <= max_length else -1.0
             for n in lengths]
+
+
+def math_answer(
+    prompts: list[str], completions: list[Any], answer: list[Any], **columns: Any
+) -> list[float | None]:
+    """1.0 where a completion's final answer equals the reference answer, else 0.0.
+
+    The final answer is the content of the completion's last ``\\boxed{...}``, else its last
+    number. The reference is a bare answer (``42``, ``$\\frac{1}{2}$``, ``Yes``) or a GSM8K
+    solution ending in ``#### 42``. Both are normalised (``$`` delimiters, spaces,
+    ``\\left``/``\\right``, ``\\dfrac``/``\\tfrac``, thousands separators, a final period,
+    case), and compare equal as text or, where both are numbers or integer fractions, by value.
+    A light string match, not a symbolic checker: ``x+1`` and ``1+x`` differ (plug a checker
+    such as math-verify in as a function of your own where that matters).
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated solutions (strings, or chat messages).
+        answer: The reference per sample (map a differently named column with
+            ``data.columns``, e.g. ``{answer: solution}``); None gives None.
+        **columns: Other columns, ignored.
+
+    Returns:
+        One value per sample.
+    """
+    results: list[float | None] = []
+    for completion, ref in zip(completions, answer):
+        if ref is None:
+            results.append(None)
+            continue
+        reference = str(ref).rpartition("####")[2]
+        given = final_answer(clean_completion(completion))
+        results.append(float(given is not None and same_answer(given, reference)))
+    return results
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}|(-?\d+)/(\d+)")
+
+
+def final_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), else the last number."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, begin = 0, start + len("\\boxed{")
+        for index in range(begin, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth < 0:
+                return text[begin:index]
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def same_answer(given: str, reference: str) -> bool:
+    """Whether two answers agree once normalised: as text, or by value for numbers."""
+    a, b = _normalise(given), _normalise(reference)
+    if a == b:
+        return True
+    x, y = _value(a), _value(b)
+    return x is not None and y is not None and abs(x - y) <= 1e-9 * max(1.0, abs(y))
+
+
+def _normalise(text: str) -> str:
+    text = text.strip().strip("$").strip()
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"),
+                     ("\\tfrac", "\\frac"), ("\\!", ""), (" ", "")):
+        text = text.replace(old, new)
+    text = text.rstrip(".")
+    if _NUMBER.fullmatch(text):
+        text = text.replace(",", "")
+    return text.lower()
+
+
+def _value(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _FRACTION.fullmatch(text)
+    if match is None:
+        return None
+    sign, top, bottom = ((match[1], match[2], match[3]) if match[2] is not None
+                         else ("", match[4], match[5]))
+    if int(bottom) == 0:
+        return None
+    return (-1 if sign else 1) * int(top) / int(bottom)
+

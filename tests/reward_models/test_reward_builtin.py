@@ -56,3 +56,25 @@ def test_length_penalty_defaults_and_kwargs_spec():
 def test_clean_completion():
     assert builtin.clean_completion(" 42 <|endoftext|>junk") == "42"
     assert builtin.clean_completion([]) == ""
+
+
+@pytest.mark.parametrize(("completion", "reference", "expected"), [
+    (r"so \boxed{\dfrac{1}{2}}.", r"$\frac{1}{2}$", 1.0),    # the last box, LaTeX normalised
+    (r"\boxed{0.5}", r"$\frac{1}{2}$", 1.0),                  # a fraction by value
+    (r"\boxed{-\frac{3}{4}}", "-0.75", 1.0),
+    (r"first \boxed{3}, then \boxed{4}", "4", 1.0),           # the last box counts
+    (r"\boxed{\{1, 2\}}", r"$\{1,2\}$", 1.0),                 # nested braces kept whole
+    ("She sold 1,000 in all.", "Natalia sold 48/2 = 24 clips... #### 1000", 1.0),  # GSM8K
+    (r"\boxed{Yes}", "yes", 1.0),
+    ("The answer is 71.", "#### 72", 0.0),
+    ("no number at all", "3", 0.0),
+    (r"\boxed{1+x}", "$x+1$", 0.0),                           # text match, not symbolic
+    ([{"role": "assistant", "content": r"\boxed{7}<|im_end|>"}], "7", 1.0),  # chat format
+])
+def test_math_answer(completion, reference, expected):
+    assert builtin.math_answer([""], [completion], [reference]) == [expected]
+
+
+def test_math_answer_through_a_spec_with_missing_references():
+    reward = load_reward("reward_models.builtin:math_answer")
+    assert reward(["p", "q"], [r"\boxed{2}", "2"], answer=["2", None]) == [1.0, None]
