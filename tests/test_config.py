@@ -129,6 +129,30 @@ def test_model_configs_are_sized_for_gpus(path):
     assert gpus <= NODE_GPUS
 
 
+# docs/gpu.md's overrides for 1 and 16 GPUs, per config file.
+ONE_GPU = ["distributed.num_workers=1", "distributed.zero_stage=0"]
+GPU_OVERRIDES = {
+    ("sft", 1): ONE_GPU, ("rm", 1): ONE_GPU, ("dpo", 1): ONE_GPU,
+    ("grpo", 1): [*ONE_GPU, "rollout.vllm.num_engines=1"],
+    ("ppo", 1): [*ONE_GPU, "rollout.vllm.num_engines=1", "distributed.gpus_per_worker=0.4",
+                 "critic.num_workers=1", "rewards.0.kwargs.num_workers=1",
+                 "rewards.0.kwargs.gpus_per_worker=0.2"],
+    ("sft", 16): ["distributed.num_workers=16"], ("rm", 16): ["distributed.num_workers=16"],
+    ("dpo", 16): ["distributed.num_workers=16"],
+    ("grpo", 16): ["distributed.num_workers=16", "rollout.vllm.num_engines=16",
+                   "rollout.prompts_per_step=128"],
+    ("ppo", 16): ["distributed.num_workers=8", "rollout.vllm.num_engines=8",
+                  "critic.num_workers=4", "rewards.0.kwargs.num_workers=4"],
+}
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("gpus", [1, 16])
+def test_the_documented_gpu_overrides_validate(path, gpus):
+    stage = path.read_text().splitlines()[0].split()[2]
+    load_stage_config(stage, path, GPU_OVERRIDES[path.stem, gpus])
+
+
 @pytest.mark.parametrize(("overrides", "named"), [
     (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing"),
     (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "dpo.loss_type"),
