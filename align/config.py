@@ -78,7 +78,7 @@ class DataConfig:
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
     columns: dict[str, str] = field(default_factory=dict)  # ours: theirs, e.g. {prompt: question}
-    cache: bool = True  # reuse prepared (tokenised) data from the cache when nothing changed
+    cache: bool = True  # keep prepared (tokenised) data on disk and reuse it while unchanged
     cache_dir: str | None = None  # prepared data; None: $ALIGN_DATA_CACHE, ~/.cache/align/data
     num_proc: int = 0  # processes preparing data; 0: one per 20k rows, at most one per core
 
