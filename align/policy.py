@@ -180,6 +180,13 @@ class Policy:
             return [_to_cpu(fn(module, self._on_device(batch), **kwargs))
                     for batch in micro_batches]
 
+    def held_tensor_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank's engine holds (see
+        `align.engine_memory`)."""
+        from align.engine_memory import held_tensor_bytes
+
+        return held_tensor_bytes(self.engine)
+
     def check_packing(self) -> dict[str, Any]:
         """Whether packed forwards of this model equal separate ones (see
         `align.packed_forward.check_packing`); call on every rank at once."""

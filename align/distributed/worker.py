@@ -119,6 +119,9 @@ class PolicyWorker(BaseWorker):
     def check_packing(self) -> dict[str, Any]:
         return self.policy.check_packing()
 
+    def held_tensor_bytes(self) -> dict[str, int]:
+        return self.policy.held_tensor_bytes()
+
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
         return self.policy.generate(prompts, sampling)
 

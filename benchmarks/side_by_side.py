@@ -1,0 +1,243 @@
+"""Shared pieces of the align-against-TRL benchmarks: models, data, alternation, peak RSS.
+
+Each stage script (`sft_vs_trl.py`, `rm_vs_trl.py`, `dpo_vs_trl.py`, `grpo_vs_trl.py`) defines
+`write_data`, `run_align` and `run_trl` for its stage and hands them to `stage_main`. The parent
+process saves the model and the data once, then runs align and TRL alternately (A B A B), each
+run in a fresh subprocess of the same script (`--child align|trl`), so that start-up state,
+caches and peak memory never carry over between runs.
+
+Throughput is measured the same way for both tools: samples per second over optimizer steps
+2..N (step 1, with its one-time warm-up, is left out). align's per-step times are the
+`step_seconds` it logs in metrics.jsonl; TRL's are the intervals between its `on_step_end`
+callbacks. Peak RSS is the largest sum of resident memory over the child's whole process tree
+(for align that includes Ray's own processes and its worker actors), sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODELS = ("embedded", "h256")
+TOOLS = ("align", "trl")
+
+
+@dataclass
+class RunSpec:
+    """What one run of either tool gets: identical for align and TRL."""
+
+    stage: str  # sft, rm, dpo, dpo_lora, grpo
+    model_dir: str  # a saved causal LM with its tokenizer
+    data: str  # JSONL rows of the stage's shape
+    out: str  # this run's output folder
+    steps: int  # optimizer steps
+    batch: int  # samples per optimizer step (GRPO: completions)
+    max_length: int = 32  # tokens per example (prompt + completion)
+    lora: bool = False  # LoRA (r 8, alpha 16, all linear layers) instead of full training
+    bf16: bool = False  # bf16 on a GPU; fp32 otherwise
+    vllm: bool = False  # GRPO: generate with vLLM (GPU runs only)
+
+
+def save_model(kind: str, folder: Path) -> Path:
+    """Save the `embedded` model or the `h256` Llama (hidden 256, 4 layers, 4 heads, on the
+    embedded tokenizer) with its tokenizer; returns the folder."""
+    from align.config import EmbeddedModelConfig, ModelConfig
+    from align.model_loading import load_model, load_tokenizer
+
+    if kind == "embedded":
+        cfg = ModelConfig()
+    elif kind == "h256":
+        cfg = ModelConfig(embedded=EmbeddedModelConfig(
+            hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024))
+    else:
+        raise ValueError(f"unknown model '{kind}': choose from {', '.join(MODELS)}")
+    tokenizer = load_tokenizer(cfg)
+    model_dir = folder / f"model-{kind}"
+    load_model(cfg, tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def task_config(num: int) -> Any:
+    """Arithmetic task settings with `num` training rows and `num` preference pairs."""
+    from align.config import TaskConfig
+
+    return TaskConfig(num_train=num, num_pairs=num)
+
+
+def align_overrides(spec: RunSpec) -> list[str]:
+    """The config overrides every align run shares: model, data, steps, batch, fp32/bf16."""
+    return [f"output_dir={spec.out}", f"model.name_or_path={spec.model_dir}",
+            f"data.train={spec.data}", f"data.max_length={spec.max_length}",
+            f"model.dtype={'bfloat16' if spec.bf16 else 'float32'}",
+            f"model.lora.enabled={str(spec.lora).lower()}", f"trainer.max_steps={spec.steps}",
+            "trainer.scheduler=constant", "trainer.log_every=1", "eval.exact_match=false"]
+
+
+def align_step_seconds(out: str | Path) -> list[float]:
+    """Wall times of steps 2..N, as align logged them in `out/metrics.jsonl` (log_every=1)."""
+    from align.tracking import read_metrics
+
+    return [r["step_seconds"] for r in read_metrics(Path(out) / "metrics.jsonl")
+            if "step_seconds" in r][1:]
+
+
+def trl_common_args(spec: RunSpec) -> dict[str, Any]:
+    """TrainingArguments every TRL run shares (bf16 off unless asked: TRL defaults to it)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return dict(output_dir=spec.out, max_steps=spec.steps, lr_scheduler_type="constant",
+                bf16=spec.bf16, fp16=False, use_cpu=not spec.bf16, report_to=[],
+                logging_steps=10_000, save_strategy="no", dataloader_num_workers=0,
+                seed=42)
+
+
+def trl_lora_config(spec: RunSpec) -> Any:
+    if not spec.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+def train_trl(trainer: Any) -> list[float]:
+    """Train a TRL trainer; returns the intervals between consecutive optimizer-step ends
+    (the wall times of steps 2..N)."""
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ends.append(time.perf_counter())
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def samples_per_second(step_seconds: list[float], batch: int) -> float:
+    """Samples/s over the timed steps; raises when there are none (run at least 2 steps)."""
+    if not step_seconds or sum(step_seconds) <= 0:
+        raise RuntimeError("no timed steps: step 1 is not timed, run at least 2 steps")
+    return batch * len(step_seconds) / sum(step_seconds)
+
+
+# ------------------------------------------------------------------ subprocess runs
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[str, float]:
+    """Run one tool in a fresh `python script --child tool`; returns its samples/s and the
+    peak RSS (MB) of its process tree."""
+    cmd = [sys.executable, script, "--child", tool, "--spec", json.dumps(asdict(spec))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.2):
+            peak = max(peak, _tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    done.set()
+    sampler.join()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{\"samples_per_s\"")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{tool} {spec.stage} run failed (exit {proc.returncode}):\n"
+                           f"{stderr[-3000:]}")
+    return {"samples_per_s": json.loads(lines[-1])["samples_per_s"], "peak_rss_mb": peak / 2**20}
+
+
+def compare(script: str, stage: str, model: str, write_data: Callable[[Path, int], Path],
+            steps: int, batch: int, repeats: int, timeout_s: float = 900.0,
+            **spec_kwargs: Any) -> dict[str, Any]:
+    """Alternate align and TRL `repeats` times each on one model; returns the JSON line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model_dir = save_model(model, folder)
+        data = write_data(folder, steps * batch)
+        results: dict[str, list[dict[str, float]]] = {tool: [] for tool in TOOLS}
+        for r in range(repeats):
+            for tool in TOOLS:  # A B A B: drift of the shared host hits both alike
+                spec = RunSpec(stage=stage, model_dir=str(model_dir), data=str(data),
+                               out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
+                               **spec_kwargs)
+                results[tool].append(run_child(script, tool, spec, timeout_s))
+    sps = {t: statistics.median(x["samples_per_s"] for x in results[t]) for t in TOOLS}
+    rss = {t: max(x["peak_rss_mb"] for x in results[t]) for t in TOOLS}
+    return {"stage": stage, "model": model,
+            "align_samples_per_s": round(sps["align"], 2),
+            "trl_samples_per_s": round(sps["trl"], 2),
+            "ratio": round(sps["align"] / sps["trl"], 3) if sps["trl"] else None,
+            "align_peak_rss_mb": round(rss["align"]), "trl_peak_rss_mb": round(rss["trl"])}
+
+
+def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
+               write_data: Callable[[Path, int], Path],
+               runners: dict[str, Callable[[RunSpec], list[float]]]) -> None:
+    """Command line of a stage script: the comparison, or (`--child`) one run of one tool."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
+    parser.add_argument("--stage", choices=stages, default=stages[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    parser.add_argument("--batch", type=int, default=default_batch, help="samples per step")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each tool (A B A B)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
+    parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
+    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = RunSpec(**json.loads(args.spec))
+        seconds = runners[args.child](spec)
+        print(json.dumps({"samples_per_s": samples_per_second(seconds, spec.batch)}))
+        return
+    for model in args.models.split(","):
+        line = compare(script, args.stage, model, write_data, args.steps, args.batch,
+                       args.repeats, lora=args.stage.endswith("_lora"), bf16=args.bf16,
+                       vllm=args.vllm)
+        print(json.dumps(line), flush=True)
