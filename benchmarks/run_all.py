@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override every stage's batch")
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
     parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
+    parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
     args = parser.parse_args()
     lines = []
     for stage in args.stages.split(","):
@@ -56,7 +57,8 @@ def main() -> None:
         for model in args.models.split(","):
             line = compare(str(HERE / script), stage, model, write_data, args.steps,
                            args.batch or batch, args.repeats, lora=stage.endswith("_lora"),
-                           bf16=args.bf16, vllm=args.vllm and stage == "grpo")
+                           bf16=args.bf16, vllm=args.vllm and stage == "grpo",
+                           ray_address=args.ray_address)
             print(json.dumps(line), flush=True)
             lines.append(line)
     print("\n" + markdown_table(lines))

@@ -10,7 +10,9 @@ Throughput is measured the same way for both tools: samples per second over opti
 2..N (step 1, with its one-time warm-up, is left out). align's per-step times are the
 `step_seconds` it logs in metrics.jsonl; TRL's are the intervals between its `on_step_end`
 callbacks. Peak RSS is the largest sum of resident memory over the child's whole process tree
-(for align that includes Ray's own processes and its worker actors), sampled every 0.2 s.
+(for align that includes Ray's own processes and its worker actors), sampled every 0.2 s;
+with `--ray-address` (align joins a running Ray, as the smoke test does to start faster) the
+cluster's processes are not the child's and are left out.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RunSpec:
     lora: bool = False  # LoRA (r 8, alpha 16, all linear layers) instead of full training
     bf16: bool = False  # bf16 on a GPU; fp32 otherwise
     vllm: bool = False  # GRPO: generate with vLLM (GPU runs only)
+    ray_address: str | None = None  # align joins this Ray cluster instead of starting one
 
 
 def save_model(kind: str, folder: Path) -> Path:
@@ -86,7 +89,8 @@ def task_config(num: int) -> Any:
 
 def align_overrides(spec: RunSpec) -> list[str]:
     """The config overrides every align run shares: model, data, steps, batch, fp32/bf16."""
-    return [f"output_dir={spec.out}", f"model.name_or_path={spec.model_dir}",
+    joined = [f"distributed.ray_address={spec.ray_address}"] if spec.ray_address else []
+    return [*joined, f"output_dir={spec.out}", f"model.name_or_path={spec.model_dir}",
             f"data.train={spec.data}", f"data.max_length={spec.max_length}",
             f"model.dtype={'bfloat16' if spec.bf16 else 'float32'}",
             f"model.lora.enabled={str(spec.lora).lower()}", f"trainer.max_steps={spec.steps}",
@@ -228,6 +232,7 @@ def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tool (A B A B)")
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
     parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
+    parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,5 +244,5 @@ def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
     for model in args.models.split(","):
         line = compare(script, args.stage, model, write_data, args.steps, args.batch,
                        args.repeats, lora=args.stage.endswith("_lora"), bf16=args.bf16,
-                       vllm=args.vllm)
+                       vllm=args.vllm, ray_address=args.ray_address)
         print(json.dumps(line), flush=True)

@@ -68,12 +68,13 @@ def main() -> None:
     parser.add_argument("--stages", default="0,2,3", help="comma-separated ZeRO stages")
     parser.add_argument("--workers", default="1,2", help="comma-separated world sizes")
     parser.add_argument("--seq", type=int, default=16, help="tokens per row")
+    parser.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     args = parser.parse_args()
     from side_by_side import save_model
 
     from align.distributed import ensure_ray
 
-    ensure_ray(None)
+    ensure_ray(args.ray_address)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(args.model, Path(tmp))

@@ -1,0 +1,59 @@
+"""Each benchmark script runs end to end on a few steps of a tiny setting (no timings checked).
+
+The scripts run as users run them, in subprocesses with the repository on PYTHONPATH; align's
+runs join this test session's Ray (`--ray-address`) instead of starting their own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+LINE_KEYS = {"stage", "model", "align_samples_per_s", "trl_samples_per_s", "ratio",
+             "align_peak_rss_mb", "trl_peak_rss_mb"}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> list[dict]:
+    """Run a benchmark script; returns the JSON objects it printed, one per line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--ray-address", address],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_run_all_prints_a_line_per_stage_and_model_then_a_table(ray_local):
+    out = _run("run_all.py", "--stages", "sft,rm,dpo_lora,grpo", "--models", "embedded",
+               "--steps", "2", "--repeats", "1", "--batch", "8")
+    assert [(line["stage"], line["model"]) for line in out] == [
+        ("sft", "embedded"), ("rm", "embedded"), ("dpo_lora", "embedded"),
+        ("grpo", "embedded")]
+    for line in out:
+        assert set(line) == LINE_KEYS
+        assert line["align_samples_per_s"] > 0 and line["trl_samples_per_s"] > 0
+        assert line["trl_peak_rss_mb"] > 0
+
+
+def test_mfu_reports_peak_and_utilisation(ray_local):
+    (out,) = _run("mfu.py", "--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2",
+                  "--steps", "2", "--matmul-size", "128")
+    assert out["peak_gflops"] > 0 and 0 < out["mfu"]
+    assert out["tokens_per_step"] == 64 and out["parameters"] > 0
+
+
+def test_zero_memory_partitions_optimizer_state_over_two_workers(ray_local):
+    out = _run("zero_memory.py", "--model", "h256", "--stages", "2", "--workers", "1,2")
+    one, two = out
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert two["optimizer_mb"] < 0.6 * one["optimizer_mb"]  # moments and master split in two
+    assert two["parameters_mb"] == one["parameters_mb"]  # ZeRO-2 keeps whole parameters
