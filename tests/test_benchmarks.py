@@ -18,7 +18,10 @@ BENCH = ROOT / "benchmarks"
 LINE_KEYS = {"stage", "model", "align_samples_per_s", "trl_samples_per_s", "ratio",
              "align_peak_rss_mb", "trl_peak_rss_mb"}
 
-pytestmark = pytest.mark.slow
+# About 200 s on 2 cores (each script run starts its own processes): CI runs it
+# (`.ci/run` sets ALIGN_TEST_FULL=1), `make test` leaves it out to stay within 15 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("ALIGN_TEST_FULL") != "1", reason="ALIGN_TEST_FULL=1 runs it")]
 
 
 def _run(script: str, *args: str, timeout: float = 300) -> list[dict]:
