@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ def prepare_source(source: str, split: str, columns: dict[str, str], tokenizer: 
 def prepare_rows(rows: list[dict], tokenizer: Any, encoder: RowEncoder,
                  source: str) -> datasets.Dataset:
     """`rows` already in memory, encoded in this process into an in-memory dataset."""
-    parts = [_encode_rows(iter(rows[start:start + CHUNK]), start + 1, tokenizer, encoder,
+    parts = [_encode_rows(rows[start:start + CHUNK], start + 1, tokenizer, encoder,
                           source) for start in range(0, len(rows), CHUNK)]
     columns = {name: [value for part in parts for value in part[name]]
                for name in encoder.features}
@@ -219,7 +219,7 @@ def _encode_into(folder: Path, raw: datasets.Dataset | list[dict], source: str,
         rows = sources.rename_columns(raw, columns, source)
         with ArrowWriter(features=features, path=str(folder / "prepared.arrow")) as writer:
             for start in range(0, len(rows), CHUNK):
-                writer.write_batch(_encode_rows(iter(rows[start:start + CHUNK]), start + 1,
+                writer.write_batch(_encode_rows(rows[start:start + CHUNK], start + 1,
                                                 tokenizer, encoder, source))
             writer.finalize()
         return ["prepared.arrow"]
@@ -261,13 +261,13 @@ def _encode_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any,
                   encoder: RowEncoder, source: str) -> dict[str, list]:
     """`map` function: one batch of Arrow rows, encoded (row numbers are 1-based)."""
     names = list(batch)
-    rows = (_plain({name: batch[name][i] for name in names}) for i in range(len(indices)))
+    rows = [_plain({name: batch[name][i] for name in names}) for i in range(len(indices))]
     return _encode_rows(rows, indices[0] + 1, tokenizer, encoder, source)
 
 
-def _encode_rows(rows: Iterator[dict], first: int, tokenizer: Any, encoder: RowEncoder,
+def _encode_rows(rows: list[dict], first: int, tokenizer: Any, encoder: RowEncoder,
                  source: str) -> dict[str, list]:
-    return encoder.encode(list(rows), tokenizer, source, first, **encoder.settings)
+    return encoder.encode(rows, tokenizer, source, first, **encoder.settings)
 
 
 def _plain(value: Any) -> Any:
