@@ -93,6 +93,8 @@ class TaskConfig:
     num_pairs: int = 20000  # preference pairs (reward model, DPO) from the training operands
     num_eval: int = 500  # held-out prompts for exact-match accuracy
     carry_drop_prob: float = 0.65  # chance a demonstration drops the carry (imperfect labels)
+    # `demonstrator`: dropped carry, else off by 1-3; `symmetric`: tens off by one either way
+    pair_errors: Literal["demonstrator", "symmetric"] = "demonstrator"  # rejected answers' errors
 
 
 @dataclass

@@ -21,7 +21,7 @@ PIPELINE: list[tuple[str, str, str, list[str]]] = [
     ("sft", "sft", "sft.yaml", []),
     ("rm", "rm", "rm.yaml", ["model.name_or_path={out}/sft/final"]),
     ("grpo", "ppo", "grpo.yaml", ["model.name_or_path={out}/sft/final"]),
-    ("ppo_rm", "ppo", "ppo_rm.yaml", ["model.name_or_path={out}/sft/final",
+    ("ppo_rm", "ppo", "ppo_rm_anchored.yaml", ["model.name_or_path={out}/sft/final",
                                       "rewards.0.spec={out}/rm/final"]),
     ("dpo", "dpo", "dpo.yaml", ["model.name_or_path={out}/sft/final"]),
 ]

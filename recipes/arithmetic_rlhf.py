@@ -2,8 +2,9 @@
 
     python recipes/arithmetic_rlhf.py --output-dir runs/recipe [key=value ...]
 
-SFT on imperfect demonstrations -> a reward model on preference pairs -> PPO against that reward
-model (with the exact-match gold reward logged beside it) -> and, from the same SFT model, DPO.
+SFT on imperfect demonstrations -> a reward model on preference pairs whose rejected answers miss
+the tens digit either way (`rm_symmetric.yaml`) -> PPO against that reward model alone (with the
+exact-match gold reward logged beside it, never trained on) -> and, from the same SFT model, DPO.
 Each stage is one YAML from configs/arithmetic/, pointed at the previous stage's `final/`.
 Copy this file and swap in your own configs to build your pipeline.
 """
@@ -22,7 +23,7 @@ def main() -> None:
     sft = run("sft", "arithmetic/sft.yaml", out / "sft", **extra)
     sft_model = f"model.name_or_path={out / 'sft' / 'final'}"
 
-    rm = run("rm", "arithmetic/rm.yaml", out / "rm", sft_model, **extra)
+    rm = run("rm", "arithmetic/rm_symmetric.yaml", out / "rm", sft_model, **extra)
 
     ppo = run("ppo", "arithmetic/ppo_rm.yaml", out / "ppo_rm", sft_model,
               f"rewards.0.spec={out / 'rm' / 'final'}", **extra)

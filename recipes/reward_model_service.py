@@ -35,7 +35,7 @@ def main() -> None:
     server = RewardModelServer(("127.0.0.1", 0), out / "rm" / "final")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        ppo = run("ppo", "arithmetic/ppo_rm.yaml", out / "ppo_http", sft_model,
+        ppo = run("ppo", "arithmetic/ppo_rm_anchored.yaml", out / "ppo_http", sft_model,
                   f"rewards.0.spec={server.url}", "rewards.0.kwargs={}", **extra)
     finally:
         server.shutdown()

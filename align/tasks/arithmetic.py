@@ -74,12 +74,16 @@ def rl_rows(cfg: TaskConfig, num: int) -> list[dict]:
 def preference_rows(cfg: TaskConfig, num: int) -> list[dict]:
     """`num` pairs `{prompt, chosen, rejected}`: the true sum against a plausible wrong one.
 
-    Rejected answers are the demonstrator's typical mistake (dropped carry) where the sum
-    carries, and otherwise an off-by-one-to-three answer.
+    With `pair_errors: demonstrator` rejected answers are the demonstrator's typical mistake
+    (dropped carry) where the sum carries, and otherwise an off-by-one-to-three answer; every
+    wrong tens digit is then lower than the true one, a shortcut a reward model learns in place
+    of the carry ("the higher answer wins", which a policy exploits by carrying everywhere).
+    With `symmetric`, half the rejected answers have the tens digit off by one in either
+    direction (a dropped or a spurious carry) and half are off by one to three.
     """
     train, _ = split_pairs(cfg)
     rng = random.Random(cfg.seed + 3)
-    return [_preference_row(*rng.choice(train), rng) for _ in range(num)]
+    return [_preference_row(*rng.choice(train), rng, cfg.pair_errors) for _ in range(num)]
 
 
 def held_out_preference_rows(cfg: TaskConfig) -> list[dict]:
@@ -87,12 +91,14 @@ def held_out_preference_rows(cfg: TaskConfig) -> list[dict]:
     `preference_rows`: pairwise accuracy on sums never seen in training."""
     _, held_out = split_pairs(cfg)
     rng = random.Random(cfg.seed + 4)
-    return [_preference_row(a, b, rng) for a, b in held_out]
+    return [_preference_row(a, b, rng, cfg.pair_errors) for a, b in held_out]
 
 
-def _preference_row(a: int, b: int, rng: random.Random) -> dict:
+def _preference_row(a: int, b: int, rng: random.Random, errors: str) -> dict:
     true = a + b
-    if carries(a, b) and rng.random() < 0.5:
+    if errors == "symmetric" and rng.random() < 0.5:
+        wrong = true + rng.choice([-10, 10])
+    elif errors == "demonstrator" and carries(a, b) and rng.random() < 0.5:
         wrong = true - 10
     else:
         wrong = true + rng.choice([-3, -2, -1, 1, 2, 3])

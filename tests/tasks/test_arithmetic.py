@@ -52,6 +52,31 @@ def test_preference_pairs_prefer_the_true_sum():
         assert int(row["rejected"]) != a + b and int(row["rejected"]) >= 0
 
 
+def _tens_errors(rows: list[dict]) -> tuple[int, int, int]:
+    """(rejected = true - 10, rejected = true + 10, on sums without a carry: true - 10)."""
+    lower = higher = lower_no_carry = 0
+    for row in rows:
+        a, b = operands(row["prompt"])
+        delta = int(row["rejected"]) - (a + b)
+        lower += delta == -10
+        higher += delta == 10
+        lower_no_carry += delta == -10 and not arithmetic.carries(a, b)
+    return lower, higher, lower_no_carry
+
+
+def test_demonstrator_pairs_reject_only_dropped_carries():
+    lower, higher, lower_no_carry = _tens_errors(arithmetic.preference_rows(TaskConfig(), 2000))
+    assert lower > 300 and higher == 0 and lower_no_carry == 0
+
+
+def test_symmetric_pairs_reject_tens_errors_both_ways():
+    rows = arithmetic.preference_rows(TaskConfig(pair_errors="symmetric"), 2000)
+    lower, higher, lower_no_carry = _tens_errors(rows)
+    assert 400 < lower < 600 and 400 < higher < 600 and lower_no_carry > 150
+    held = arithmetic.held_out_preference_rows(TaskConfig(pair_errors="symmetric"))
+    assert _tens_errors(held)[1] > 50
+
+
 def test_exact_match():
     assert arithmetic.is_correct(" 81", "81")
     assert arithmetic.is_correct("81 ", "81")
