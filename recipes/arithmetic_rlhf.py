@@ -3,8 +3,10 @@
     python recipes/arithmetic_rlhf.py --output-dir runs/recipe [key=value ...]
 
 SFT on imperfect demonstrations -> a reward model on preference pairs whose rejected answers miss
-the tens digit either way (`rm_symmetric.yaml`) -> PPO against that reward model alone (with the
-exact-match gold reward logged beside it, never trained on) -> and, from the same SFT model, DPO.
+the tens digit either way, plus pairs mined from the SFT policy's own samples (`rm_mined.yaml`:
+with the default seed, a model trained without the mined pairs never learnt the carry and PPO
+exploited it) -> PPO against that reward model alone (with the exact-match gold reward logged
+beside it, never trained on) -> and, from the same SFT model, DPO.
 Each stage is one YAML from configs/arithmetic/, pointed at the previous stage's `final/`.
 Copy this file and swap in your own configs to build your pipeline.
 """
@@ -23,7 +25,8 @@ def main() -> None:
     sft = run("sft", "arithmetic/sft.yaml", out / "sft", **extra)
     sft_model = f"model.name_or_path={out / 'sft' / 'final'}"
 
-    rm = run("rm", "arithmetic/rm_symmetric.yaml", out / "rm", sft_model, **extra)
+    rm = run("rm", "arithmetic/rm_mined.yaml", out / "rm", sft_model,
+             f"mining.policy={out / 'sft' / 'final'}", **extra)
 
     ppo = run("ppo", "arithmetic/ppo_rm.yaml", out / "ppo_rm", sft_model,
               f"rewards.0.spec={out / 'rm' / 'final'}", **extra)

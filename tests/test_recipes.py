@@ -53,7 +53,10 @@ def test_full_pipeline_recipe_wires_each_stage_to_the_last(tmp_path, monkeypatch
     assert sft.output_dir == str(tmp_path / "sft") and sft.trainer.max_steps == 2
     assert rm.model.name_or_path == ppo.model.name_or_path == dpo.model.name_or_path == sft_final
     assert ppo.rewards[0].spec == str(tmp_path / "rm" / "final")
-    assert rm.task.pair_errors == "symmetric" and ppo.rewards[0].normalize
+    assert rm.task.pair_errors == "symmetric" and rm.mining.policy == sft_final
+    assert rm.mining.repeat == 4  # the mined pairs weighted as measured (rm_mined.yaml)
+    assert ppo.rewards[0].normalize and not any(r.spec.startswith("reward_models.builtin")
+                                                for r in ppo.rewards)  # learned rewards only
     assert ppo.rollout.prompts_per_step == 4  # a scoped override reaches its run alone
     assert "PPO(RM)  held-out exact match  50.0%" in out
 
