@@ -7,9 +7,13 @@ one, appends `</s>` to every text otherwise).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from align.errors import DataError, ModelError
+
+# Normalizers that leave ASCII text unchanged.
+UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -23,10 +27,17 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """`encode` of each text, in one batched call of a fast tokenizer's backend."""
-    backend = plain_backend(tokenizer)
-    if backend is None:
+    """`encode` of each text, in one batched call of a fast tokenizer's backend.
+
+    Where the backend's normalizer only applies Unicode normal forms (NFC, NFKC, ...), which
+    leave ASCII text as it is, a batch of ASCII texts skips it (a tenth of the encoding time).
+    """
+    backends = _backends(tokenizer)
+    if backends is None:
         return [encode(tokenizer, text) for text in texts]
+    backend, ascii_only = backends
+    if ascii_only is not None and all(text.isascii() for text in texts):
+        backend = ascii_only
     batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
     return [encoding.ids for encoding in batch(texts, add_special_tokens=False)]
 
@@ -35,21 +46,48 @@ def plain_backend(tokenizer: Any) -> Any:
     """A fast tokenizer's Rust backend set as `tokenizer(text)` sets it for one text (no
     truncation, no padding, special tokens split or not as the tokenizer says), copied once
     and kept on the tokenizer; None for a slow (Python) tokenizer."""
-    cached = tokenizer.__dict__.get("_plain_backend")
+    backends = _backends(tokenizer)
+    return None if backends is None else backends[0]
+
+
+def _backends(tokenizer: Any) -> tuple[Any, Any] | None:
+    """`plain_backend`, and a copy of it without its normalizer where that normalizer leaves
+    ASCII text unchanged (else None); None for a slow tokenizer."""
     split = bool(getattr(tokenizer, "split_special_tokens", False))
+    cached = tokenizer.__dict__.get("_plain_backends")
     if cached is not None and cached[0] == split:
         return cached[1]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
+    body = backend.to_str()
+    ascii_only = None
+    if _only_unicode_forms(json.loads(body).get("normalizer")):
+        ascii_only = _plain_copy(body, split)
+        ascii_only.normalizer = None
+    backends = (_plain_copy(body, split), ascii_only)
+    tokenizer.__dict__["_plain_backends"] = (split, backends)
+    return backends
+
+
+def _plain_copy(body: str, split: bool) -> Any:
     from tokenizers import Tokenizer
 
-    plain = Tokenizer.from_str(backend.to_str())
+    plain = Tokenizer.from_str(body)
     plain.no_truncation()
     plain.no_padding()
     plain.encode_special_tokens = split
-    tokenizer.__dict__["_plain_backend"] = (split, plain)
     return plain
+
+
+def _only_unicode_forms(normalizer: dict | None) -> bool:
+    """Whether a serialised normalizer is a (sequence of) Unicode normal form(s)."""
+    if normalizer is None:
+        return False
+    if normalizer.get("type") == "Sequence":
+        parts = normalizer.get("normalizers") or []
+        return bool(parts) and all(_only_unicode_forms(part) for part in parts)
+    return normalizer.get("type") in UNICODE_FORMS
 
 
 def eos_token_id(tokenizer: Any) -> int:
