@@ -113,6 +113,7 @@ class TrainerConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     adam_eps: float = 1e-8  # AdamW epsilon
+    fused_adam: bool = False  # torch's fused AdamW kernel (CPU and CUDA): see docs/performance.md
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
     warmup_steps: int = 0  # linear warmup steps (overrides warmup_ratio when > 0)
     warmup_ratio: float = 0.0  # warmup as a fraction of total steps

@@ -111,6 +111,7 @@ def main() -> None:
             f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.batch}",
             f"trainer.micro_batch_size={args.batch}", "trainer.scheduler=constant",
             "trainer.log_every=1", "eval.exact_match=false", "distributed.num_workers=1",
+            "trainer.fused_adam=true",
             *([f"distributed.ray_address={args.ray_address}"] if args.ray_address else [])])
         SFTTrainer(cfg, show_progress=False).fit()
         seconds = statistics.median(align_step_seconds(folder / "run"))

@@ -88,13 +88,15 @@ def task_config(num: int) -> Any:
 
 
 def align_overrides(spec: RunSpec) -> list[str]:
-    """The config overrides every align run shares: model, data, steps, batch, fp32/bf16."""
+    """The config overrides every align run shares: model, data, steps, batch, fp32/bf16, and
+    the optimizer kernel TRL uses (`adamw_torch_fused`)."""
     joined = [f"distributed.ray_address={spec.ray_address}"] if spec.ray_address else []
     return [*joined, f"output_dir={spec.out}", f"model.name_or_path={spec.model_dir}",
             f"data.train={spec.data}", f"data.max_length={spec.max_length}",
             f"model.dtype={'bfloat16' if spec.bf16 else 'float32'}",
             f"model.lora.enabled={str(spec.lora).lower()}", f"trainer.max_steps={spec.steps}",
-            "trainer.scheduler=constant", "trainer.log_every=1", "eval.exact_match=false"]
+            "trainer.scheduler=constant", "trainer.log_every=1", "eval.exact_match=false",
+            "trainer.fused_adam=true"]  # TRL's default optimizer is torch's fused AdamW too
 
 
 def align_step_seconds(out: str | Path) -> list[float]:

@@ -55,9 +55,11 @@ TOLERANCE = 1e-5  # relative
 class ProbeWorker(PolicyWorker):
     def engine_facts(self) -> dict[str, Any]:
         engine = self.policy.engine
+        torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
         return {"zero_stage": engine.zero_optimization_stage(),
                 "offload": bool(engine.zero_cpu_offload()),
-                "accumulation": engine.gradient_accumulation_steps()}
+                "accumulation": engine.gradient_accumulation_steps(),
+                "fused": torch_optimizer.param_groups[0]["fused"]}
 
 
 @dataclasses.dataclass
@@ -169,19 +171,22 @@ def groups():
         group.shutdown()
 
 
-def one_step(groups, case: Case, split: tuple, grad_clip: float) -> tuple[float, torch.Tensor]:
+def one_step(groups, case: Case, split: tuple, grad_clip: float,
+             fused_adam: bool = False) -> tuple[float, torch.Tensor]:
     """(grad_norm, flat parameter update) of one optimizer step on the global batch."""
     workers, micro, zero, offload = split
     group = groups[workers]
     # A large epsilon makes Adam's first step proportional to the gradient: with the usual
     # 1e-8 it is lr * sign(g), blind to the gradient's scale.
     trainer = TrainerConfig(lr=1e-2, adam_eps=1.0, scheduler="constant", grad_clip=grad_clip,
-                            global_batch_size=GLOBAL_BATCH, micro_batch_size=micro)
+                            global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,
+                            fused_adam=fused_adam)
     dist = DistributedConfig(num_workers=workers, zero_stage=zero, offload_optimizer=offload)
     group.call("setup", model_config(), trainer, dist, 1, case.kind)
     facts = group.call("engine_facts")[0]
     assert facts == {"zero_stage": zero, "offload": offload,
-                     "accumulation": GLOBAL_BATCH // (workers * micro)}, facts
+                     "accumulation": GLOBAL_BATCH // (workers * micro),
+                     "fused": fused_adam}, facts
     before = group.call("full_state_dict")[0]
     result = train_objective(group, case.objective, list(range(GLOBAL_BATCH)), case.collate,
                              micro, **case.kwargs)
@@ -214,3 +219,16 @@ def test_one_step_is_the_same_for_every_split(groups, name):
     assert float(clipped[1].norm()) < float(reference[1].norm())  # the clip acted
     for split in SPLITS[1:]:
         assert_same_step(clipped, one_step(groups, case, split, grad_clip=clip), split)
+
+
+@pytest.mark.parametrize("split", [SPLITS[0], SPLITS[-1]])
+def test_fused_adam_takes_the_per_tensor_loops_step(groups, split):
+    """`trainer.fused_adam` changes the kernel, not the update: one clipped step
+    from the same start moves the parameters alike, under ZeRO-0 and under ZeRO-2 with the
+    optimizer offloaded (`one_step` checks which kernel the engine's optimizer uses)."""
+    tok = load_tokenizer(model_config())
+    case = CASES["sft"](tok)
+    loop = one_step(groups, case, split, grad_clip=1.0, fused_adam=False)
+    fused = one_step(groups, case, split, grad_clip=1.0, fused_adam=True)
+    assert loop[1].abs().max() > 0
+    assert_same_step(loop, fused, split)
