@@ -45,7 +45,7 @@ def test_full_pipeline_recipe_wires_each_stage_to_the_last(tmp_path, monkeypatch
         return {"stage": stage, "eval/accuracy": 0.5}
 
     monkeypatch.setattr(align.recipe, "run_stage", record)
-    out = run_recipe("arithmetic_rlhf.py", tmp_path, "ppo_rm:rollout.prompts_per_step=4",
+    out = run_recipe("arithmetic_rlhf.py", tmp_path, "ppo_rm:rollout.prompts_per_step=8",
                      capsys=capsys)
     assert [stage for stage, _ in trained] == ["sft", "rm", "ppo", "dpo"]
     sft_final = str(tmp_path / "sft" / "final")
@@ -57,7 +57,7 @@ def test_full_pipeline_recipe_wires_each_stage_to_the_last(tmp_path, monkeypatch
     assert rm.mining.repeat == 4  # the mined pairs weighted as measured (rm_mined.yaml)
     assert ppo.rewards[0].normalize and not any(r.spec.startswith("reward_models.builtin")
                                                 for r in ppo.rewards)  # learned rewards only
-    assert ppo.rollout.prompts_per_step == 4  # a scoped override reaches its run alone
+    assert ppo.rollout.prompts_per_step == 8  # a scoped override reaches its run alone
     assert "PPO(RM)  held-out exact match  50.0%" in out
 
 
