@@ -61,22 +61,22 @@ def _backends(tokenizer: Any) -> tuple[Any, Any] | None:
     if backend is None:
         return None
     body = backend.to_str()
-    ascii_only = None
-    if _only_unicode_forms(json.loads(body).get("normalizer")):
-        ascii_only = _plain_copy(body, split)
-        ascii_only.normalizer = None
-    backends = (_plain_copy(body, split), ascii_only)
+    skippable = _only_unicode_forms(json.loads(body).get("normalizer"))
+    backends = (_plain_copy(body, split),
+                _plain_copy(body, split, normalize=False) if skippable else None)
     tokenizer.__dict__["_plain_backends"] = (split, backends)
     return backends
 
 
-def _plain_copy(body: str, split: bool) -> Any:
+def _plain_copy(body: str, split: bool, normalize: bool = True) -> Any:
     from tokenizers import Tokenizer
 
     plain = Tokenizer.from_str(body)
     plain.no_truncation()
     plain.no_padding()
     plain.encode_special_tokens = split
+    if not normalize:
+        plain.normalizer = None
     return plain
 
 

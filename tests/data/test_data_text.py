@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from align.data.text import encode, encode_many, plain_backend
+from align.data.text import _backends, encode, encode_many, plain_backend
 
 WORDS = ["hello", "world", "cafe", "café", "naïve", "Hello", "WORLD", "ﬁne", "fine", "x"]
 
@@ -66,3 +66,18 @@ def test_backend_is_copied_once_and_follows_split_special_tokens():
     tokenizer.split_special_tokens = True
     assert plain_backend(tokenizer) is not first
     assert plain_backend(tokenizer).encode_special_tokens
+
+
+@pytest.mark.parametrize("normalizer,skipped", [("none", False), ("nfc", True), ("nfkc", True),
+                                                ("nfd", True), ("nfkc+lowercase", False),
+                                                ("lowercase", False)])
+def test_ascii_batches_skip_only_unicode_normal_forms(normalizer, skipped):
+    """The speed-up is kept where it is safe: a copy without the normalizer exists exactly for
+    the normal forms, and ASCII batches are encoded with it."""
+    tokenizer = fast_tokenizer(NORMALIZERS[normalizer])
+    plain, ascii_only = _backends(tokenizer)
+    assert (ascii_only is not None) == skipped
+    if skipped:
+        assert ascii_only.normalizer is None and plain.normalizer is not None
+        ascii_only.add_tokens(["hello world"])  # marks which copy encoded the batch
+        assert encode_many(tokenizer, ["hello world"]) == [[ascii_only.token_to_id("hello world")]]
