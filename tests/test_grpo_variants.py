@@ -170,3 +170,54 @@ def test_ppo_objective_matches_trl_grpo_loss_and_gradient(loss_type, level, aggr
     torch.testing.assert_close(ours_logits.grad, trl_logits.grad, atol=1e-6, rtol=1e-5)
     assert ours_logits.grad.abs().sum() > 1e-3  # not a comparison of zeros
     assert 0 < metrics["clip_ratio_sum"] < metrics["tokens"]  # some ratios were clipped
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_without_old_logprobs_the_forward_is_its_own_old_policy_as_in_trl(level):
+    """One update per rollout: a batch without `old_logprobs` takes this forward's own,
+    detached (ratio 1), as TRL's GRPO does with one iteration; loss and gradient match TRL's
+    and ours given those log-probs as old. The gap to the engine's log-probs comes back."""
+    pytest.importorskip("trl")
+    gen = torch.Generator().manual_seed(5)
+    rows, prompt, completion, vocab, max_len = 4, 2, 4, 7, 4
+    logits = torch.randn(rows, prompt + completion, vocab, generator=gen)
+    completion_mask = (torch.arange(completion)[None, :]
+                       < torch.tensor([4, 2, 1, 3])[:, None]).long()
+    ids = torch.randint(0, vocab, (rows, prompt + completion), generator=gen)
+    labels = torch.full_like(ids, -100)
+    labels[:, prompt:] = ids[:, prompt:].masked_fill(completion_mask == 0, -100)
+    shifted_mask = (labels[:, 1:] != -100).float()
+    current = gather_logprobs(logits[:, :-1], labels[:, 1:]) * shifted_mask
+    ref = (current + 0.3 * torch.randn(current.shape, generator=gen)) * shifted_mask
+    engine = current + 0.01 * torch.randn(current.shape, generator=gen)
+    advantages = grpo_advantages(torch.randn(rows, generator=gen), group_size=2)
+    base = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "ref_logprobs": ref, "advantages": advantages[:, None] * shifted_mask}
+    kwargs = dict(temperature=1.0, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
+                  aggregation="sequence", normalizer=float(rows), kl_coef=0.04,
+                  kl_estimator="k3", entropy_coef=0.0, importance_sampling_level=level)
+
+    def ours(batch):
+        leaf = logits.clone().requires_grad_()
+        loss, metrics = ppo_objective(FixedLogits(leaf), batch, **kwargs)
+        loss.backward()
+        return loss, leaf.grad, metrics
+
+    loss, grad, metrics = ours({**base, "engine_logprobs": engine})
+    given_loss, given_grad, given = ours({**base, "old_logprobs": current.detach()})
+    trl_logits = logits.clone().requires_grad_()
+    trl_logps = gather_logprobs(trl_logits[:, :-1], labels[:, 1:])[:, prompt - 1:]
+    trl_loss = _trl_grpo_loss(trl_logps, None, ref[:, prompt - 1:], completion_mask,
+                              advantages, loss_type="grpo", level=level, beta=0.04,
+                              eps_low=0.2, eps_high=0.2, max_len=max_len)
+    trl_loss.backward()
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6, rel=1e-5)
+    torch.testing.assert_close(grad, trl_logits.grad, atol=1e-6, rtol=1e-5)
+    assert loss.item() == pytest.approx(given_loss.item(), abs=1e-7)
+    torch.testing.assert_close(grad, given_grad)
+    assert grad.abs().sum() > 1e-3
+    assert metrics["ratio_sum"] == pytest.approx(metrics["tokens"])
+    gap = (engine - current).abs() * shifted_mask
+    assert metrics["logprob_gap_sum"] == pytest.approx(float(gap.sum()), rel=1e-5)
+    assert metrics["max_logprob_gap"] == pytest.approx(float(gap.max()), rel=1e-5)
+    assert "logprob_gap_sum" not in given  # old log-probs given: the trainer measured the gap

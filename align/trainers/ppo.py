@@ -64,6 +64,7 @@ from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
 
 COMPLETIONS_LOGGED = 8  # samples per completions table
+GAP_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")  # align.rollout.verify
 
 
 def completion_rows(rollout: Rollout, scores: Any, gold: Any) -> list[dict[str, Any]]:
@@ -93,6 +94,12 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.engine = None  # the rollout engine (align.rollout), started with the workers
         self.pipeline: RolloutPipeline | None = None  # rollout.async_steps >= 1
         self.max_staleness = 0
+        # One update per rollout, KL not in the reward, no dropout: the update's forward is
+        # the first on the rollout under the weights that made its experience, so it gives
+        # the old log-probs too (ratio 1, as TRL's GRPO with one iteration).
+        self.old_from_update = (alg.ppo_epochs == 1 and not self.kl_in_reward
+                                and bool(cfg.model.disable_dropout)
+                                and self.buffer_size() <= cfg.trainer.global_batch_size)
 
     def fit(self) -> dict[str, Any]:
         try:
@@ -252,20 +259,25 @@ class PPOTrainer(Trainer[PPOConfig]):
         rollout, scores, gold = scored.rollout, scored.scores, scored.gold
         t2, train_start = time.perf_counter(), time.time()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
-        gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
-                          response_mask(rollout.batch))
-        if not timing.get("rollout/staleness"):  # a stale rollout's gap includes the updates
-            check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
+        if kl is not None:
+            gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
+                              response_mask(rollout.batch))
+            self._check_gap(gap, step, timing)
         t3 = time.perf_counter()
         metrics.update(self._update(rollout, step))
         t4 = time.perf_counter()
+        if kl is None:  # the update computed the old log-probs, the KL and the gap
+            gap = {key: metrics.pop(key) for key in GAP_KEYS if key in metrics}
+            self._check_gap(gap, step, timing)
+        else:
+            metrics["kl"] = float(kl.sum(-1).mean())
         if self.pipeline is not None:  # the engines finish what they generated meanwhile
             drained = self.pipeline.drain((train_start, time.time()))
             timing["time/wait"] += drained["time/wait"]
             timing["time/overlap"] = drained["time/overlap"]
         self.engine.wake()
         sync_seconds = self.engine.update_weights()
-        metrics.update(self._rollout_metrics(rollout, scores, gold, kl))
+        metrics.update(self._rollout_metrics(rollout, scores, gold))
         metrics.update(gap)
         metrics.update({**timing, "time/experience": t3 - t2, "time/train": t4 - t3,
                         "time/weight_sync": sync_seconds})
@@ -274,6 +286,10 @@ class PPOTrainer(Trainer[PPOConfig]):
             self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
         self.kl.update(metrics["kl"], self.buffer_size())
         return metrics
+
+    def _check_gap(self, gap: dict[str, float], step: int, timing: dict[str, float]) -> None:
+        if gap and not timing.get("rollout/staleness"):  # a stale rollout's gap includes updates
+            check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
 
     def _sample_round(self, step: int, round_: int, timing: dict[str, float]) -> ScoredRollout:
         """Generate and score one round: the step's own prompts (round 0) or, for dynamic
@@ -322,21 +338,27 @@ class PPOTrainer(Trainer[PPOConfig]):
         examples, sampling = self._request(step, 0)
         return repeated_ids(examples, self.cfg.rollout.n_samples_per_prompt), sampling
 
-    def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+    def _make_experience(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor | None:
         """Old/reference log-probs, values, advantages and returns into `rollout.tensors`.
 
-        Returns the per-token KL (N, T-1), zero outside completions.
+        Returns the per-token KL (N, T-1), zero outside completions; None when the update
+        computes the old log-probs itself (`old_from_update`: TRL's shortcut for one update
+        per rollout, which saves a forward pass over the rollout each iteration).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
-        old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
-                         temperature=temp)
         ref = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
                          reference=True, temperature=temp)
         mask = response_mask(rollout.batch)
-        kl = kl_penalty(old, ref, self.kl_estimator) * mask
-        tensors = {"old_logprobs": old, "ref_logprobs": ref}
-        if cfg.importance_cap() is not None:
+        tensors = {"ref_logprobs": ref}
+        kl = None
+        if not self.old_from_update:
+            old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
+                             temperature=temp)
+            kl = kl_penalty(old, ref, self.kl_estimator) * mask
+            tensors["old_logprobs"] = old
+        if cfg.importance_cap() is not None or (self.old_from_update
+                                                and rollout.engine_logprobs is not None):
             tensors["engine_logprobs"] = rollout.engine_logprobs
         values = None
         if self.use_critic:
@@ -389,6 +411,11 @@ class PPOTrainer(Trainer[PPOConfig]):
                    "ratio": sums["ratio_sum"] / tokens,
                    "entropy": sums["entropy_sum"] / tokens,
                    "grad_norm": sums["grad_norm"] / minibatches}
+        if self.old_from_update:  # one minibatch: the whole rollout before any update
+            metrics["kl"] = sums["kl_sum"] / rollout.size
+            if "logprob_gap_sum" in sums:
+                metrics[GAP_KEYS[0]] = sums["logprob_gap_sum"] / tokens
+                metrics[GAP_KEYS[1]] = sums["max_logprob_gap"]
         if self.use_critic:
             metrics["value_loss"] = sums["value_loss"] / minibatches
             metrics["value_clip_ratio"] = sums["value_clip_ratio_sum"] / tokens
@@ -400,14 +427,13 @@ class PPOTrainer(Trainer[PPOConfig]):
         return train_objective(group, objective, index,
                                lambda mb: rollout.rows(mb, packing), micro, **kwargs)
 
-    def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any,
-                         kl: torch.Tensor) -> dict[str, float]:
+    def _rollout_metrics(self, rollout: Rollout, scores: Any, gold: Any) -> dict[str, float]:
         stats = scores.metrics()
         metrics = {"reward": stats["reward/mean"], "reward_std": stats["reward/std"],
                    **{k: v for k, v in stats.items() if k.startswith("rewards/")
                       and k.endswith("/mean")},
                    **scores.extra,  # shaped values, ensemble spread
-                   "kl": float(kl.sum(-1).mean()), "kl_coef": self.kl.coef,
+                   "kl_coef": self.kl.coef,
                    "completions/mean_length": float(np.mean(rollout.lengths)),
                    "completions/clipped_ratio": float(np.mean(rollout.truncated))}
         if gold is not None:

@@ -86,16 +86,30 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     (`batch["engine_logprobs"]`); None: off. `importance_sampling_level` "sequence" clips
     GSPO's sequence-level ratio instead of each token's (`sequence_level_logprobs`); the KL and
     entropy terms stay per token.
+
+    A batch without `old_logprobs` is trained on by the weights that computed the rollout's
+    experience, before any update from it (one update per rollout): its old log-probs are this
+    forward's own, detached, so no separate forward computes them. The gap to the engine's
+    sampling log-probs (`align.rollout.verify`) then comes back as `logprob_gap_sum` and
+    `max_logprob_gap`.
     """
     logits, targets = _shifted_logits(model, batch, temperature)
     mask = response_mask(batch)
     logp = _padded(gather_logprobs(logits, targets), batch)
-    weights = (truncated_importance_weights(batch["old_logprobs"], batch["engine_logprobs"],
-                                            tis_cap) if tis_cap is not None else None)
-    ratio_logp = (sequence_level_logprobs(logp, batch["old_logprobs"], mask)
+    old = batch.get("old_logprobs")
+    gap_stats = {}
+    if old is None:
+        old = logp.detach()
+        if "engine_logprobs" in batch:
+            gap = (batch["engine_logprobs"].to(old.device) - old).abs() * mask
+            gap_stats = {"logprob_gap_sum": float(gap.sum()),
+                         "max_logprob_gap": float(gap.max()) if gap.numel() else 0.0}
+    weights = (truncated_importance_weights(old, batch["engine_logprobs"], tis_cap)
+               if tis_cap is not None else None)
+    ratio_logp = (sequence_level_logprobs(logp, old, mask)
                   if importance_sampling_level == "sequence" else logp)
     policy_loss, clip_ratio = ppo_policy_loss(
-        ratio_logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps, clip_eps_high,
+        ratio_logp, old, batch["advantages"], mask, clip_eps, clip_eps_high,
         dual_clip, aggregation, normalizer, token_weights=weights)
     loss = policy_loss
     kl = kl_penalty(logp, batch["ref_logprobs"], kl_estimator)
@@ -105,8 +119,8 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, normalizer)
     tokens = float(mask.sum())
-    ratio = torch.exp(logp.detach() - batch["old_logprobs"])  # 1 on policy, before any update
-    return loss, {
+    ratio = torch.exp(logp.detach() - old)  # 1 on policy, before any update
+    return loss, {**gap_stats,
         "policy_loss": policy_loss.item(), "clip_ratio_sum": clip_ratio.item() * tokens,
         "ratio_sum": float((ratio * mask).sum()),
         "entropy_sum": float((entropy.detach() * mask).sum()),

@@ -130,17 +130,55 @@ def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
 def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_local,
                                                               dropout_model_dir):
     """Old log-probs come from eval mode, the loss forward from train mode: with dropout off
-    (the ppo default) they agree, so before any update every ratio is 1. The same run checks
-    that rewards receive `completion_truncated` (a reward of 1 for each completion that ended)."""
+    (the ppo default) they agree, so before any update every ratio is 1. Two epochs, so the
+    old log-probs are computed by their own forward. The same run checks that rewards receive
+    `completion_truncated` (a reward of 1 for each completion that ended)."""
     cfg = tiny_ppo_config(tmp_path, f"model.name_or_path={dropout_model_dir('gpt2')}",
                           "trainer.max_steps=1", "trainer.global_batch_size=16",
                           "trainer.micro_batch_size=16", "eval.max_samples=0", "task.num_eval=0",
+                          "algorithm.ppo_epochs=2",
                           f"rewards=[{{spec: '{REWARD_FILE}:ended', name: ended}}]")
-    PPOTrainer(cfg, show_progress=False).fit()
-    (first,) = records(tmp_path / "run")  # one iteration of one minibatch: no update before it
-    assert first["clip_ratio"] == 0
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
-    assert first["rewards/ended/mean"] == pytest.approx(1 - first["completions/clipped_ratio"])
+    trainer = RecordedPPO(cfg, show_progress=False)
+    trainer.fit()
+    assert not trainer.old_from_update
+    first = trainer.train_step_sums()[0]  # the first minibatch: no update before it
+    assert first["clip_ratio_sum"] == 0
+    assert first["ratio_sum"] == pytest.approx(first["tokens"], rel=1e-6)
+    (logged,) = records(tmp_path / "run")
+    assert logged["rewards/ended/mean"] == pytest.approx(1 - logged["completions/clipped_ratio"])
+
+
+class FullExperiencePPO(RecordedPPO):
+    """Computes the old log-probs by their own forward even where the update could."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old_from_update = False
+
+
+def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray_local):
+    """With one minibatch and one epoch the old log-probs are the update's own forward: one
+    forward pass fewer per iteration, and the same training, metrics and engine gap check."""
+    def run(cls, name):
+        cfg = tiny_ppo_config(tmp_path / name, "algorithm.estimator=grpo",
+                              "algorithm.kl_coef=0.04", "trainer.max_steps=3",
+                              "trainer.global_batch_size=16", "trainer.lr=3e-2",
+                              "eval.max_samples=0", "task.num_eval=0")
+        trainer = cls(cfg, show_progress=False)
+        trainer.fit()
+        infers = [per_rank for method, per_rank, _ in trainer.calls if method == "infer"]
+        return trainer, infers, records(tmp_path / name / "run")
+
+    shortcut, infers, steps = run(RecordedPPO, "shortcut")
+    full, full_infers, full_steps = run(FullExperiencePPO, "full")
+    assert shortcut.old_from_update
+    assert len(infers) == 3 and len(full_infers) == 6  # the reference only, against both
+    for m, f in zip(steps, full_steps, strict=True):
+        for key in ("policy_loss", "kl", "reward", "entropy", "grad_norm", "ratio"):
+            assert m[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
+        assert m["rollout/logprob_diff_mean"] < 1e-5
+        assert m["rollout/logprob_diff_max"] >= m["rollout/logprob_diff_mean"]
+    assert steps[-1]["kl"] > 1e-6  # the policy moved: the comparison is not of zeros
 
 
 def test_roles_on_two_nodes(tmp_path, monkeypatch):
