@@ -19,10 +19,10 @@ from align.report import load_run, summary_table, write_report
 # override is replaced by the quickstart's output folder)
 PIPELINE: list[tuple[str, str, str, list[str]]] = [
     ("sft", "sft", "sft.yaml", []),
-    ("rm", "rm", "rm.yaml", ["model.name_or_path={out}/sft/final"]),
+    ("rm", "rm", "rm_quickstart.yaml", ["model.name_or_path={out}/sft/final"]),
     ("grpo", "ppo", "grpo.yaml", ["model.name_or_path={out}/sft/final"]),
-    ("ppo_rm", "ppo", "ppo_rm_anchored.yaml", ["model.name_or_path={out}/sft/final",
-                                      "rewards.0.spec={out}/rm/final"]),
+    ("ppo_rm", "ppo", "ppo_rm_quickstart.yaml", ["model.name_or_path={out}/sft/final",
+                                                 "rewards.0.spec={out}/rm/final"]),
     ("dpo", "dpo", "dpo.yaml", ["model.name_or_path={out}/sft/final"]),
 ]
 
