@@ -114,6 +114,7 @@ class TrainerConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     adam_eps: float = 1e-8  # AdamW epsilon
     fused_adam: bool = False  # torch's fused AdamW kernel (CPU and CUDA): see docs/performance.md
+    compile: bool = False  # torch.compile the trained model (ZeRO 0-2): see docs/performance.md
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
     warmup_steps: int = 0  # linear warmup steps (overrides warmup_ratio when > 0)
     warmup_ratio: float = 0.0  # warmup as a fraction of total steps
@@ -555,5 +556,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"model.lora.dropout={config.model.lora.dropout} would be set to 0 by "
                           "model.disable_dropout (on by default for ppo, dpo and rm): set "
                           "model.lora.dropout=0, or model.disable_dropout=false")
+    if tr.compile and dist.zero_stage == 3:
+        raise ConfigError("trainer.compile=true does not work with distributed.zero_stage=3 "
+                          "(its parameter hooks gather weights inside the compiled forward): "
+                          "use ZeRO 0-2 with trainer.compile, or turn it off")
     if len(tr.adam_betas) != 2:
         raise ConfigError("trainer.adam_betas must have two numbers, e.g. [0.9, 0.999]")

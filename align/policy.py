@@ -89,6 +89,9 @@ class Policy:
             model = apply_lora(model, model_cfg.lora, kind)
         if model_cfg.disable_dropout:  # train-mode forwards then equal eval-mode ones
             disable_dropout(model)
+        self.compiled = trainable and trainer_cfg.compile
+        if self.compiled:  # in place: state-dict keys and saving are unchanged
+            model.compile(dynamic=True)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.engine = None
@@ -108,6 +111,8 @@ class Policy:
         if reference and not model_cfg.lora.enabled:
             self.reference_model = self._frozen(load_model(model_cfg, self.tokenizer, kind),
                                                 dist_cfg)
+            if self.compiled:
+                self.reference_model.compile(dynamic=True)
 
     def _frozen(self, model: torch.nn.Module, dist_cfg: DistributedConfig) -> torch.nn.Module:
         """An inference-only model; under ZeRO-3 partitioned like the trained one."""
@@ -223,8 +228,11 @@ class Policy:
             with self.gathered_parameters():  # ZeRO-3: still join the collective gather
                 return Generation([], [] if sampling.logprobs else None)
         self.model.eval()
+        # Decoding steps run eagerly: each grows the KV cache by one, which would recompile.
+        eager = (torch.compiler.set_stance("force_eager") if self.compiled
+                 else contextlib.nullcontext())
         try:
-            with self.gathered_parameters():
+            with self.gathered_parameters(), eager:
                 tokens, logprobs = hf_sample(self.model, prompts, sampling, self.eos_ids,
                                              self.tokenizer.pad_token_id, self.device)
         except RuntimeError as exc:

@@ -2,11 +2,13 @@
 
     python benchmarks/run_all.py [--stages sft,rm,dpo,dpo_lora,grpo] [--models embedded,h256]
                                  [--steps 20] [--repeats 2] [--bf16] [--vllm]
+                                 [--compile] [--trl-compile]
 
 Runs the stage scripts' comparisons (`sft_vs_trl.py`, `rm_vs_trl.py`, `dpo_vs_trl.py`,
 `grpo_vs_trl.py`) with their default batches: align and TRL alternate A B A B, each run in a
 fresh subprocess (see `side_by_side.py`). `--bf16` and `--vllm` are for GPU runs (vLLM applies
-to GRPO only).
+to GRPO only). `--compile` turns on align's `trainer.compile`, `--trl-compile` TRL's
+`torch_compile`; the first optimizer step, which compiles, is never timed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dpo_vs_trl
 import grpo_vs_trl
 import rm_vs_trl
 import sft_vs_trl
-from side_by_side import MODELS, compare
+from side_by_side import MODELS, add_compile_flags, compare
 
 HERE = Path(__file__).resolve().parent
 # stage -> (script, its data writer, samples per optimizer step)
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
     parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
+    add_compile_flags(parser)
     args = parser.parse_args()
     lines = []
     for stage in args.stages.split(","):
@@ -58,7 +61,8 @@ def main() -> None:
             line = compare(str(HERE / script), stage, model, write_data, args.steps,
                            args.batch or batch, args.repeats, lora=stage.endswith("_lora"),
                            bf16=args.bf16, vllm=args.vllm and stage == "grpo",
-                           ray_address=args.ray_address)
+                           ray_address=args.ray_address, compile=args.compile,
+                           trl_compile=args.trl_compile)
             print(json.dumps(line), flush=True)
             lines.append(line)
     print("\n" + markdown_table(lines))

@@ -53,6 +53,8 @@ class RunSpec:
     bf16: bool = False  # bf16 on a GPU; fp32 otherwise
     vllm: bool = False  # GRPO: generate with vLLM (GPU runs only)
     ray_address: str | None = None  # align joins this Ray cluster instead of starting one
+    compile: bool = False  # align: trainer.compile (torch.compile of the trained model)
+    trl_compile: bool = False  # TRL: TrainingArguments.torch_compile
 
 
 def save_model(kind: str, folder: Path) -> Path:
@@ -96,7 +98,8 @@ def align_overrides(spec: RunSpec) -> list[str]:
             f"model.dtype={'bfloat16' if spec.bf16 else 'float32'}",
             f"model.lora.enabled={str(spec.lora).lower()}", f"trainer.max_steps={spec.steps}",
             "trainer.scheduler=constant", "trainer.log_every=1", "eval.exact_match=false",
-            "trainer.fused_adam=true"]  # TRL's default optimizer is torch's fused AdamW too
+            "trainer.fused_adam=true",  # TRL's default optimizer is torch's fused AdamW too
+            f"trainer.compile={str(spec.compile).lower()}"]
 
 
 def align_step_seconds(out: str | Path) -> list[float]:
@@ -115,7 +118,7 @@ def trl_common_args(spec: RunSpec) -> dict[str, Any]:
     return dict(output_dir=spec.out, max_steps=spec.steps, lr_scheduler_type="constant",
                 bf16=spec.bf16, fp16=False, use_cpu=not spec.bf16, report_to=[],
                 logging_steps=10_000, save_strategy="no", dataloader_num_workers=0,
-                seed=42)
+                seed=42, torch_compile=spec.trl_compile)
 
 
 def trl_lora_config(spec: RunSpec) -> Any:
@@ -222,6 +225,13 @@ def compare(script: str, stage: str, model: str, write_data: Callable[[Path, int
             "align_peak_rss_mb": round(rss["align"]), "trl_peak_rss_mb": round(rss["trl"])}
 
 
+def add_compile_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="align with trainer.compile=true (torch.compile)")
+    parser.add_argument("--trl-compile", action="store_true",
+                        help="TRL with torch_compile=True")
+
+
 def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
                write_data: Callable[[Path, int], Path],
                runners: dict[str, Callable[[RunSpec], list[float]]]) -> None:
@@ -235,6 +245,7 @@ def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
     parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
+    add_compile_flags(parser)
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -246,5 +257,6 @@ def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
     for model in args.models.split(","):
         line = compare(script, args.stage, model, write_data, args.steps, args.batch,
                        args.repeats, lora=args.stage.endswith("_lora"), bf16=args.bf16,
-                       vllm=args.vllm, ray_address=args.ray_address)
+                       vllm=args.vllm, ray_address=args.ray_address, compile=args.compile,
+                       trl_compile=args.trl_compile)
         print(json.dumps(line), flush=True)
