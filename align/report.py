@@ -133,6 +133,18 @@ def _line_plot(run: Run, keys: list[str], path: Path, caption: str,
     return path, caption
 
 
+def proxy_key(run: Run) -> str:
+    """The proxy reward to set against the gold one: `reward/proxy` (what was trained on), or,
+    where a reward was normalised (`rewards/<name>/shaped_mean` logged), that reward's raw
+    score `rewards/<name>/mean`: the normalised proxy is centred by construction, so only the
+    raw score shows what the policy pushed up."""
+    for record in run.metrics:
+        for key in record:
+            if key.startswith("rewards/") and key.endswith("/shaped_mean"):
+                return key.removesuffix("/shaped_mean") + "/mean"
+    return "reward/proxy"
+
+
 def _hacking_plot(run: Run, path: Path) -> tuple[Path, str]:
     """Proxy (trained-on) and gold (held-back) reward against KL to the reference."""
     import matplotlib.pyplot as plt
@@ -140,10 +152,11 @@ def _hacking_plot(run: Run, path: Path) -> tuple[Path, str]:
     caption = f"{run.name}: proxy and gold reward against KL (reward hacking shows as a gap)"
     fig, ax = plt.subplots(figsize=(6, 3.2))
     gold_axis = ax.twinx()
-    for axis, key, colour in ((ax, "reward/proxy", "tab:blue"),
+    for axis, key, colour in ((ax, proxy_key(run), "tab:blue"),
                               (gold_axis, "reward/gold", "tab:green")):
         xs, ys = run.series(key, x="kl")
-        axis.plot(xs, ys, color=colour, marker=".", label=key)
+        # Points, not a line: the KL does not grow monotonically from one iteration to the next.
+        axis.plot(xs, ys, color=colour, marker=".", linestyle="none", label=key)
         axis.set_ylabel(key, color=colour)
     ax.set_xlabel("KL to the reference (per sequence)")
     ax.set_title(caption, fontsize=9)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from align.cli import main
-from align.report import load_run, summary_table, write_report
+from align.report import load_run, proxy_key, summary_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -56,3 +56,16 @@ def test_align_report_cli(tmp_path, capsys):
     (tmp_path / "not-a-run").mkdir()
     assert main(["report", str(tmp_path / "not-a-run")]) == 2
     assert "has no metrics.jsonl or summary.json" in capsys.readouterr().err
+
+
+def test_a_normalised_proxy_is_plotted_by_its_raw_score(tmp_path):
+    """A normalised reward's trained-on value is centred by construction; the hacking plot
+    sets the raw score against gold instead."""
+    plain = fake_run(tmp_path / "plain", "ppo",
+                     [{"step": 1, "kl": 0.0, "reward/proxy": 0.1, "reward/gold": 0.5}], 0.6)
+    normalised = fake_run(tmp_path / "normalised", "ppo", [
+        {"step": s, "kl": 0.1 * s, "reward/proxy": 0.0, "reward/gold": 0.5,
+         "rewards/reward_model/mean": float(s), "rewards/reward_model/shaped_mean": 0.0}
+        for s in range(1, 4)], 0.8)
+    assert proxy_key(load_run(plain)) == "reward/proxy"
+    assert proxy_key(load_run(normalised)) == "rewards/reward_model/mean"
