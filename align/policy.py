@@ -341,16 +341,19 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """The gradients' total norm, after scaling them to `max_norm` where it is exceeded (as
-    DeepSpeed's clipping does: factor max_norm / (norm + 1e-6)); 0 disables clipping."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    """The gradients' total norm, after scaling them by min(1, max_norm / (norm + 1e-6)); 0
+    disables clipping. The arithmetic is DeepSpeed's fp32 ZeRO-0 clipping, operation for
+    operation, so the update is bit for bit the one DeepSpeed would make."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
+    norms = [p.grad.detach().float().norm(2) for p in params]
+    total = torch.stack(norms).pow(2).sum().float().pow(0.5)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(
-            [p for p in model.parameters() if p.grad is not None], max_norm, norm)
-    return float(norm)
+        coef = torch.min(torch.tensor([1.0]), torch.tensor([float(max_norm)]) / (total + 1e-6))
+        for p in params:
+            p.grad.data.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return float(total)
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
