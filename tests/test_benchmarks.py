@@ -47,6 +47,19 @@ def test_run_all_prints_a_line_per_stage_and_model_then_a_table(ray_local):
         assert line["trl_peak_rss_mb"] > 0
 
 
+def test_compile_flags_compile_both_tools(ray_local, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from side_by_side import RunSpec, align_overrides, trl_common_args
+
+    spec = RunSpec("sft", "model", "data.jsonl", "out", steps=3, batch=8, compile=True,
+                   trl_compile=True)
+    assert "trainer.compile=true" in align_overrides(spec)
+    assert trl_common_args(spec)["torch_compile"] is True
+    (line,) = _run("sft_vs_trl.py", "--models", "embedded", "--steps", "3", "--repeats", "1",
+                   "--batch", "8", "--compile", "--trl-compile")
+    assert line["align_samples_per_s"] > 0 and line["trl_samples_per_s"] > 0
+
+
 def test_mfu_reports_peak_and_utilisation(ray_local):
     (out,) = _run("mfu.py", "--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2",
                   "--steps", "2", "--matmul-size", "128")
