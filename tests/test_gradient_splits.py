@@ -9,7 +9,6 @@ re-set-up for every split, which keeps the test to about a minute on two cores.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +40,7 @@ from align.trainers.ppo_objectives import (
 from align.trainers.reward import reward_objective
 from align.trainers.rollout import pad_sequences
 from align.trainers.sft import sft_objective, target_tokens
-from tests.conftest import TINY
+from tests.conftest import TINY, full_only
 
 pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -236,9 +235,7 @@ def test_fused_adam_takes_the_per_tensor_loops_step(groups, split):
     assert_same_step(loop, fused, split)
 
 
-# Compiling takes about 30 s a case on 2 cores: CI runs these (`.ci/run` sets ALIGN_TEST_FULL=1),
-# `make test` leaves them out to stay within 15 minutes.
-@pytest.mark.skipif(os.environ.get("ALIGN_TEST_FULL") != "1", reason="ALIGN_TEST_FULL=1 runs it")
+@full_only  # compiling takes about 30 s a case on 2 cores
 @pytest.mark.parametrize("name", ["sft", "ppo_critic"])
 def test_compiled_model_takes_the_eager_step(groups, name):
     """`trainer.compile` changes how the forward runs, not what it computes: one clipped step

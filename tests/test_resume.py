@@ -25,7 +25,13 @@ from align.config import dump_config
 from align.tasks import load_task
 from align.tracking import read_metrics
 from align.trainers.registry import run_stage
-from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_rm_config, tiny_sft_config
+from tests.conftest import (
+    full_only,
+    tiny_dpo_config,
+    tiny_ppo_config,
+    tiny_rm_config,
+    tiny_sft_config,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +131,7 @@ def test_ppo_resume_after_sigkill_is_exact(tmp_path, ray_local):
     assert "rewards/lowercase_share/shaped_mean" in (straight / "metrics.jsonl").read_text()
 
 
+@full_only  # the SFT and PPO resumes above run in `make test`
 def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
     def config():
         return tiny_dpo_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3",
@@ -134,6 +141,7 @@ def test_dpo_resume_after_sigkill_is_exact(tmp_path, ray_local):
     assert_same_metrics(comparable(straight), comparable(resumed))
 
 
+@full_only  # the SFT and PPO resumes above run in `make test`
 def test_rm_resume_after_sigkill_is_exact(tmp_path, ray_local):
     def config():
         return tiny_rm_config(tmp_path, "trainer.max_steps=6", "trainer.save_every=3")

@@ -13,7 +13,7 @@ from align.errors import TrainingError
 from align.tracking import read_metrics
 from align.trainers.async_rollouts import RolloutPipeline
 from align.trainers.ppo import PPOTrainer
-from tests.conftest import tiny_ppo_config
+from tests.conftest import full_only, tiny_ppo_config
 from tests.rollout.test_vllm_engine import VLLM_TINY
 from tests.test_resume import assert_same_metrics, comparable, interrupted_then_resumed
 from tests.trainers.test_ppo import LEARN
@@ -45,6 +45,7 @@ def test_async_grpo_learns_from_rollouts_one_version_behind(tmp_path, ray_local)
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
 
 
+@full_only  # synchronous resumes run in `make test` (tests/test_resume.py)
 def test_async_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, ray_local):
     def config():
         return tiny_ppo_config(tmp_path, *ASYNC, "trainer.max_steps=4", "trainer.save_every=2",
