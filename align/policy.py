@@ -170,8 +170,8 @@ class Policy:
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 # DeepSpeed's stage-0 paths do not keep the norm; fp32 clips here (one pass).
-                grad_norm = (_clip_grad_norm(self.model, self.grad_clip) if self.clips_itself
-                             else _grad_norm(self.model))
+                grad_norm = _clip_grad_norm(self.model,
+                                            self.grad_clip if self.clips_itself else 0.0)
             engine.step()
             accumulate(totals, metrics)
         if self.zero_stage > 0:
@@ -354,11 +354,6 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
         for p in params:
             p.grad.data.mul_(coef.to(p.grad.device, p.grad.dtype))
     return float(total)
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _as_float(value: Any) -> float:

@@ -25,6 +25,9 @@ def shifted_logprobs(prompt_lengths: list[int], logprobs: list[list[float]],
     return out
 
 
+GAP_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")  # what logprob_gap gives
+
+
 def logprob_gap(engine: torch.Tensor, trainer: torch.Tensor,
                 mask: torch.Tensor) -> dict[str, float]:
     """`rollout/logprob_diff_mean` and `_max`: |engine - trainer| over completion tokens.
@@ -35,8 +38,8 @@ def logprob_gap(engine: torch.Tensor, trainer: torch.Tensor,
     """
     gap = (engine - trainer).abs() * mask
     tokens = mask.sum().clamp(min=1)
-    return {"rollout/logprob_diff_mean": float(gap.sum() / tokens),
-            "rollout/logprob_diff_max": float(gap.max()) if gap.numel() else 0.0}
+    return dict(zip(GAP_KEYS, (float(gap.sum() / tokens),
+                               float(gap.max()) if gap.numel() else 0.0)))
 
 
 def max_logprob_diff(setting: float | None, dtype: str, on_gpu: bool) -> float:

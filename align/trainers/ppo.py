@@ -36,7 +36,7 @@ from align.reward_columns import COMPLETION_IDS_COLUMN
 from align.rollout import Sampling
 from align.rollout.eos import eos_token_ids
 from align.rollout.factory import build_engine, policy_gpu_share, separate_engine
-from align.rollout.verify import check_logprob_gap, logprob_gap, max_logprob_diff
+from align.rollout.verify import GAP_KEYS, check_logprob_gap, logprob_gap, max_logprob_diff
 from align.tasks import load_task
 from align.trainers.async_rollouts import RolloutPipeline
 from align.trainers.base import Trainer
@@ -64,7 +64,6 @@ from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
 
 COMPLETIONS_LOGGED = 8  # samples per completions table
-GAP_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")  # align.rollout.verify
 
 
 def completion_rows(rollout: Rollout, scores: Any, gold: Any) -> list[dict[str, Any]]:
