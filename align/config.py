@@ -75,6 +75,7 @@ class DataConfig:
     max_length: int = 64  # tokens per example (prompt + completion)
     packing: bool | None = None  # pack rows; None: where the start-up check passes; false: pad
     packing_length: int | None = None  # tokens per packed row; None: longest in micro-batch
+    shared_prefix: bool | None = None  # pack a shared prompt once; None: where it is cheaper
     group_by_length: bool = False  # with padding: batch examples of similar length
     completion_only_loss: bool = True  # loss only on completion / assistant tokens
     columns: dict[str, str] = field(default_factory=dict)  # ours: theirs, e.g. {prompt: question}
@@ -545,6 +546,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"trainer.lr must be positive; got {tr.lr}")
     if config.data.packing_length is not None and config.data.packing_length < 1:
         raise ConfigError("data.packing_length must be at least 1 (or unset)")
+    if config.data.shared_prefix and config.data.packing is False:
+        raise ConfigError("data.shared_prefix=true packs shared prefixes, but data.packing=false "
+                          "pads: leave data.packing unset (or true), or data.shared_prefix unset")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction must be in [0, 1)")
     if config.model.lora.enabled and config.model.lora.r < 1:

@@ -10,6 +10,8 @@ Two ways to keep attention inside each sequence of a packed row (`STRATEGIES`):
 `check_packing` tries them in that order on a tiny packed batch and keeps the first whose
 outputs equal separate forwards; when none does, packing would let samples attend to each
 other, and `resolve_packing` turns it off (or stops, when `data.packing: true` asked for it).
+It also checks shared-prefix packing (`align.data.prefix_sharing`), whose mask lets sequences
+that begin alike share their prefix: sdpa and eager only, where the model takes a 4D mask.
 
 Worker-side functions take the model as the objectives get it: a DeepSpeed engine, a peft
 model or a plain Hugging Face module.
@@ -25,6 +27,7 @@ import torch
 
 from align.config import DataConfig
 from align.data.packing import ONE_ROW, block_diagonal_mask, pack_sequences, unpack
+from align.data.prefix_sharing import SHARED_PREFIX, SharePrefix, pack_shared, shared_prefix_mask
 from align.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -33,15 +36,18 @@ STRATEGIES = ("position_ids", "block_mask")
 MASKED = ("sdpa", "eager")  # implementations that take the 4D mask `block_mask` builds
 CHECK_LENGTHS = (9, 6, 4)  # the check packs these into rows of CHECK_ROW: [9 + pad], [6 + 4]
 CHECK_ROW = 10
+CHECK_SHARED = (5, 3, 2)  # the shared check: a 5-token prefix, branches of 3 and 2 tokens
 
 
 @dataclass(frozen=True)
 class Packing:
     """How a stage packs: the boundary strategy and the row length (None: the longest
-    sequence of each micro-batch; `ONE_ROW`: a micro-batch in one row)."""
+    sequence of each micro-batch; `ONE_ROW`: a micro-batch in one row); `share_prefix`: lay out
+    common prefixes once (`align.data.prefix_sharing`), None: never."""
 
     attention: str
     row_length: int | None
+    share_prefix: SharePrefix | None = None
 
 
 # ------------------------------------------------------------------------- model access
@@ -78,6 +84,12 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, tor
     attention mask instead of boundaries, so it costs exactly what padding does.
     """
     device = next(model.parameters()).device
+    if batch.get("attention") == SHARED_PREFIX:
+        allowed = shared_prefix_mask(batch["unit_index"].to(device),
+                                     batch["branch_index"].to(device))
+        return {"input_ids": batch["input_ids"].to(device),
+                "position_ids": batch["position_ids"].to(device),
+                "attention_mask": _mask_for(model, allowed)}
     if "sequence_index" not in batch:
         return {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
     index = batch["sequence_index"]
@@ -86,13 +98,18 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, tor
                 "attention_mask": (index >= 0).long().to(device)}
     inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
     if batch["attention"] == "block_mask":
-        allowed = block_diagonal_mask(batch["sequence_index"].to(device))
-        if attn_implementation(model) == "eager":  # eager adds the mask to the scores
-            dtype = unwrap(model).dtype
-            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        inputs["attention_mask"] = allowed
+        inputs["attention_mask"] = _mask_for(
+            model, block_diagonal_mask(batch["sequence_index"].to(device)))
     return inputs
+
+
+def _mask_for(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask as the model's attention takes it: eager adds it to the scores."""
+    if attn_implementation(model) != "eager":
+        return allowed
+    dtype = unwrap(model).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def head_outputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -127,25 +144,29 @@ def check_packing(model: torch.nn.Module, kind: str) -> dict[str, Any]:
 
     Packs three random sequences into two rows (one padded) and compares, token by token, the
     logits (causal LM) or backbone hidden states (sequence classifier) with one forward per
-    sequence. Must run on every rank at once under ZeRO-3 (the forward gathers weights).
+    sequence. Then the same for shared-prefix packing: two sequences with a common prefix in
+    one unit, beside a third. Must run on every rank at once under ZeRO-3 (the forward gathers
+    weights).
 
     Returns:
         `architecture`, `attn_implementation`, `attention` (the first strategy that matched, or
-        None), `differences` (max absolute difference per strategy tried) and `tolerance`.
+        None), `shared_prefix` (whether shared-prefix packing matched), `differences` (max
+        absolute difference per layout tried), `tolerance` and `hidden_size`.
     """
     hf = unwrap(model)
     generator = torch.Generator().manual_seed(0)
-    vocab = hf.config.get_text_config().vocab_size
-    sequences = [torch.randint(1, vocab, (n,), generator=generator).tolist()
+    text_config = hf.config.get_text_config()
+    sequences = [torch.randint(1, text_config.vocab_size, (n,), generator=generator).tolist()
                  for n in CHECK_LENGTHS]
+    prefix, *branches = CHECK_SHARED
+    shared = [sequences[0][:prefix + n] for n in branches] + [sequences[2]]
+    shared[1][prefix:] = sequences[1][:branches[1]]  # a branch of its own, same prefix
     impl = attn_implementation(model)
     was_training = model.training
     model.eval()
     try:
-        alone = [_outputs(model, kind, {"input_ids": torch.tensor([s]),
-                                        "attention_mask": torch.ones(1, len(s), dtype=torch.long)}
-                          )[0] for s in sequences]
-        scale = max(1.0, max(float(a.abs().max()) for a in alone))
+        alone = {tuple(s): _alone(model, kind, s) for s in sequences + shared}
+        scale = max(1.0, max(float(a.abs().max()) for a in alone.values()))
         tolerance = (1e-4 if hf.dtype == torch.float32 else 5e-2) * scale
         differences: dict[str, float] = {}
         chosen = None
@@ -153,17 +174,36 @@ def check_packing(model: torch.nn.Module, kind: str) -> dict[str, Any]:
             if strategy == "block_mask" and impl not in MASKED:
                 continue
             batch = pack_sequences(sequences, CHECK_ROW, 0, strategy, unpack_index=True)
-            packed = unpack(_outputs(model, kind, batch), batch["unpack_index"])
-            differences[strategy] = max(float((packed[i, :len(a)] - a).abs().max())
-                                        for i, a in enumerate(alone))
+            differences[strategy] = _difference(model, kind, batch, sequences, alone)
             if differences[strategy] <= tolerance:
                 chosen = strategy
                 break
+        if impl in MASKED:
+            batch = pack_shared(shared, [[0, 1], [2]], CHECK_ROW, 0)
+            differences[SHARED_PREFIX] = _difference(model, kind, batch, shared, alone)
     finally:
         model.train(was_training)
     architectures = getattr(hf.config, "architectures", None) or [type(hf).__name__]
     return {"architecture": architectures[0], "attn_implementation": impl, "attention": chosen,
-            "differences": differences, "tolerance": tolerance}
+            "shared_prefix": differences.get(SHARED_PREFIX, float("inf")) <= tolerance,
+            "differences": differences, "tolerance": tolerance,
+            "hidden_size": int(text_config.hidden_size)}
+
+
+def _alone(model: torch.nn.Module, kind: str, sequence: list[int]) -> torch.Tensor:
+    """Outputs of one sequence's own forward, (L, ...)."""
+    return _outputs(model, kind, {"input_ids": torch.tensor([sequence]),
+                                  "attention_mask": torch.ones(1, len(sequence),
+                                                               dtype=torch.long)})[0]
+
+
+def _difference(model: torch.nn.Module, kind: str, batch: dict[str, Any],
+                sequences: list[list[int]], alone: dict[tuple[int, ...], torch.Tensor]
+                ) -> float:
+    """Largest absolute difference between a packed forward's outputs and separate ones."""
+    packed = unpack(_outputs(model, kind, batch), batch["unpack_index"])
+    return max(float((packed[i, :len(s)] - alone[tuple(s)]).abs().max())
+               for i, s in enumerate(sequences))
 
 
 def _outputs(model: torch.nn.Module, kind: str, batch: dict[str, Any]) -> torch.Tensor:
@@ -196,7 +236,31 @@ def resolve_packing(data: DataConfig, verdict: dict[str, Any] | None,
         logger.warning("%s; packing is off and batches are padded (set data.packing=false "
                        "to silence this)", message)
         return None
-    return Packing(verdict["attention"], packing_length(data, verdict["attn_implementation"]))
+    return Packing(verdict["attention"], packing_length(data, verdict["attn_implementation"]),
+                   share_prefix(data, verdict, role))
+
+
+def share_prefix(data: DataConfig, verdict: dict[str, Any], role: str) -> SharePrefix | None:
+    """Shared-prefix packing from `data.shared_prefix` and the check's verdict: unset, where
+    the check passed and the estimate says it pays (per micro-batch); true, wherever the check
+    passed.
+
+    Raises:
+        ConfigError: `data.shared_prefix: true` was set and the check failed.
+    """
+    if data.shared_prefix is False:
+        return None
+    if not verdict.get("shared_prefix"):
+        if data.shared_prefix:
+            worst = verdict["differences"].get(SHARED_PREFIX)
+            found = ("needs sdpa or eager attention" if worst is None else
+                     f"differs from separate forwards by {worst:.3g}")
+            raise ConfigError(
+                f"data.shared_prefix=true: shared-prefix packing on the {role} model "
+                f"({verdict['architecture']}, {verdict['attn_implementation']} attention) "
+                f"{found}; set data.shared_prefix=false, or leave it unset")
+        return None
+    return SharePrefix(verdict["hidden_size"], always=bool(data.shared_prefix))
 
 
 def packing_length(data: DataConfig, attn_impl: str) -> int | None:

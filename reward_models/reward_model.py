@@ -40,6 +40,7 @@ from align.config import ModelConfig
 from align.data.batching import collate_padded
 from align.data.conversations import is_messages, split_completion
 from align.data.packing import last_token_positions
+from align.data.prefix_sharing import SHARED_PREFIX, last_positions
 from align.data.sft import TokenizedExample
 from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
@@ -176,6 +177,8 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
         (N,) float32 scores, differentiable when the model is.
     """
     scores = head_outputs(model, batch)  # (rows, W): through the model, as ZeRO-3 needs
+    if batch.get("attention") == SHARED_PREFIX:  # a pair's prompt laid out once
+        return scores.flatten()[last_positions(batch["unpack_index"]).to(scores.device)].float()
     if "sequence_index" in batch:
         index = batch["sequence_index"].to(scores.device)
         last = last_token_positions(index, int(index.max()) + 1)

@@ -56,6 +56,12 @@ def test_cross_field_check_names_keys():
                                       "trainer.micro_batch_size=4"])
 
 
+def test_shared_prefix_without_packing_is_refused_naming_both_keys():
+    load_config(SFTConfig, None, ["data.shared_prefix=true"])
+    with pytest.raises(ConfigError, match=r"data\.shared_prefix=true.*data\.packing=false"):
+        load_config(SFTConfig, None, ["data.shared_prefix=true", "data.packing=false"])
+
+
 def test_compile_with_zero3_is_refused_naming_both_keys():
     load_config(SFTConfig, None, ["trainer.compile=true", "distributed.zero_stage=2"])
     with pytest.raises(ConfigError, match=r"trainer\.compile.*distributed\.zero_stage=3"):

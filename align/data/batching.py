@@ -15,6 +15,7 @@ import torch
 
 from align.data.packing import pack_sequences
 from align.data.preference import PreferenceExample
+from align.data.prefix_sharing import SharePrefix, choose_shared
 from align.data.sft import TokenizedExample
 from align.losses import IGNORE_INDEX
 
@@ -87,7 +88,8 @@ def _with_margins(batch: dict, examples: list[PreferenceExample]) -> dict:
 
 
 def collate_preference_packed(examples: list[PreferenceExample], row_length: int | None,
-                              pad_id: int, attention: str = "position_ids"
+                              pad_id: int, attention: str = "position_ids",
+                              share: SharePrefix | None = None
                               ) -> dict[str, torch.Tensor | str]:
     """The 2B sequences of `collate_preference` (B chosen, then B rejected) packed into rows.
 
@@ -96,12 +98,21 @@ def collate_preference_packed(examples: list[PreferenceExample], row_length: int
     `sequence_index` (0..2B-1, chosen first) says which sequence each token belongs to, so
     per-sequence sums can be taken from the packed rows (`align.data.packing.sequence_sums`).
 
+    With `share` (and where it pays, see `align.data.prefix_sharing.choose_shared`), each
+    pair's prompt is laid out once, its two completions after it: the batch is then
+    `pack_shared`'s, with the labels per sequence as `sequence_labels` (2B, L), right-padded.
+
     Returns:
         `input_ids`, `labels`, `position_ids`, `sequence_index`, each (R, W), and `attention`;
         `margin` (B,) float when the examples carry margins.
     """
     sequences, labels = _preference_sequences(examples)
-    batch = pack_sequences(sequences, row_length, pad_id, attention, labels=labels)
+    pairs = [[i, i + len(examples)] for i in range(len(examples))]
+    batch = choose_shared(sequences, pairs, row_length, pad_id, share)
+    if batch is not None:
+        batch["sequence_labels"] = _pad(sequences, labels, pad_id)["labels"]
+    else:
+        batch = pack_sequences(sequences, row_length, pad_id, attention, labels=labels)
     return _with_margins(batch, examples)
 
 

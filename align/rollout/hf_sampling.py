@@ -5,6 +5,11 @@ The generation config is built from scratch: it holds exactly the sampling setti
 `generation_config.json` (a `repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default
 top-k...) can reach the sampler, because such settings would change the behaviour policy
 without changing the log-probs the trainer computes.
+
+A prompt sampled several times (GRPO's group, RLOO's k samples) is prefilled once: the KV
+cache of each distinct prompt is computed on one row and copied to the rows that repeat it,
+and `generate` goes on from there (`prefill_repeated_prompts`). `generate` alone would run the
+prompt's forward once per sample.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -21,6 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from align.packed_forward import unwrap
 from align.rollout.base import Sampling, cut_at_eos
 
 
@@ -93,8 +100,10 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
                               do_sample=not sampling.greedy, repetition_penalty=1.0,
                               eos_token_id=eos_ids, pad_token_id=pad_id, **knobs)
     with neutral_generation_config(model, eos_ids, pad_id):
+        cache = prefill_repeated_prompts(model, ids, mask)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=processors)
+                             logits_processor=processors,
+                             **({} if cache is None else {"past_key_values": cache}))
     new = out[:, width:]
     eos = set(eos_ids)
     tokens = [cut_at_eos(row, eos) for row in new.tolist()]
@@ -102,3 +111,37 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
         return tokens, None
     logprobs = recorder.finish(new[:, -1]).tolist() if new.shape[1] else [[] for _ in prompts]
     return tokens, [lp[: len(t)] for lp, t in zip(logprobs, tokens)]
+
+
+def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor,
+                             mask: torch.Tensor) -> DynamicCache | None:
+    """The KV cache of every row's prompt but its last token, each distinct prompt computed
+    once; None when no prompt repeats (or the model keeps another kind of cache).
+
+    `generate`, given this cache, runs only the last prompt token before sampling, so the
+    first sampled token comes from the same logits (and the same random draw) as without it.
+    Position ids are those `generate` gives left-padded rows (the attention mask's cumsum).
+
+    Args:
+        model: the causal LM (peft or plain).
+        ids: (B, W) left-padded prompts, repeats in any order.
+        mask: (B, W) their attention mask.
+    """
+    distinct: dict[tuple[int, ...], int] = {}
+    inverse = [distinct.setdefault(tuple(row), i) for i, row in enumerate(ids.tolist())]
+    if len(distinct) == len(inverse) or ids.shape[1] < 2:
+        return None
+    first = torch.tensor(sorted(set(inverse)), device=ids.device)
+    slot = {row: n for n, row in enumerate(first.tolist())}
+    select = torch.tensor([slot[i] for i in inverse], device=ids.device)
+    hf = unwrap(model)
+    head, tail = ids[first, :-1], mask[first, :-1]
+    keep = {"logits_to_keep": 1} if hf._supports_logits_to_keep() else {}
+    out = model(input_ids=head, attention_mask=tail,
+                position_ids=(tail.cumsum(-1) - 1).masked_fill(tail == 0, 0),
+                past_key_values=DynamicCache(config=hf.config), use_cache=True, **keep)
+    cache = out.past_key_values
+    if not isinstance(cache, DynamicCache):
+        return None
+    cache.batch_select_indices(select)
+    return cache

@@ -50,6 +50,7 @@ from align.data import (
     collate_unpaired,
 )
 from align.data.packing import sequence_sums
+from align.data.prefix_sharing import SHARED_PREFIX
 from align.data.tables import take
 from align.distributed import WorkerGroup
 from align.losses import (
@@ -57,6 +58,7 @@ from align.losses import (
     PREFERENCE_LOSSES,
     PreferenceLogps,
     gather_logprobs,
+    indexed_logprobs,
     kto_kl_baseline,
     preference_loss,
     preference_metrics,
@@ -95,12 +97,18 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Args:
         model: the causal LM (DeepSpeed engine, peft or plain module).
         batch: `collate_preference` output (2B padded rows) or `collate_preference_packed`
-            output (packed rows; `sequence_index` says which sequence each token belongs to).
+            output (packed rows; `sequence_index` says which sequence each token belongs to,
+            or, with shared prompts, `unpack_index` where each sequence's tokens are).
 
     Returns:
         (logps, lengths), each (2B,): chosen sequences first, then rejected.
     """
     logits = model(**model_inputs(model, batch), use_cache=False).logits
+    if batch.get("attention") == SHARED_PREFIX:  # each pair's prompt laid out once
+        labels = batch["sequence_labels"][:, 1:].to(logits.device)
+        token_logps = indexed_logprobs(logits, batch["unpack_index"][:, :-1], labels)
+        mask = labels != IGNORE_INDEX
+        return token_logps.sum(-1), mask.sum(-1)
     logits, labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
     token_logps = gather_logprobs(logits, labels)  # (rows, T-1)
     mask = labels != IGNORE_INDEX
@@ -255,7 +263,7 @@ class DPOTrainer(Trainer[DPOConfig]):
             return batch
         if packing is not None:
             batch = collate_preference_packed(examples, packing.row_length, pad,
-                                              packing.attention)
+                                              packing.attention, packing.share_prefix)
         else:
             batch = collate_preference(examples, pad)
         batch.pop("margin", None)  # DPO has no use for a margin column

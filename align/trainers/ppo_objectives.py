@@ -13,11 +13,13 @@ import torch
 
 from align.advantages import kl_penalty
 from align.data.packing import unpack, unpack_shifted
+from align.data.prefix_sharing import SHARED_PREFIX
 from align.losses import (
     IGNORE_INDEX,
     aggregate,
     entropy_from_logits,
     gather_logprobs,
+    indexed_logprobs,
     ppo_policy_loss,
     ppo_value_loss,
     sequence_level_logprobs,
@@ -31,29 +33,44 @@ def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).float()
 
 
-def _shifted_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) in the batch's own layout (padded or packed rows), shifted: logits
-    (rows, W-1, V) at position t and the id of token t+1 (IGNORE_INDEX off completions)."""
+def _logprobs_and_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          temperature: float, entropy: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T-1) log-probs of the generated tokens and (with `entropy`) the entropy of each
+    next-token distribution, 0 off completions, whatever the batch's layout.
+
+    Padded and packed rows are shifted within the row (position t predicts the row's token
+    t+1). In a shared-prefix batch the last prompt position predicts a different first token
+    for every sample, so each token's log-prob is read at its predecessor's flat position.
+    """
     out = model(**model_inputs(model, batch), use_cache=False)
     # Log-probs must come from the distribution that was sampled: logits / temperature.
-    logits = out.logits[:, :-1].float() / temperature
-    targets = batch["input_ids"] if "unpack_index" in batch else batch["labels"]
-    return logits, targets[:, 1:].to(logits.device)
+    if batch.get("attention") == SHARED_PREFIX:
+        logits = out.logits.float() / temperature
+        positions = batch["unpack_index"][:, :-1]
+        logp = indexed_logprobs(logits, positions, batch["labels"][:, 1:])
+        ent = unpack(entropy_from_logits(logits), batch["unpack_index"])[:, :-1] if entropy \
+            else None
+    else:
+        logits = out.logits[:, :-1].float() / temperature
+        targets = batch["input_ids"] if "unpack_index" in batch else batch["labels"]
+        logp = _padded(gather_logprobs(logits, targets[:, 1:].to(logits.device)), batch)
+        ent = _padded(entropy_from_logits(logits), batch) if entropy else None
+    mask = response_mask(batch).to(logp.device)
+    return logp * mask, None if ent is None else ent * mask
 
 
 def _padded(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Shifted per-token values (rows, W-1) in the padded layout (B, T-1), 0 off completions."""
+    """Shifted per-token values (rows, W-1) in the padded layout (B, T-1)."""
     if "unpack_index" in batch:
         values = unpack_shifted(values, batch["unpack_index"])
-    return values * response_mask(batch).to(values.device)
+    return values
 
 
 def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    temperature: float) -> torch.Tensor:
     """(B, T-1) log-probs of the generated tokens (0 elsewhere)."""
-    logits, targets = _shifted_logits(model, batch, temperature)
-    return _padded(gather_logprobs(logits, targets), batch)
+    return _logprobs_and_entropy(model, batch, temperature, entropy=False)[0]
 
 
 def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,9 +110,8 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     sampling log-probs (`align.rollout.verify`) then comes back as `logprob_gap_sum` and
     `max_logprob_gap`.
     """
-    logits, targets = _shifted_logits(model, batch, temperature)
-    mask = response_mask(batch)
-    logp = _padded(gather_logprobs(logits, targets), batch)
+    logp, entropy = _logprobs_and_entropy(model, batch, temperature, entropy=True)
+    mask = response_mask(batch).to(logp.device)
     old = batch.get("old_logprobs")
     gap_stats = {}
     if old is None:
@@ -115,7 +131,6 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     kl = kl_penalty(logp, batch["ref_logprobs"], kl_estimator)
     if kl_coef:
         loss = loss + kl_coef * aggregate(kl, mask, aggregation, normalizer)
-    entropy = _padded(entropy_from_logits(logits), batch)
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, normalizer)
     tokens = float(mask.sum())

@@ -102,10 +102,11 @@ class RewardTrainer(Trainer[RMConfig]):
         pad, packing = self.tokenizer.pad_token_id, self.packing
         if packing is not None:
             batch = collate_preference_packed(examples, packing.row_length, pad,
-                                              packing.attention)
+                                              packing.attention, packing.share_prefix)
         else:
             batch = collate_preference(examples, pad)
-        batch.pop("labels")  # scores need no labels; less to ship to the workers
+        batch.pop("labels", None)  # scores need no labels; less to ship to the workers
+        batch.pop("sequence_labels", None)
         if not self.cfg.rm.use_margin:
             batch.pop("margin", None)
         return batch

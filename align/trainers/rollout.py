@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from align.data.packing import pack_padded
+from align.data.prefix_sharing import share_padded
 from align.data.prompts import PromptExample, reward_columns
 from align.distributed import WorkerGroup
 from align.losses import IGNORE_INDEX
@@ -41,11 +42,17 @@ class Rollout:
 
     def rows(self, index: list[int], packing: Packing | None = None) -> dict[str, torch.Tensor]:
         """The rows `index` of the batch and per-token tensors, as one micro-batch; with
-        `packing`, the forward's inputs are packed (see `align.data.packing.pack_padded`)."""
+        `packing`, the forward's inputs are packed (see `align.data.packing.pack_padded`), and
+        the samples of a prompt share its tokens where that pays (`packing.share_prefix`,
+        `align.data.prefix_sharing.share_padded`)."""
         idx = torch.tensor(index)
         rows = {k: v[idx] for k, v in {**self.batch, **self.tensors}.items()}
         if packing is None:
             return rows
+        shared = share_padded(rows, packing.row_length, self.pad_id, packing.share_prefix,
+                              IGNORE_INDEX)
+        if shared is not None:
+            return shared
         return pack_padded(rows, packing.row_length, self.pad_id, packing.attention)
 
 

@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.policy import Policy
 from align.rollout import Sampling
+from align.rollout.hf_sampling import hf_sample
 from align.rollout.verify import logprob_gap, shifted_logprobs
 from align.trainers.ppo_objectives import response_mask, token_logprobs
 from align.trainers.rollout import pad_sequences
@@ -51,3 +53,44 @@ def test_sampling_log_probs_equal_the_trainers(leaky_model_dir, temperature):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     # A repeated token would have been penalised (x3) or banned (n-gram 1) had they leaked.
     assert any(len(set(t)) < len(t) for t in gen.tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_repeated_prompts_are_prefilled_once_and_sample_as_without(tiny_model_dir, arch,
+                                                                   monkeypatch):
+    """A prompt sampled 4 times runs its forward once; the samples and their log-probs are
+    those `generate` gives without the shared prefill, under the same seed."""
+    from align.rollout import hf_sampling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
+    prompts = [[40, 41, 42, 43]] * 4 + [[50, 51]] * 4  # left-padded to 4 in one batch
+    sampling = Sampling(max_new_tokens=6, temperature=0.9, logprobs=True)
+    widths: list[tuple[int, int]] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+
+    def sample() -> tuple[list[list[int]], list[list[float]]]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return hf_sample(model, prompts, sampling, [1], 0, torch.device("cpu"))
+
+    shared = sample()
+    handle.remove()
+    assert widths[0] == (2, 3) and widths[1] == (8, 1)  # 2 distinct prompts but their last
+    monkeypatch.setattr(hf_sampling, "prefill_repeated_prompts", lambda *args: None)
+    alone = sample()
+    assert shared[0] == alone[0]
+    for got, want in zip(*[lp for _, lp in (shared, alone)]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+    assert len({tuple(t) for t in shared[0][:4]}) > 1  # the repeats sampled apart
+
+
+def test_prefill_needs_a_repeat(tiny_model_dir):
+    from align.rollout.hf_sampling import prefill_repeated_prompts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    ids, mask = torch.tensor([[3, 4], [5, 6]]), torch.ones(2, 2, dtype=torch.long)
+    assert prefill_repeated_prompts(model, ids, mask) is None
+    cache = prefill_repeated_prompts(model, torch.tensor([[3, 4], [3, 4], [5, 6]]),
+                                     torch.ones(3, 2, dtype=torch.long))
+    assert cache.get_seq_length() == 1 and cache.layers[0].keys.shape[0] == 3

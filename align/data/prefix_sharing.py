@@ -1,0 +1,210 @@
+"""Shared-prefix packing: sequences that begin alike run their common prefix once.
+
+A prompt's samples in GRPO or RLOO, and a preference pair's chosen and rejected completions,
+repeat the same prompt tokens. A group of such sequences with a common prefix of P tokens is
+laid out as one *unit*: the prefix once, then each sequence's own remaining tokens (its
+*branch*), one after another:
+
+    [ prompt | completion 1 | completion 2 | ... ]
+
+Each branch token attends to the prefix and to its own branch, never to a sibling branch
+(`shared_prefix_mask`), and its position ids continue from P. So every token sees exactly what
+it would see alone, and outputs equal separate forwards (checked on the loaded model at
+start-up, `align.packed_forward.check_packing`). Units are then placed into rows as single
+sequences are (`align.data.packing.best_fit_decreasing`).
+
+A shared batch has `input_ids` and `position_ids` (R, W), `unit_index` (R, W) (which unit a
+token belongs to, -1 on padding), `branch_index` (R, W) (0 on a unit's prefix, i + 1 on its
+i-th branch), `attention` = "shared_prefix", and `unpack_index` (N, L): the flat position of
+every token of every sequence, so a prefix position is shared by all sequences of its unit.
+Per-token results are read through `unpack_index` (`align.data.packing.unpack`); next-token
+log-probs with `align.losses.indexed_logprobs`, since the token after a shared position
+differs from one sequence to the next.
+
+The mask costs what it saves on long branches: attention over a row of width W is W x W, so a
+unit of 8 long completions computes more attention than the 8 sequences apart. `sharing_pays`
+compares the two layouts' estimated cost (linear layers per token, attention per pair of
+tokens) and sharing is used where it is cheaper (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align.data.packing import best_fit_decreasing
+
+SHARED_PREFIX = "shared_prefix"  # the `attention` value of a shared batch
+
+
+@dataclass(frozen=True)
+class SharePrefix:
+    """Settings of shared-prefix packing: the model's hidden size (for `sharing_pays`) and
+    whether to share even where the estimate says it does not pay."""
+
+    hidden_size: int
+    always: bool = False
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens all `sequences` begin with, leaving each at least one token of its own (its
+    last token is where a reward model reads its score); 0 for fewer than two sequences."""
+    if len(sequences) < 2:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences[1:]):
+        n += 1
+    return n
+
+
+def groups_of_equal_prefix(prefixes: list[list[int]]) -> list[list[int]]:
+    """Indices grouped by identical `prefixes` (e.g. prompt ids), in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prefix in enumerate(prefixes):
+        groups.setdefault(tuple(prefix), []).append(i)
+    return list(groups.values())
+
+
+def _units(sequences: list[list[int]], groups: list[list[int]]
+           ) -> list[tuple[list[int], int]]:
+    """(members, prefix length) of each unit; every sequence is in exactly one group."""
+    return [(members, common_prefix_length([sequences[i] for i in members]))
+            for members in groups]
+
+
+def _unit_length(sequences: list[list[int]], members: list[int], prefix: int) -> int:
+    return prefix + sum(len(sequences[i]) - prefix for i in members)
+
+
+def _layout_cost(lengths: list[int], row_length: int | None, hidden_size: int) -> float:
+    """Estimated forward cost of packing items of `lengths` into rows: each row of width W
+    costs W token passes through the linear layers (~24 h^2 flops per layer for a
+    transformer block) and W^2 attention pairs (~4 h flops per layer): W (1 + W / (6 h))."""
+    if not lengths:
+        return 0.0
+    rows = best_fit_decreasing(lengths, max(lengths) if row_length is None else row_length)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    return len(rows) * width * (1 + width / (6 * hidden_size))
+
+
+def sharing_pays(sequences: list[list[int]], groups: list[list[int]], row_length: int | None,
+                 hidden_size: int) -> bool:
+    """Whether the shared layout of `groups` is estimated cheaper than packing `sequences`
+    apart (see `_layout_cost`); False when no group shares a token."""
+    units = _units(sequences, groups)
+    if not any(prefix for _, prefix in units):
+        return False
+    shared = [_unit_length(sequences, members, prefix) for members, prefix in units]
+    apart = [len(s) for s in sequences]
+    return _layout_cost(shared, row_length, hidden_size) < _layout_cost(apart, row_length,
+                                                                         hidden_size)
+
+
+def pack_shared(sequences: list[list[int]], groups: list[list[int]], row_length: int | None,
+                pad_id: int) -> dict[str, torch.Tensor | str]:
+    """Pack `sequences` with each group's common prefix laid out once (see the module doc).
+
+    Args:
+        sequences: token ids of each sequence.
+        groups: indices into `sequences`, each sequence in exactly one group; a group of one
+            is a sequence packed on its own.
+        row_length: tokens per row (None: the longest unit's), as `pack_sequences`.
+        pad_id: the id that fills the end of each row.
+
+    Returns:
+        `input_ids`, `position_ids`, `unit_index`, `branch_index` (R, W), `unpack_index`
+        (N, L) with L the longest sequence (-1 past a sequence's end), and `attention`.
+    """
+    units = _units(sequences, groups)
+    lengths = [_unit_length(sequences, members, prefix) for members, prefix in units]
+    rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
+                               else row_length)
+    width = max((sum(lengths[u] for u in row) for row in rows), default=0)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    unit_index = torch.full(shape, -1, dtype=torch.long)
+    branch_index = torch.zeros(shape, dtype=torch.long)
+    where = torch.full((len(sequences), max(map(len, sequences), default=0)), -1,
+                       dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = r * width  # flat position of the row's next free token
+        for u in row:
+            members, prefix = units[u]
+            first = sequences[members[0]]
+            _place(input_ids, position_ids, start, first[:prefix], 0)
+            unit_index.view(-1)[start:start + lengths[u]] = u
+            for i in members:
+                where[i, :prefix] = torch.arange(start, start + prefix)
+            at = start + prefix
+            for branch, i in enumerate(members, start=1):
+                tokens = sequences[i][prefix:]
+                _place(input_ids, position_ids, at, tokens, prefix)
+                branch_index.view(-1)[at:at + len(tokens)] = branch
+                where[i, prefix:len(sequences[i])] = torch.arange(at, at + len(tokens))
+                at += len(tokens)
+            start = at
+    return {"input_ids": input_ids, "position_ids": position_ids, "unit_index": unit_index,
+            "branch_index": branch_index, "unpack_index": where, "attention": SHARED_PREFIX}
+
+
+def _place(input_ids: torch.Tensor, position_ids: torch.Tensor, at: int, tokens: list[int],
+           first_position: int) -> None:
+    """Write `tokens` at flat position `at`, with position ids from `first_position`."""
+    n = len(tokens)
+    input_ids.view(-1)[at:at + n] = torch.tensor(tokens, dtype=torch.long)
+    position_ids.view(-1)[at:at + n] = torch.arange(first_position, first_position + n)
+
+
+def shared_prefix_mask(unit_index: torch.Tensor, branch_index: torch.Tensor) -> torch.Tensor:
+    """(R, 1, W, W) boolean: True where query q may attend to key k: k <= q in the same unit,
+    and k on the unit's prefix or on q's own branch. Padding (-1) sees only padding."""
+    same_unit = unit_index[:, :, None] == unit_index[:, None, :]
+    key_branch = branch_index[:, None, :]
+    visible = (key_branch == 0) | (key_branch == branch_index[:, :, None])
+    width = unit_index.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=unit_index.device).tril()
+    return (same_unit & visible & causal)[:, None]
+
+
+def last_positions(unpack_index: torch.Tensor) -> torch.Tensor:
+    """(N,) flat position of each sequence's last token, from `unpack_index` (N, L)."""
+    last = (unpack_index >= 0).sum(-1) - 1
+    return unpack_index.gather(1, last.clamp(min=0)[:, None]).squeeze(1)
+
+
+def choose_shared(sequences: list[list[int]], groups: list[list[int]], row_length: int | None,
+                  pad_id: int, share: SharePrefix | None) -> dict[str, torch.Tensor | str] | None:
+    """`pack_shared`'s layout where `share` asks for it and it pays (or `share.always`);
+    None where the sequences should be packed apart."""
+    if share is None or not (share.always or sharing_pays(sequences, groups, row_length,
+                                                          share.hidden_size)):
+        return None
+    return pack_shared(sequences, groups, row_length, pad_id)
+
+
+def share_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: int,
+                 share: SharePrefix | None, ignore_index: int = -100
+                 ) -> dict[str, torch.Tensor | str] | None:
+    """The shared layout of a right-padded rollout batch, or None (see `choose_shared`).
+
+    Rows whose prompts (the tokens before the first label) are equal form a group. As
+    `align.data.packing.pack_padded`, `input_ids` and `attention_mask` are replaced and the
+    batch's other tensors kept; `unpack_index` is (B, T), the padded layout's shape.
+    """
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    sequences = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+    labelled = batch["labels"] != ignore_index
+    starts = torch.where(labelled.any(-1), labelled.float().argmax(-1),
+                         torch.tensor(lengths)).tolist()
+    groups = groups_of_equal_prefix([s[:p] for s, p in zip(sequences, starts)])
+    packed = choose_shared(sequences, groups, row_length, pad_id, share)
+    if packed is None:
+        return None
+    index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    index[:, :packed["unpack_index"].shape[1]] = packed["unpack_index"]
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return {**rest, **packed, "unpack_index": index}
