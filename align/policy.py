@@ -143,8 +143,14 @@ class Policy:
     # ------------------------------------------------------------------ training
 
     def train_step(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
+                   with_reference: tuple[str, Callable[..., Any], dict[str, Any]] | None = None,
                    **kwargs: Any) -> dict[str, dict[str, float]]:
         """One optimizer step over this rank's micro-batches.
+
+        `with_reference` (key, fn, fn_kwargs) adds `fn(reference, micro_batch, **fn_kwargs)`,
+        computed without gradients, to each micro-batch as `key` before the objective runs: the
+        reference's part of the step on the very batch the update trains on, shipped and packed
+        once (PPO's reference log-probs when nothing before the update needs them).
 
         Returns `{"sums": additive metrics summed over micro-batches, "shared": values that
         are the same on every rank (grad_norm, lr)}`.
@@ -161,7 +167,11 @@ class Policy:
         lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, metrics = objective(engine, self._on_device(batch), **kwargs)
+            batch = self._on_device(batch)
+            if with_reference is not None:
+                batch = {**batch, with_reference[0]: self._reference_output(batch,
+                                                                            *with_reference[1:])}
+            loss, metrics = objective(engine, batch, **kwargs)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}) on rank {self.rank}; "
                                     "lower trainer.lr or check the data")
@@ -179,6 +189,17 @@ class Policy:
         # Same value on every rank: reported once, not summed.
         shared = {"grad_norm": grad_norm, "lr": lr}
         return {"sums": totals, "shared": shared}
+
+    @torch.no_grad()
+    def _reference_output(self, batch: dict[str, Any], fn: Callable[..., Any],
+                          fn_kwargs: dict[str, Any]) -> Any:
+        """`fn` on the frozen reference in eval mode, inside a training step (which goes on in
+        train mode: with LoRA the reference is this very model, adapter off)."""
+        with self.reference_view() as module:
+            module.eval()
+            out = fn(module, batch, **fn_kwargs)
+        self.engine.train()
+        return out
 
     def evaluate(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
                  **kwargs: Any) -> dict[str, float]:

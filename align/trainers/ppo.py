@@ -342,19 +342,23 @@ class PPOTrainer(Trainer[PPOConfig]):
 
         Returns the per-token KL (N, T-1), zero outside completions; None when the update
         computes the old log-probs itself (`old_from_update`: TRL's shortcut for one update
-        per rollout, which saves a forward pass over the rollout each iteration).
+        per rollout, which saves a forward pass over the rollout each iteration); the
+        reference log-probs then come in the update's call too, on its own micro-batches,
+        which saves a call to the workers and a second collation of the rollout.
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
-        ref = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
-                         reference=True, temperature=temp)
         mask = response_mask(rollout.batch)
-        tensors = {"ref_logprobs": ref}
+        tensors = {}
+        if not self.old_from_update:  # else the update's step computes them (`_update`)
+            tensors["ref_logprobs"] = infer_rows(self.group, token_logprobs, rollout, micro,
+                                                 self.packing, reference=True,
+                                                 temperature=temp)
         kl = None
         if not self.old_from_update:
             old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
                              temperature=temp)
-            kl = kl_penalty(old, ref, self.kl_estimator) * mask
+            kl = kl_penalty(old, tensors["ref_logprobs"], self.kl_estimator) * mask
             tensors["old_logprobs"] = old
         if cfg.importance_cap() is not None or (self.old_from_update
                                                 and rollout.engine_logprobs is not None):
@@ -385,6 +389,9 @@ class PPOTrainer(Trainer[PPOConfig]):
                          kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
                          entropy_coef=alg.entropy_coef, tis_cap=cfg.importance_cap(),
                          importance_sampling_level=alg.importance_sampling_level)
+        if self.old_from_update:  # the reference runs in the same call, on the same batches
+            policy_kw["with_reference"] = ("ref_logprobs", token_logprobs,
+                                           {"temperature": cfg.rollout.temperature})
         sums: dict[str, float] = {}
         minibatches = 0
         for _ in range(alg.ppo_epochs):

@@ -63,7 +63,8 @@ class RecordedPPO(PPOTrainer):
 # Each estimator runs on two workers: with LoRA under ZeRO-3 for two iterations, or with full
 # weights under ZeRO-2 for eight on a reward a tiny model can learn, which must rise. gae (the
 # only one with a critic) runs both ways; the critic-free ones share every code path but the
-# advantage function (unit-tested in test_advantages.py), so each runs one way.
+# advantage function (unit-tested in test_advantages.py), so each runs one way. rloo runs with
+# LoRA: its reference (the adapter off) runs inside the update's call (`old_from_update`).
 LEARN = (f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share', name: letters}}]",
          "trainer.max_steps=8", "trainer.lr=3e-2", "rollout.prompts_per_step=8",
          "rollout.max_new_tokens=8", "trainer.global_batch_size=32",
@@ -73,7 +74,7 @@ LEARN = (f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share', name: letters}}]",
 @pytest.mark.parametrize(("estimator", "lora", "zero"), [
     pytest.param("gae", True, 3, id="gae-lora-z3"), pytest.param("gae", False, 2, id="gae-full-z2"),
     pytest.param("grpo", False, 2, id="grpo-full-z2"),
-    pytest.param("rloo", False, 2, id="rloo-full-z2"),
+    pytest.param("rloo", True, 3, id="rloo-lora-z3"),
     pytest.param("reinforce_pp", False, 2, id="reinforce_pp-full-z2")])
 def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
     learn = not lora
@@ -81,7 +82,9 @@ def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
                           f"model.lora.enabled={str(lora).lower()}", "rollout.temperature=0.8",
                           "algorithm.kl_coef=0.04", "trainer.log_completions_every=1",
                           "distributed.num_workers=2", f"distributed.zero_stage={zero}",
-                          *(LEARN if learn else ()))
+                          *(LEARN if learn else ()),
+                          # one minibatch of the 16 samples: the update's own old log-probs
+                          *(("trainer.global_batch_size=16",) if estimator == "rloo" else ()))
     trainer = RecordedPPO(cfg, show_progress=False)
     summary = trainer.fit()
     run = tmp_path / "run"
@@ -95,6 +98,7 @@ def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
             assert key in m and math.isfinite(m[key]), key
         assert ("value_loss" in m) == (estimator == "gae")
     assert summary["stage"] == "ppo" and summary["steps"] == iterations
+    assert trainer.old_from_update == (estimator in ("grpo", "rloo"))
     assert (run / "final" / "config.json").is_file()  # embedded base: LoRA merged on save
     placement = json.loads((run / "placement.json").read_text())
     assert len(placement["policy"]) == 2
@@ -159,8 +163,9 @@ class FullExperiencePPO(RecordedPPO):
 
 
 def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray_local):
-    """With one minibatch and one epoch the old log-probs are the update's own forward: one
-    forward pass fewer per iteration, and the same training, metrics and engine gap check."""
+    """With one minibatch and one epoch the old log-probs are the update's own forward and the
+    reference runs in the same call: one forward pass and one call fewer per iteration, and the
+    same training, metrics and engine gap check."""
     def run(cls, name):
         cfg = tiny_ppo_config(tmp_path / name, "algorithm.estimator=grpo",
                               "algorithm.kl_coef=0.04", "trainer.max_steps=3",
@@ -174,7 +179,9 @@ def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray
     shortcut, infers, steps = run(RecordedPPO, "shortcut")
     full, full_infers, full_steps = run(FullExperiencePPO, "full")
     assert shortcut.old_from_update
-    assert len(infers) == 3 and len(full_infers) == 6  # the reference only, against both
+    # No separate forward at all: the reference runs in the update's call, against the
+    # reference and old log-probs by their own calls.
+    assert not infers and len(full_infers) == 6
     for m, f in zip(steps, full_steps, strict=True):
         for key in ("policy_loss", "kl", "reward", "entropy", "grad_norm", "ratio"):
             assert m[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
