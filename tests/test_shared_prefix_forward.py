@@ -109,7 +109,6 @@ def test_shared_rollout_logprobs_entropy_and_values_equal_padded(tiny_model_dir,
 
 def test_shared_gradients_equal_padded(tiny_model_dir):
     """The prefix's gradient sums what each sample sends it, as separate forwards do."""
-    sequences = [p + r for p, r in zip(PROMPTS, RESPONSES)]
     grads = []
     for share in (ALWAYS, None):
         model = causal(tiny_model_dir("llama"))
@@ -118,7 +117,7 @@ def test_shared_gradients_equal_padded(tiny_model_dir):
         logp, _ = _logprobs_and_entropy(model, batch, 1.0, entropy=False)
         logp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert len(sequences) == 6
+    assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 

@@ -116,9 +116,21 @@ def pack_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: 
     `pack_sequences`) and `unpack_index` (B, T), with which `unpack` returns per-token outputs
     to the padded layout the rest of the batch (labels, per-token data) is in.
     """
+    packed = pack_sequences(padded_sequences(batch), row_length, pad_id, attention,
+                            unpack_index=True)
+    return replace_padded(batch, packed)
+
+
+def padded_sequences(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The token ids of each row of a right-padded batch, without its padding."""
     lengths = batch["attention_mask"].sum(-1).tolist()
-    sequences = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
-    packed = pack_sequences(sequences, row_length, pad_id, attention, unpack_index=True)
+    return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+
+
+def replace_padded(batch: dict[str, torch.Tensor], packed: dict[str, torch.Tensor | str]
+                   ) -> dict[str, torch.Tensor | str]:
+    """`batch` with its `input_ids` and `attention_mask` replaced by the `packed` layout of its
+    rows; `unpack_index` widened to (B, T), the padded layout's shape."""
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
     index[:, :packed["unpack_index"].shape[1]] = packed["unpack_index"]
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data.packing import best_fit_decreasing
+from align.data.packing import best_fit_decreasing, padded_sequences, replace_padded
 
 SHARED_PREFIX = "shared_prefix"  # the `attention` value of a shared batch
 
@@ -68,8 +68,10 @@ def groups_of_equal_prefix(prefixes: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _units(sequences: list[list[int]], groups: list[list[int]]
-           ) -> list[tuple[list[int], int]]:
+Units = list[tuple[list[int], int]]  # (members, common prefix length) of each unit
+
+
+def _units(sequences: list[list[int]], groups: list[list[int]]) -> Units:
     """(members, prefix length) of each unit; every sequence is in exactly one group."""
     return [(members, common_prefix_length([sequences[i] for i in members]))
             for members in groups]
@@ -94,7 +96,11 @@ def sharing_pays(sequences: list[list[int]], groups: list[list[int]], row_length
                  hidden_size: int) -> bool:
     """Whether the shared layout of `groups` is estimated cheaper than packing `sequences`
     apart (see `_layout_cost`); False when no group shares a token."""
-    units = _units(sequences, groups)
+    return _pays(sequences, _units(sequences, groups), row_length, hidden_size)
+
+
+def _pays(sequences: list[list[int]], units: Units, row_length: int | None,
+          hidden_size: int) -> bool:
     if not any(prefix for _, prefix in units):
         return False
     shared = [_unit_length(sequences, members, prefix) for members, prefix in units]
@@ -118,7 +124,11 @@ def pack_shared(sequences: list[list[int]], groups: list[list[int]], row_length:
         `input_ids`, `position_ids`, `unit_index`, `branch_index` (R, W), `unpack_index`
         (N, L) with L the longest sequence (-1 past a sequence's end), and `attention`.
     """
-    units = _units(sequences, groups)
+    return _pack_units(sequences, _units(sequences, groups), row_length, pad_id)
+
+
+def _pack_units(sequences: list[list[int]], units: Units, row_length: int | None,
+                pad_id: int) -> dict[str, torch.Tensor | str]:
     lengths = [_unit_length(sequences, members, prefix) for members, prefix in units]
     rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
                                else row_length)
@@ -180,10 +190,12 @@ def choose_shared(sequences: list[list[int]], groups: list[list[int]], row_lengt
                   pad_id: int, share: SharePrefix | None) -> dict[str, torch.Tensor | str] | None:
     """`pack_shared`'s layout where `share` asks for it and it pays (or `share.always`);
     None where the sequences should be packed apart."""
-    if share is None or not (share.always or sharing_pays(sequences, groups, row_length,
-                                                          share.hidden_size)):
+    if share is None:
         return None
-    return pack_shared(sequences, groups, row_length, pad_id)
+    units = _units(sequences, groups)  # the common prefixes, found once for both
+    if not (share.always or _pays(sequences, units, row_length, share.hidden_size)):
+        return None
+    return _pack_units(sequences, units, row_length, pad_id)
 
 
 def share_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: int,
@@ -195,16 +207,12 @@ def share_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id:
     `align.data.packing.pack_padded`, `input_ids` and `attention_mask` are replaced and the
     batch's other tensors kept; `unpack_index` is (B, T), the padded layout's shape.
     """
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    sequences = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+    if share is None:
+        return None
+    sequences = padded_sequences(batch)
     labelled = batch["labels"] != ignore_index
     starts = torch.where(labelled.any(-1), labelled.float().argmax(-1),
-                         torch.tensor(lengths)).tolist()
+                         torch.tensor([len(s) for s in sequences])).tolist()
     groups = groups_of_equal_prefix([s[:p] for s, p in zip(sequences, starts)])
     packed = choose_shared(sequences, groups, row_length, pad_id, share)
-    if packed is None:
-        return None
-    index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-    index[:, :packed["unpack_index"].shape[1]] = packed["unpack_index"]
-    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return {**rest, **packed, "unpack_index": index}
+    return None if packed is None else replace_padded(batch, packed)

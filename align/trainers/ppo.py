@@ -350,16 +350,14 @@ class PPOTrainer(Trainer[PPOConfig]):
         micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
         mask = response_mask(rollout.batch)
         tensors = {}
-        if not self.old_from_update:  # else the update's step computes them (`_update`)
-            tensors["ref_logprobs"] = infer_rows(self.group, token_logprobs, rollout, micro,
-                                                 self.packing, reference=True,
-                                                 temperature=temp)
         kl = None
-        if not self.old_from_update:
+        if not self.old_from_update:  # else the update's own call computes both (`_update`)
+            ref = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
+                             reference=True, temperature=temp)
             old = infer_rows(self.group, token_logprobs, rollout, micro, self.packing,
                              temperature=temp)
-            kl = kl_penalty(old, tensors["ref_logprobs"], self.kl_estimator) * mask
-            tensors["old_logprobs"] = old
+            kl = kl_penalty(old, ref, self.kl_estimator) * mask
+            tensors.update(ref_logprobs=ref, old_logprobs=old)
         if cfg.importance_cap() is not None or (self.old_from_update
                                                 and rollout.engine_logprobs is not None):
             tensors["engine_logprobs"] = rollout.engine_logprobs
