@@ -133,40 +133,46 @@ def _pack_units(sequences: list[list[int]], units: Units, row_length: int | None
     rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
                                else row_length)
     width = max((sum(lengths[u] for u in row) for row in rows), default=0)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    unit_index = torch.full(shape, -1, dtype=torch.long)
-    branch_index = torch.zeros(shape, dtype=torch.long)
-    where = torch.full((len(sequences), max(map(len, sequences), default=0)), -1,
-                       dtype=torch.long)
+    # Flat Python lists, row after row, made tensors once at the end: per-sequence tensor
+    # writes cost more than the forward of a small model's micro-batch.
+    ids: list[int] = []
+    positions: list[int] = []
+    unit_of: list[int] = []
+    branch_of: list[int] = []
+    longest = max(map(len, sequences), default=0)
+    where = [[-1] * longest for _ in sequences]
     for r, row in enumerate(rows):
-        start = r * width  # flat position of the row's next free token
         for u in row:
             members, prefix = units[u]
-            first = sequences[members[0]]
-            _place(input_ids, position_ids, start, first[:prefix], 0)
-            unit_index.view(-1)[start:start + lengths[u]] = u
             for i in members:
-                where[i, :prefix] = torch.arange(start, start + prefix)
-            at = start + prefix
+                where[i][:prefix] = range(len(ids), len(ids) + prefix)
+            _place(ids, positions, branch_of, sequences[members[0]][:prefix], 0, 0)
             for branch, i in enumerate(members, start=1):
                 tokens = sequences[i][prefix:]
-                _place(input_ids, position_ids, at, tokens, prefix)
-                branch_index.view(-1)[at:at + len(tokens)] = branch
-                where[i, prefix:len(sequences[i])] = torch.arange(at, at + len(tokens))
-                at += len(tokens)
-            start = at
-    return {"input_ids": input_ids, "position_ids": position_ids, "unit_index": unit_index,
-            "branch_index": branch_index, "unpack_index": where, "attention": SHARED_PREFIX}
+                where[i][prefix:len(sequences[i])] = range(len(ids), len(ids) + len(tokens))
+                _place(ids, positions, branch_of, tokens, prefix, branch)
+            unit_of += [u] * lengths[u]
+        pad = (r + 1) * width - len(ids)
+        ids += [pad_id] * pad
+        positions += [0] * pad
+        branch_of += [0] * pad
+        unit_of += [-1] * pad
+
+    def grid(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).view(len(rows), width)
+
+    return {"input_ids": grid(ids), "position_ids": grid(positions), "unit_index": grid(unit_of),
+            "branch_index": grid(branch_of),
+            "unpack_index": torch.tensor(where, dtype=torch.long).view(len(sequences), longest),
+            "attention": SHARED_PREFIX}
 
 
-def _place(input_ids: torch.Tensor, position_ids: torch.Tensor, at: int, tokens: list[int],
-           first_position: int) -> None:
-    """Write `tokens` at flat position `at`, with position ids from `first_position`."""
-    n = len(tokens)
-    input_ids.view(-1)[at:at + n] = torch.tensor(tokens, dtype=torch.long)
-    position_ids.view(-1)[at:at + n] = torch.arange(first_position, first_position + n)
+def _place(ids: list[int], positions: list[int], branch_of: list[int], tokens: list[int],
+           first_position: int, branch: int) -> None:
+    """Append `tokens` on `branch` (0: a prefix), with position ids from `first_position`."""
+    ids += tokens
+    positions += range(first_position, first_position + len(tokens))
+    branch_of += [branch] * len(tokens)
 
 
 def shared_prefix_mask(unit_index: torch.Tensor, branch_index: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ top-k...) can reach the sampler, because such settings would change the behaviou
 without changing the log-probs the trainer computes.
 
 A prompt sampled several times (GRPO's group, RLOO's k samples) is prefilled once: the KV
-cache of each distinct prompt is computed on one row and copied to the rows that repeat it,
-and `generate` goes on from there (`prefill_repeated_prompts`). `generate` alone would run the
-prompt's forward once per sample.
+cache and the next-token logits of each distinct prompt are computed on one row and copied to
+the rows that repeat it (`prefill_repeated_prompts`). The first token is drawn from those
+logits exactly as `generate` draws (the same processors, then one `multinomial` over the whole
+batch), and `generate` goes on from the prompt and that token. `generate` alone would run the
+prompt's forward once per sample, and then the last prompt token again over every row.
 """
 
 from __future__ import annotations
@@ -100,11 +102,19 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
                               do_sample=not sampling.greedy, repetition_penalty=1.0,
                               eos_token_id=eos_ids, pad_token_id=pad_id, **knobs)
     with neutral_generation_config(model, eos_ids, pad_id):
-        cache = prefill_repeated_prompts(model, ids, mask)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=processors,
-                             **({} if cache is None else {"past_key_values": cache}))
-    new = out[:, width:]
+        prefilled = (prefill_repeated_prompts(model, ids, mask)
+                     if config.max_new_tokens > 0 else None)
+        if prefilled is not None:
+            cache, logits = prefilled
+            first = _draw(processors(ids, logits), sampling.greedy)
+            ids = torch.cat([ids, first[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            config.max_new_tokens -= 1
+        if config.max_new_tokens > 0:
+            ids = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=processors,
+                                 **({} if prefilled is None else {"past_key_values": cache}))
+    new = ids[:, width:]
     eos = set(eos_ids)
     tokens = [cut_at_eos(row, eos) for row in new.tolist()]
     if recorder is None:
@@ -113,14 +123,20 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
     return tokens, [lp[: len(t)] for lp, t in zip(logprobs, tokens)]
 
 
-def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor,
-                             mask: torch.Tensor) -> DynamicCache | None:
-    """The KV cache of every row's prompt but its last token, each distinct prompt computed
-    once; None when no prompt repeats (or the model keeps another kind of cache).
+def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """One token per row from processed scores, drawn as `generate`'s sampling loop draws."""
+    if greedy:
+        return torch.argmax(scores, dim=-1)
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
-    `generate`, given this cache, runs only the last prompt token before sampling, so the
-    first sampled token comes from the same logits (and the same random draw) as without it.
-    Position ids are those `generate` gives left-padded rows (the attention mask's cumsum).
+
+def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                             ) -> tuple[DynamicCache, torch.Tensor] | None:
+    """Every row's prompt KV cache and next-token logits (float32, (B, V)), each distinct prompt
+    computed once; None when no prompt repeats (or the model keeps another kind of cache).
+
+    Position ids are those `generate` gives left-padded rows (the attention mask's cumsum), so
+    the cache and logits are those `generate` would compute for each row.
 
     Args:
         model: the causal LM (peft or plain).
@@ -129,13 +145,13 @@ def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor,
     """
     distinct: dict[tuple[int, ...], int] = {}
     inverse = [distinct.setdefault(tuple(row), i) for i, row in enumerate(ids.tolist())]
-    if len(distinct) == len(inverse) or ids.shape[1] < 2:
+    if len(distinct) == len(inverse):
         return None
     first = torch.tensor(sorted(set(inverse)), device=ids.device)
     slot = {row: n for n, row in enumerate(first.tolist())}
     select = torch.tensor([slot[i] for i in inverse], device=ids.device)
     hf = unwrap(model)
-    head, tail = ids[first, :-1], mask[first, :-1]
+    head, tail = ids[first], mask[first]
     keep = {"logits_to_keep": 1} if hf._supports_logits_to_keep() else {}
     out = model(input_ids=head, attention_mask=tail,
                 position_ids=(tail.cumsum(-1) - 1).masked_fill(tail == 0, 0),
@@ -144,4 +160,4 @@ def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor,
     if not isinstance(cache, DynamicCache):
         return None
     cache.batch_select_indices(select)
-    return cache
+    return cache, out.logits[:, -1].float()[select]

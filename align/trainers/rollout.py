@@ -78,7 +78,7 @@ def assemble_rollout(tokenizer: Any, examples: list[PromptExample], n_samples: i
     eos = set(eos_ids)
     return Rollout(
         prompts=[e.text for e in repeated],
-        completions=[tokenizer.decode(o, skip_special_tokens=True) for o in outputs],
+        completions=decode_completions(tokenizer, outputs),
         columns=reward_columns(examples, n_samples),
         batch=batch,
         lengths=[len(o) for o in outputs],
@@ -88,6 +88,16 @@ def assemble_rollout(tokenizer: Any, examples: list[PromptExample], n_samples: i
                          if generation.logprobs is not None else None),
         pad_id=tokenizer.pad_token_id,
     )
+
+
+def decode_completions(tokenizer: Any, outputs: list[list[int]]) -> list[str]:
+    """Each completion's text without special tokens. A slow (Python) tokenizer would look up
+    all its special ids again on every `decode` (ByT5's are 128), so they are dropped here,
+    looked up once; a fast one skips them itself, in one batch."""
+    if tokenizer.is_fast:
+        return tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
+    return [tokenizer.decode([t for t in o if t not in special]) for o in outputs]
 
 
 def completion_ids(rollout: Rollout) -> list[list[int]]:
@@ -100,15 +110,14 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]],
                   pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response rows; labels only on response tokens."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        ids[row, :n] = torch.tensor(p + r)
-        mask[row, :n] = 1
-        labels[row, len(p):n] = torch.tensor(r, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ids, mask, labels = [], [], []
+    for p, r in zip(prompts, responses):  # lists first: one tensor each, not one per row
+        pad = width - len(p) - len(r)
+        ids.append(p + r + [pad_id] * pad)
+        mask.append([1] * (len(p) + len(r)) + [0] * pad)
+        labels.append([IGNORE_INDEX] * len(p) + r + [IGNORE_INDEX] * pad)
+    return {name: torch.tensor(rows, dtype=torch.long)
+            for name, rows in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
 
 
 def infer_rows(group: WorkerGroup, fn: Any, rollout: Rollout, micro_batch_size: int,

@@ -55,16 +55,21 @@ def test_sampling_log_probs_equal_the_trainers(leaky_model_dir, temperature):
     assert any(len(set(t)) < len(t) for t in gen.tokens)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize(("arch", "new_tokens", "greedy"),
+                         [("llama", 6, False), ("gpt2", 6, False), ("opt", 6, False),
+                          ("llama", 1, False), ("llama", 6, True)])
 def test_repeated_prompts_are_prefilled_once_and_sample_as_without(tiny_model_dir, arch,
+                                                                   new_tokens, greedy,
                                                                    monkeypatch):
-    """A prompt sampled 4 times runs its forward once; the samples and their log-probs are
-    those `generate` gives without the shared prefill, under the same seed."""
+    """A prompt sampled 4 times runs its forward once, and its first token is drawn from that
+    forward's logits; the samples and their log-probs are those `generate` gives without the
+    shared prefill, under the same seed."""
     from align.rollout import hf_sampling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
     prompts = [[40, 41, 42, 43]] * 4 + [[50, 51]] * 4  # left-padded to 4 in one batch
-    sampling = Sampling(max_new_tokens=6, temperature=0.9, logprobs=True)
+    sampling = Sampling(max_new_tokens=new_tokens, greedy=greedy, temperature=0.9,
+                        logprobs=True)
     widths: list[tuple[int, int]] = []
     handle = model.get_input_embeddings().register_forward_hook(
         lambda _m, args, _out: widths.append(tuple(args[0].shape)))
@@ -76,13 +81,16 @@ def test_repeated_prompts_are_prefilled_once_and_sample_as_without(tiny_model_di
 
     shared = sample()
     handle.remove()
-    assert widths[0] == (2, 3) and widths[1] == (8, 1)  # 2 distinct prompts but their last
+    # 2 distinct prompts, then the first sampled token of every row (when one more is asked)
+    assert widths == [(2, 4)] + [(8, 1)] * (new_tokens - 1)
     monkeypatch.setattr(hf_sampling, "prefill_repeated_prompts", lambda *args: None)
     alone = sample()
     assert shared[0] == alone[0]
     for got, want in zip(*[lp for _, lp in (shared, alone)]):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
-    assert len({tuple(t) for t in shared[0][:4]}) > 1  # the repeats sampled apart
+    assert all(len(t) == new_tokens for t in shared[0])  # no row drew EOS (id 1) under this seed
+    # The repeats sampled apart (or, greedy, alike).
+    assert len({tuple(t) for t in shared[0][:4]}) == (1 if sampling.greedy else 4)
 
 
 def test_prefill_needs_a_repeat(tiny_model_dir):
@@ -91,6 +99,10 @@ def test_prefill_needs_a_repeat(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
     ids, mask = torch.tensor([[3, 4], [5, 6]]), torch.ones(2, 2, dtype=torch.long)
     assert prefill_repeated_prompts(model, ids, mask) is None
-    cache = prefill_repeated_prompts(model, torch.tensor([[3, 4], [3, 4], [5, 6]]),
-                                     torch.ones(3, 2, dtype=torch.long))
-    assert cache.get_seq_length() == 1 and cache.layers[0].keys.shape[0] == 3
+    ids = torch.tensor([[3, 4], [5, 6], [3, 4]])
+    cache, logits = prefill_repeated_prompts(model, ids, torch.ones(3, 2, dtype=torch.long))
+    assert cache.get_seq_length() == 2 and cache.layers[0].keys.shape[0] == 3
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    assert torch.equal(logits[0], logits[2]) and not torch.equal(logits[0], logits[1])
