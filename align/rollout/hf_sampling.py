@@ -6,12 +6,14 @@ The generation config is built from scratch: it holds exactly the sampling setti
 top-k...) can reach the sampler, because such settings would change the behaviour policy
 without changing the log-probs the trainer computes.
 
-A prompt sampled several times (GRPO's group, RLOO's k samples) is prefilled once: the KV
-cache and the next-token logits of each distinct prompt are computed on one row and copied to
-the rows that repeat it (`prefill_repeated_prompts`). The first token is drawn from those
-logits exactly as `generate` draws (the same processors, then one `multinomial` over the whole
-batch), and `generate` goes on from the prompt and that token. `generate` alone would run the
-prompt's forward once per sample, and then the last prompt token again over every row.
+Prompts are prefilled here, not in `generate` (`prefill_prompts`). A prompt sampled several
+times (GRPO's group, RLOO's k samples) runs once: the KV cache and the next-token logits of each
+distinct prompt are computed on one row and copied to the rows that repeat it. The first token
+is drawn from those logits exactly as `generate` draws (the same processors, then one
+`multinomial` over the whole batch), and `generate` goes on from the prompt and that token, so
+it runs only decoding steps, on as many CPU threads as their size pays for
+(`decoding_threads`). `generate` alone would run a prompt's forward once per sample, and then
+the last prompt token again over every row.
 """
 
 from __future__ import annotations
@@ -102,18 +104,21 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
                               do_sample=not sampling.greedy, repetition_penalty=1.0,
                               eos_token_id=eos_ids, pad_token_id=pad_id, **knobs)
     with neutral_generation_config(model, eos_ids, pad_id):
-        prefilled = (prefill_repeated_prompts(model, ids, mask)
-                     if config.max_new_tokens > 0 else None)
+        prefilled = prefill_prompts(model, ids, mask) if config.max_new_tokens > 0 else None
         if prefilled is not None:
             cache, logits = prefilled
             first = _draw(processors(ids, logits), sampling.greedy)
             ids = torch.cat([ids, first[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             config.max_new_tokens -= 1
+        # With the prompts cached, `generate` runs only decoding steps: one token per row.
+        threads = (decoding_threads(model, len(prompts))
+                   if prefilled is not None and ids.device.type == "cpu" else None)
         if config.max_new_tokens > 0:
-            ids = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=processors,
-                                 **({} if prefilled is None else {"past_key_values": cache}))
+            with cpu_threads(threads):
+                ids = model.generate(input_ids=ids, attention_mask=mask,
+                                     generation_config=config, logits_processor=processors,
+                                     **({} if prefilled is None else {"past_key_values": cache}))
     new = ids[:, width:]
     eos = set(eos_ids)
     tokens = [cut_at_eos(row, eos) for row in new.tolist()]
@@ -123,6 +128,33 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
     return tokens, [lp[: len(t)] for lp, t in zip(logprobs, tokens)]
 
 
+# Work of one decoding step (2 x parameters x rows flops) below which one more CPU thread costs
+# more than it saves: workers wait passively for OpenMP threads (align.distributed.group), so
+# every parallel region wakes its threads. Measured on 2 cores (docs/performance.md): 0.08 and
+# 0.56 GFLOP a step ran 22% faster on one thread, 2.2 even, 4.3 on two threads 18% faster.
+DECODE_FLOPS_PER_THREAD = 1e9
+
+
+def decoding_threads(model: torch.nn.Module, rows: int) -> int:
+    """CPU threads for decoding steps over `rows` rows: one per `DECODE_FLOPS_PER_THREAD` of a
+    step's matmul work, at least one and at most torch's current count."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return max(1, min(torch.get_num_threads(), int(2 * params * rows // DECODE_FLOPS_PER_THREAD)))
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: unchanged)."""
+    saved = torch.get_num_threads()
+    if threads is not None and threads != saved:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
 def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:
     """One token per row from processed scores, drawn as `generate`'s sampling loop draws."""
     if greedy:
@@ -130,10 +162,10 @@ def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:
     return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
-def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-                             ) -> tuple[DynamicCache, torch.Tensor] | None:
+def prefill_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[DynamicCache, torch.Tensor] | None:
     """Every row's prompt KV cache and next-token logits (float32, (B, V)), each distinct prompt
-    computed once; None when no prompt repeats (or the model keeps another kind of cache).
+    computed once; None when the model keeps another kind of cache than `DynamicCache`.
 
     Position ids are those `generate` gives left-padded rows (the attention mask's cumsum), so
     the cache and logits are those `generate` would compute for each row.
@@ -145,8 +177,6 @@ def prefill_repeated_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: to
     """
     distinct: dict[tuple[int, ...], int] = {}
     inverse = [distinct.setdefault(tuple(row), i) for i, row in enumerate(ids.tolist())]
-    if len(distinct) == len(inverse):
-        return None
     first = torch.tensor(sorted(set(inverse)), device=ids.device)
     slot = {row: n for n, row in enumerate(first.tolist())}
     select = torch.tensor([slot[i] for i in inverse], device=ids.device)

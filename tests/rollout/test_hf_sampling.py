@@ -55,19 +55,20 @@ def test_sampling_log_probs_equal_the_trainers(leaky_model_dir, temperature):
     assert any(len(set(t)) < len(t) for t in gen.tokens)
 
 
-@pytest.mark.parametrize(("arch", "new_tokens", "greedy"),
-                         [("llama", 6, False), ("gpt2", 6, False), ("opt", 6, False),
-                          ("llama", 1, False), ("llama", 6, True)])
-def test_repeated_prompts_are_prefilled_once_and_sample_as_without(tiny_model_dir, arch,
-                                                                   new_tokens, greedy,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(("arch", "new_tokens", "greedy", "repeats"),
+                         [("llama", 6, False, 4), ("gpt2", 6, False, 4), ("opt", 6, False, 4),
+                          ("llama", 1, False, 4), ("llama", 6, True, 4), ("llama", 6, False, 1)])
+def test_prompts_are_prefilled_once_and_sample_as_without(tiny_model_dir, arch, new_tokens,
+                                                          greedy, repeats, monkeypatch):
     """A prompt sampled 4 times runs its forward once, and its first token is drawn from that
-    forward's logits; the samples and their log-probs are those `generate` gives without the
-    shared prefill, under the same seed."""
+    forward's logits; the samples and their log-probs are those `generate` gives alone (its own
+    prefill of every row), under the same seed."""
     from align.rollout import hf_sampling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
-    prompts = [[40, 41, 42, 43]] * 4 + [[50, 51]] * 4  # left-padded to 4 in one batch
+    # Left-padded to 4 in one batch; without repeats, 8 distinct prompts.
+    prompts = ([[40, 41, 42, 43]] * repeats + [[50, 51]] * repeats if repeats > 1
+               else [[40 + i, 41, 42, 43][: 2 + i % 3] for i in range(8)])
     sampling = Sampling(max_new_tokens=new_tokens, greedy=greedy, temperature=0.9,
                         logprobs=True)
     widths: list[tuple[int, int]] = []
@@ -81,28 +82,52 @@ def test_repeated_prompts_are_prefilled_once_and_sample_as_without(tiny_model_di
 
     shared = sample()
     handle.remove()
-    # 2 distinct prompts, then the first sampled token of every row (when one more is asked)
-    assert widths == [(2, 4)] + [(8, 1)] * (new_tokens - 1)
-    monkeypatch.setattr(hf_sampling, "prefill_repeated_prompts", lambda *args: None)
+    # The distinct prompts, then the first sampled token of every row (when one more is asked)
+    assert widths == [(8 // repeats, 4)] + [(8, 1)] * (new_tokens - 1)
+    monkeypatch.setattr(hf_sampling, "prefill_prompts", lambda *args: None)
     alone = sample()
     assert shared[0] == alone[0]
     for got, want in zip(*[lp for _, lp in (shared, alone)]):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
     assert all(len(t) == new_tokens for t in shared[0])  # no row drew EOS (id 1) under this seed
-    # The repeats sampled apart (or, greedy, alike).
-    assert len({tuple(t) for t in shared[0][:4]}) == (1 if sampling.greedy else 4)
+    if repeats > 1:  # the repeats sampled apart (or, greedy, alike)
+        assert len({tuple(t) for t in shared[0][:4]}) == (1 if sampling.greedy else 4)
 
 
-def test_prefill_needs_a_repeat(tiny_model_dir):
-    from align.rollout.hf_sampling import prefill_repeated_prompts
+def test_prefill_computes_each_distinct_prompt_once(tiny_model_dir):
+    from align.rollout.hf_sampling import prefill_prompts
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
-    ids, mask = torch.tensor([[3, 4], [5, 6]]), torch.ones(2, 2, dtype=torch.long)
-    assert prefill_repeated_prompts(model, ids, mask) is None
+    widths: list[int] = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: widths.append(args[0].shape[0]))
     ids = torch.tensor([[3, 4], [5, 6], [3, 4]])
-    cache, logits = prefill_repeated_prompts(model, ids, torch.ones(3, 2, dtype=torch.long))
+    cache, logits = prefill_prompts(model, ids, torch.ones(3, 2, dtype=torch.long))
+    assert widths == [2]
     assert cache.get_seq_length() == 2 and cache.layers[0].keys.shape[0] == 3
     with torch.no_grad():
         want = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     assert torch.equal(logits[0], logits[2]) and not torch.equal(logits[0], logits[1])
+
+
+def test_decoding_threads_follow_the_work_of_a_step(tiny_model_dir):
+    """One CPU thread per DECODE_FLOPS_PER_THREAD of a decoding step, within 1 and torch's
+    count; the count is restored after generation."""
+    from align.rollout.hf_sampling import DECODE_FLOPS_PER_THREAD, cpu_threads, decoding_threads
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rows_per_thread = int(DECODE_FLOPS_PER_THREAD // (2 * params)) + 1
+    with cpu_threads(4):
+        assert decoding_threads(model, 1) == 1
+        assert decoding_threads(model, 3 * rows_per_thread) == 3
+        assert decoding_threads(model, 100 * rows_per_thread) == 4
+        seen: list[int] = []
+        handle = model.get_input_embeddings().register_forward_hook(
+            lambda *_: seen.append(torch.get_num_threads()))
+        with torch.no_grad():
+            hf_sample(model, [[40, 41]] * 4, Sampling(max_new_tokens=3), [1], 0,
+                      torch.device("cpu"))
+        handle.remove()
+        assert seen == [4, 1, 1] and torch.get_num_threads() == 4  # prefill, then decoding
