@@ -134,6 +134,10 @@ def test_generate_returns_new_tokens_cut_after_the_first_eos(monkeypatch):
         assert input_ids.tolist() == [[40, 41, 42], [pad, pad, 40]]
         return torch.cat([input_ids, torch.tensor(new)], dim=1)
 
+    from align.rollout import hf_sampling
+
+    # `generate` doing the prefill too, as for a model whose cache align does not prefill.
+    monkeypatch.setattr(hf_sampling, "prefill_prompts", lambda *args: None)
     monkeypatch.setattr(policy.model, "generate", fake_generate)
     out = policy.generate([[40, 41, 42], [40]], Sampling(max_new_tokens=4, greedy=True))
     assert out.tokens == [[5, eos], [6, 6, 6, 6]]
