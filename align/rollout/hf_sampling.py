@@ -165,7 +165,8 @@ def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:
 def prefill_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
                     ) -> tuple[DynamicCache, torch.Tensor] | None:
     """Every row's prompt KV cache and next-token logits (float32, (B, V)), each distinct prompt
-    computed once; None when the model keeps another kind of cache than `DynamicCache`.
+    computed once; None when the prompts are empty or the model keeps another kind of cache
+    than `DynamicCache` (`generate` then prefills them itself).
 
     Position ids are those `generate` gives left-padded rows (the attention mask's cumsum), so
     the cache and logits are those `generate` would compute for each row.
@@ -175,6 +176,8 @@ def prefill_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
         ids: (B, W) left-padded prompts, repeats in any order.
         mask: (B, W) their attention mask.
     """
+    if ids.shape[1] == 0:
+        return None
     distinct: dict[tuple[int, ...], int] = {}
     inverse = [distinct.setdefault(tuple(row), i) for i, row in enumerate(ids.tolist())]
     first = torch.tensor(sorted(set(inverse)), device=ids.device)
