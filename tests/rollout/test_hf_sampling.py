@@ -109,6 +109,8 @@ def test_prefill_computes_each_distinct_prompt_once(tiny_model_dir):
         want = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     assert torch.equal(logits[0], logits[2]) and not torch.equal(logits[0], logits[1])
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    assert prefill_prompts(model, empty, empty) is None  # `generate` prefills them itself
 
 
 def test_decoding_threads_follow_the_work_of_a_step(tiny_model_dir):
