@@ -192,5 +192,8 @@ def prefill_prompts(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     cache = out.past_key_values
     if not isinstance(cache, DynamicCache):
         return None
-    cache.batch_select_indices(select)
-    return cache, out.logits[:, -1].float()[select]
+    logits = out.logits[:, -1].float()
+    if len(distinct) < len(inverse):  # copy each prompt's cache and logits to its repeats
+        cache.batch_select_indices(select)
+        logits = logits[select]
+    return cache, logits
