@@ -105,10 +105,11 @@ class VLLMEngine:
         # Rollouts and training take turns on the cores, unless they run at once (async):
         # then each engine keeps to its bundle's one CPU.
         threads = 1 if self.concurrent else max(1, int(node_cpus()))
-        env = {"runtime_env": {"env_vars": engine_env(self.on_gpu, threads)}}
+        env_vars = engine_env(self.on_gpu, threads)
         if policy is not None:
             share = (1 - COLOCATED_POLICY_GPU_SHARE) if self.on_gpu else 0
-            return [({**env, "num_cpus": 0, "num_gpus": share,
+            return [({"runtime_env": {"env_vars": dict(env_vars)}, "num_cpus": 0,
+                      "num_gpus": share,
                       "scheduling_strategy": PlacementGroupSchedulingStrategy(
                           policy.placement_group, placement_group_bundle_index=i)}, {})
                     for i in range(s.num_engines)]
@@ -126,16 +127,19 @@ class VLLMEngine:
         out = []
         for i in range(s.num_engines):
             first = i * tp
-            options = {**env, "num_cpus": 1, "num_gpus": 1 if self.on_gpu else 0,
+            # Each engine its own environment: a shared dict would hand every engine the
+            # bundle indices written last.
+            engine_vars = dict(env_vars)
+            options = {"runtime_env": {"env_vars": engine_vars}, "num_cpus": 1,
+                       "num_gpus": 1 if self.on_gpu else 0,
                        "scheduling_strategy": PlacementGroupSchedulingStrategy(
                            self._pg, placement_group_bundle_index=first)}
             extra: dict[str, Any] = {}
             if tp > 1:  # vLLM starts one Ray worker per GPU in this engine's bundles
                 options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_capture_child_tasks=True))
-                options["runtime_env"]["env_vars"] = {
-                    **options["runtime_env"]["env_vars"],
-                    "VLLM_RAY_BUNDLE_INDICES": ",".join(str(first + k) for k in range(tp))}
+                engine_vars["VLLM_RAY_BUNDLE_INDICES"] = ",".join(
+                    str(first + k) for k in range(tp))
                 extra["distributed_executor_backend"] = "ray"
             out.append((options, extra))
         return out

@@ -1,5 +1,6 @@
 """GPU paths of the `vllm` engine: NCCL weight broadcast to separate engines, tensor-parallel
-engines, and colocated engines that sleep while the trainer runs. Skipped without a GPU."""
+engines (each on GPUs of its own), and colocated engines that sleep while the trainer runs.
+Skipped without a GPU (or without as many GPUs as a test needs)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,19 @@ from tests.conftest import tiny_ppo_config
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+# The policy on a GPU too (tiny_ppo_config keeps it on the CPU): colocated engines share its
+# bundle's GPU, and the NCCL sync sends from its GPU.
 GPU_TINY = ["model.embedded.hidden_size=128", "model.embedded.num_heads=2",
             "model.embedded.intermediate_size=128", "rollout.engine=vllm",
-            "model.dtype=float32", "rollout.vllm.gpu_memory_utilization=0.2"]
+            "model.dtype=float32", "rollout.vllm.gpu_memory_utilization=0.2",
+            "distributed.gpus_per_worker=1"]
+
+
+def needs_gpus(count: int, why: str) -> None:
+    import torch
+
+    if torch.cuda.device_count() < count:
+        pytest.skip(f"needs {count} GPUs: {why}")
 
 
 def gaps(run) -> list[float]:
@@ -23,6 +34,7 @@ def gaps(run) -> list[float]:
 
 @pytest.mark.parametrize("zero", [0, 3])
 def test_separate_engine_synced_over_nccl(tmp_path, ray_local, zero):
+    needs_gpus(2, "one policy worker and a separate engine")
     cfg = tiny_ppo_config(tmp_path, *GPU_TINY, "rollout.vllm.colocate=false",
                           f"distributed.zero_stage={zero}", "rollout.vllm.sync_bucket_mb=0.1")
     PPOTrainer(cfg, show_progress=False).fit()
@@ -37,11 +49,31 @@ def test_colocated_engine_sleeps_and_wakes(tmp_path, ray_local):
 
 
 def test_tensor_parallel_engine(tmp_path, ray_local):
-    import torch
-
-    if torch.cuda.device_count() < 3:
-        pytest.skip("needs 3 GPUs: one policy worker and a 2-way tensor-parallel engine")
+    needs_gpus(3, "one policy worker and a 2-way tensor-parallel engine")
     cfg = tiny_ppo_config(tmp_path, *GPU_TINY, "rollout.vllm.colocate=false",
                           "rollout.vllm.tensor_parallel_size=2")
     PPOTrainer(cfg, show_progress=False).fit()
     assert max(gaps(tmp_path / "run")) < 1e-2
+
+
+@pytest.mark.timeout(300)  # engines sent to the same bundles wait for their GPUs forever
+def test_tensor_parallel_engines_run_on_distinct_gpus(tmp_path, ray_local):
+    import ray
+    import torch
+
+    from align.model_loading import load_tokenizer
+    from align.rollout.factory import build_engine
+
+    needs_gpus(4, "two 2-way tensor-parallel engines")
+    cfg = tiny_ppo_config(tmp_path, *GPU_TINY, "rollout.vllm.colocate=false",
+                          "rollout.vllm.num_engines=2", "rollout.vllm.tensor_parallel_size=2")
+    engine = build_engine(cfg, load_tokenizer(cfg.model), None)
+    try:
+        # Each engine asks its tensor-parallel workers which physical GPU they run on.
+        per_engine = ray.get([actor.__ray_call__.remote(lambda a: a.llm.collective_rpc(
+            lambda worker: str(torch.cuda.get_device_properties(worker.device).uuid)))
+            for actor in engine.actors])
+    finally:
+        engine.shutdown()
+    gpus = [uuid for workers in per_engine for uuid in workers]
+    assert len(gpus) == 4 and len(set(gpus)) == 4, per_engine
