@@ -134,6 +134,30 @@ class TrainerConfig:
 
 
 @dataclass
+class WandbSettings:
+    """Weights & Biases, for `trainer.report_to: [wandb]` (unset: W&B's own variables)."""
+
+    project: str | None = None  # None: WANDB_PROJECT, else `align`
+    entity: str | None = None  # team or user; None: WANDB_ENTITY, else your default entity
+
+
+@dataclass
+class MlflowSettings:
+    """MLflow, for `trainer.report_to: [mlflow]` (unset: MLflow's own variables)."""
+
+    experiment: str | None = None  # None: MLFLOW_EXPERIMENT_NAME or _ID, else `align`
+
+
+@dataclass
+class TrackingConfig:
+    """Where the trackers of `trainer.report_to` file the run (see docs/tracking.md)."""
+
+    run_name: str | None = None  # W&B and MLflow run name; None: WANDB_NAME, else output_dir's name
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+
+
+@dataclass
 class DistributedConfig:
     num_workers: int = 1  # Ray actors (DeepSpeed ranks) for the trained model
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
@@ -160,6 +184,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # model.disable_dropout when unset: stages that compare the trained forward with an
     # eval-mode one (PPO ratios, DPO's reference) or rank two forwards (rm) turn dropout off.

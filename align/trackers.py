@@ -4,9 +4,10 @@
 tracker receives the resolved config once (as hyperparameters), every logged step's scalars,
 and, for the RL stages, small tables of sampled completions. W&B and MLflow are optional
 packages: asking for one that is not installed stops before training, naming what to install.
-Both default to files on this machine (W&B offline mode unless `WANDB_MODE` says otherwise; an
-MLflow file store under `output_dir/mlruns` unless `MLFLOW_TRACKING_URI` is set), so nothing
-needs a network; sync or point them at a server with their own environment variables.
+Both follow their own conventions: W&B runs in whatever mode `WANDB_MODE` (or `wandb login`)
+gives it, under `tracking.wandb.project` / `entity` or `WANDB_PROJECT` / `WANDB_ENTITY`; MLflow
+writes where `MLFLOW_TRACKING_URI` points, else to a file store in `output_dir/mlruns`. Their
+run ids are saved in every checkpoint, so a resumed run continues the same W&B or MLflow run.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from align.errors import ConfigError
+from align.errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from align.config import TrackingConfig
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # The package each tracker needs, and what to install for it.
 PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
             "wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow")}
+DEFAULT_PROJECT = "align"  # W&B project and MLflow experiment when nothing names one
 
 
 def check_trackers(names: list[str]) -> None:
@@ -40,6 +45,8 @@ def check_trackers(names: list[str]) -> None:
 class Tracker:
     """What a tracker receives; every method is a no-op unless overridden."""
 
+    run_id: str | None = None  # the id a resumed run continues (W&B and MLflow runs have one)
+
     def log_config(self, config: dict[str, Any]) -> None: ...
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None: ...
@@ -50,18 +57,24 @@ class Tracker:
 
 
 class TensorBoardTracker(Tracker):
-    """Event files under `output_dir/tensorboard/` (torch's SummaryWriter)."""
+    """One event file per process under `output_dir/tensorboard/` (torch's SummaryWriter)."""
 
-    def __init__(self, output_dir: Path, run_name: str) -> None:
+    def __init__(self, output_dir: Path, settings: TrackingConfig | None = None,
+                 run_id: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
 
     def log_config(self, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```")
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                 for k, v in flatten(config).items()}
-        self.writer.add_hparams(flat, {}, run_name=".")
+        # SummaryWriter.add_hparams would open a second writer, and so a second event file in
+        # the same folder; the same summaries go through this writer instead.
+        for summary in hparams(flat, {}):
+            self.writer.file_writer.add_summary(summary)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
@@ -81,14 +94,27 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """A W&B run in `output_dir/wandb/`, offline unless `WANDB_MODE` is set."""
+    """A W&B run (local files in `output_dir/wandb/`); `run_id` continues an earlier one."""
 
-    def __init__(self, output_dir: Path, run_name: str) -> None:
+    def __init__(self, output_dir: Path, settings: TrackingConfig,
+                 run_id: str | None = None) -> None:
         import wandb
 
-        os.environ.setdefault("WANDB_MODE", "offline")
         self.wandb = wandb
-        self.run = wandb.init(dir=str(output_dir), name=run_name, reinit=True)
+        # No mode is set: WANDB_MODE (online, offline, disabled) stays the user's choice.
+        project = settings.wandb.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+        name = settings.run_name or os.environ.get("WANDB_NAME") or Path(output_dir).name
+        try:
+            # "allow": the run goes on if W&B knows it, and starts under that id if it does not
+            # (an offline run never synced), so a resume never fails on the tracker alone.
+            self.run = wandb.init(dir=str(output_dir), project=project,
+                                  entity=settings.wandb.entity, name=name, id=run_id,
+                                  resume="allow" if run_id else None, reinit=True)
+        except Exception as exc:
+            raise TrainingError(f"trainer.report_to: wandb could not start a run ({exc}); run "
+                                "`wandb login`, or set WANDB_MODE=offline to keep the run on "
+                                "this machine") from exc
+        self.run_id = self.run.id
 
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
@@ -107,20 +133,37 @@ class WandbTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    """An MLflow run, in a file store under `output_dir/mlruns` unless MLFLOW_TRACKING_URI."""
+    """An MLflow run, in a file store under `output_dir/mlruns` unless MLFLOW_TRACKING_URI;
+    `run_id` continues an earlier one."""
 
-    def __init__(self, output_dir: Path, run_name: str) -> None:
+    def __init__(self, output_dir: Path, settings: TrackingConfig,
+                 run_id: str | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri((Path(output_dir) / "mlruns").resolve().as_uri())
-        mlflow.set_experiment("align")
-        self.run = mlflow.start_run(run_name=run_name)
+        experiment = settings.mlflow.experiment
+        if experiment is None and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                                       or os.environ.get("MLFLOW_EXPERIMENT_ID")):
+            experiment = DEFAULT_PROJECT  # else MLflow's own variables pick the experiment
+        if experiment is not None:
+            mlflow.set_experiment(experiment)
+        name = settings.run_name or Path(output_dir).name
+        try:
+            self.run = (mlflow.start_run(run_id=run_id) if run_id
+                        else mlflow.start_run(run_name=name))
+        except Exception as exc:
+            raise TrainingError(f"trainer.report_to: mlflow could not start "
+                                f"{'run ' + run_id if run_id else 'a run'} ({exc})") from exc
+        self.run_id = self.run.info.run_id
 
     def log_config(self, config: dict[str, Any]) -> None:
-        params = {k: str(v)[:500] for k, v in flatten(config).items()}
-        self.mlflow.log_params(params)
+        # MLflow refuses to change a logged parameter: a resumed run logs only new keys.
+        known = set(self.run.data.params)
+        params = {k: str(v)[:500] for k, v in flatten(config).items() if k not in known}
+        if params:
+            self.mlflow.log_params(params)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         # MLflow metric names allow / but not every character; ours are letters, / and _.
@@ -138,10 +181,25 @@ class MlflowTracker(Tracker):
 BUILDERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
 
 
-def open_trackers(names: list[str], output_dir: Path, run_name: str) -> list[Tracker]:
-    """The trackers `names` (checked by check_trackers), writing for `output_dir`."""
+def open_trackers(names: list[str], output_dir: Path, settings: TrackingConfig,
+                  run_ids: dict[str, str] | None = None) -> list[Tracker]:
+    """The trackers `names` (checked by check_trackers), writing for `output_dir`.
+
+    Args:
+        names: `trainer.report_to`.
+        output_dir: the run's folder.
+        settings: `tracking` (project, entity, run name).
+        run_ids: tracker name -> run id saved in the checkpoint being resumed (see `run_ids`).
+    """
     check_trackers(names)
-    return [BUILDERS[name](Path(output_dir), run_name) for name in names]
+    ids = run_ids or {}
+    return [BUILDERS[name](Path(output_dir), settings, ids.get(name)) for name in names]
+
+
+def run_ids(names: list[str], trackers: list[Tracker]) -> dict[str, str]:
+    """Tracker name -> run id of the trackers `open_trackers(names, ...)` returned that have
+    one: what a checkpoint keeps so that its resume continues the same runs."""
+    return {name: t.run_id for name, t in zip(names, trackers) if t.run_id is not None}
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

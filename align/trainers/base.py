@@ -26,7 +26,7 @@ from align.distributed import PolicyWorker, WorkerGroup
 from align.errors import TrainingError, column_aliases
 from align.model_loading import check_lora_targets, load_tokenizer
 from align.packed_forward import Packing, resolve_packing
-from align.trackers import open_trackers
+from align.trackers import open_trackers, run_ids
 from align.tracking import MetricsLogger
 from align.trainers.batches import total_steps
 
@@ -48,6 +48,8 @@ class Trainer(Generic[ConfigT]):
         self.extra_groups: dict[str, WorkerGroup] = {}
         # How the policy's batches are packed (None: padded); decided once its workers are up.
         self.packing: Packing | None = None
+        # W&B / MLflow run ids, kept in checkpoints so that a resume continues the same runs.
+        self.tracker_ids: dict[str, str] = {}
 
     # ---------------------------------------------------------------- hooks
 
@@ -123,6 +125,7 @@ class Trainer(Generic[ConfigT]):
                 state = read_state(resume_from)
                 step = state["step"]
                 self.load_extra_state(state.get("extra", {}))
+                self.tracker_ids = state.get("trackers", {})
             train_seconds, trained = self._loop(step, checkpoints)
             final_metrics = self.evaluate(final=True)
             self._save_final(out)
@@ -173,7 +176,9 @@ class Trainer(Generic[ConfigT]):
 
     def _loop(self, step: int, checkpoints: CheckpointManager) -> tuple[float, int]:
         cfg = self.cfg.trainer
-        trackers = open_trackers(cfg.report_to, self.output_dir, self.output_dir.name)
+        trackers = open_trackers(cfg.report_to, self.output_dir, self.cfg.tracking,
+                                 self.tracker_ids)
+        self.tracker_ids = run_ids(cfg.report_to, trackers)
         logger = MetricsLogger(self.output_dir, self.total_steps, step, desc=self.stage,
                                show_progress=self.show_progress, trackers=trackers)
         logger.log_config(to_dict(self.cfg))
@@ -206,7 +211,8 @@ class Trainer(Generic[ConfigT]):
             for role, group in self.extra_groups.items():
                 group.call("save_checkpoint", str(tmp / role))
 
-        checkpoints.save(step, write, {"extra": self.extra_state()})
+        checkpoints.save(step, write, {"extra": self.extra_state(),
+                                       "trackers": self.tracker_ids})
 
     def _save_final(self, out: Path) -> None:
         """final/ in Hugging Face format, published by rename so it is never half-written."""
