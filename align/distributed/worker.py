@@ -133,6 +133,12 @@ class PolicyWorker(BaseWorker):
         return send_weights(self.policy.model, engines, bucket_bytes, self.policy.zero_stage,
                             self.rank, transport)
 
+    def empty_cache(self) -> None:
+        """Give this rank's cached GPU blocks back before a colocated engine wakes into them."""
+        from align.rollout.vllm_actor import empty_gpu_cache
+
+        empty_gpu_cache()
+
     def setup_weight_group(self, engines: list[Any], tensor_parallel_size: int) -> None:
         """Rank 0 joins the NCCL group it broadcasts weights to separate GPU engines over."""
         if self.rank == 0:

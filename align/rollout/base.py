@@ -53,7 +53,8 @@ class RolloutEngine(Protocol):
         """Free the engine's accelerator memory while the trainer runs (no-op where none)."""
 
     def wake(self) -> None:
-        """Undo `sleep` before the next sync and generation."""
+        """Undo `sleep`; `update_weights` follows before the next generation (an engine may
+        finish waking there: vllm reallocates its KV cache after the sync)."""
 
     def shutdown(self) -> None:
         """Release the engine's actors and resources (safe to call twice)."""

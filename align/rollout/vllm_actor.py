@@ -122,14 +122,26 @@ class VLLMEngineActor:
         self.llm.collective_rpc("receive_bucket", args=(meta,))
         return len(meta)
 
-    def sleep(self) -> None:
-        self.llm.sleep(level=1)  # weights to host memory, KV cache freed
+    def sleep(self, level: int) -> None:
+        """Free this engine's GPU memory (vLLM's levels: 1 keeps the weights in host memory,
+        2 discards them; the KV cache is discarded either way)."""
+        self.llm.sleep(level=level)
 
-    def wake(self) -> None:
-        self.llm.wake_up()
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Reallocate what `sleep` freed: `tags` "weights" and/or "kv_cache" (None: both),
+        after this process's cached blocks (a sync's temporaries) go back to the GPU."""
+        empty_gpu_cache()
+        self.llm.wake_up(tags=tags)
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def empty_gpu_cache() -> None:
+    """Return the blocks torch's caching allocator holds to the GPU, where there is one: a
+    colocated engine allocates outside that cache, so blocks cached here are lost to it."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def engine_env(on_gpu: bool, threads: int) -> dict[str, str]:

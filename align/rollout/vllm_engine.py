@@ -3,7 +3,8 @@ update.
 
 Placement (`rollout.vllm.colocate`):
   - colocated: engine i lives in bundle i of the policy's placement group (on a GPU it takes
-    the part of the bundle's GPU the policy leaves, and sleeps while the trainer runs);
+    the part of the bundle's GPU the policy leaves, and sleeps while the trainer runs: see
+    `sleep` and `wake` for the order memory is freed and taken back in);
   - separate: the engines get a placement group of their own (one bundle per GPU of an
     engine), the shape an asynchronous trainer needs.
 Prompts are split over engines (data parallel); on GPUs an engine may be tensor parallel.
@@ -26,12 +27,15 @@ from align.config import ModelConfig, VLLMSettings
 from align.distributed import WorkerGroup, ensure_ray
 from align.distributed.group import PLACEMENT_TIMEOUT_S, node_cpus
 from align.errors import TrainingError
-from align.model_loading import embedded_config, is_embedded
+from align.model_loading import config_source, embedded_config, is_embedded
 from align.rollout.base import Generation, Sampling
 from align.rollout.vllm_actor import VLLMEngineActor, engine_env
 
 # With colocated GPU engines, the policy actor takes this share of its bundle's GPU.
 COLOCATED_POLICY_GPU_SHARE = 0.5
+# vLLM's sleep level for colocated engines: 2 discards the weights as well as the KV cache,
+# since every wake is followed by a full sync that overwrites them (docs/decisions.md).
+SLEEP_LEVEL = 2
 
 
 def engine_model_config(model_cfg: ModelConfig, tokenizer: Any) -> tuple[str, int | None]:
@@ -42,7 +46,7 @@ def engine_model_config(model_cfg: ModelConfig, tokenizer: Any) -> tuple[str, in
     if is_embedded(model_cfg.name_or_path):
         config = embedded_config(model_cfg, tokenizer)
     else:
-        config = AutoConfig.from_pretrained(model_cfg.name_or_path,
+        config = AutoConfig.from_pretrained(config_source(model_cfg.name_or_path),
                                             trust_remote_code=model_cfg.trust_remote_code)
     if not getattr(config, "architectures", None):
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
@@ -75,6 +79,9 @@ class VLLMEngine:
         self.transport = "nccl" if self.on_gpu and not self.colocated else "object_store"
         self.policy: WorkerGroup | None = None
         self._pg = None
+        # Colocated GPU engines: "awake", "asleep" (after `sleep`), or "weights" (after `wake`,
+        # until the sync in `update_weights` has filled them and the KV cache is back).
+        self._memory = "awake"
         self.actors: list[Any] = []
         config_json, max_positions = engine_model_config(model_cfg, tokenizer)
         if max_positions:
@@ -162,6 +169,9 @@ class VLLMEngine:
         stream (offset by engine index) for that call alone, so the same call gives the same
         completions whenever it runs, e.g. after a resume.
         """
+        if self._memory != "awake":
+            raise RuntimeError(f"vllm engine: generate while {self._memory}; call wake() "
+                               "and update_weights() first")
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
         refs = []
         for i, (actor, part) in enumerate(zip(self.actors, parts)):
@@ -195,15 +205,26 @@ class VLLMEngine:
         start = time.perf_counter()
         self.policy.call("send_weights", self.actors, int(self.settings.sync_bucket_mb * 2**20),
                          self.transport)
+        if self._memory == "weights":  # `wake` brought back the weights alone: now the KV cache
+            self._get([a.wake.remote(["kv_cache"]) for a in self.actors], "wake")
+            self._memory = "awake"
         return time.perf_counter() - start
 
     def sleep(self) -> None:
-        if self.on_gpu and self.colocated:
-            self._get([a.sleep.remote() for a in self.actors], "sleep")
+        """Colocated GPU engines free their weights and KV cache for the trainer."""
+        if self.on_gpu and self.colocated and self._memory == "awake":
+            self._get([a.sleep.remote(SLEEP_LEVEL) for a in self.actors], "sleep")
+            self._memory = "asleep"
 
     def wake(self) -> None:
-        if self.on_gpu and self.colocated:
-            self._get([a.wake.remote() for a in self.actors], "wake")
+        """The first half of waking, before `update_weights`: the trainer's cached GPU blocks
+        are given back, then the engines reallocate their weights alone, for the sync to fill.
+        The KV cache comes back after the sync, once the sync's temporary tensors are freed."""
+        if self._memory == "asleep":
+            if self.policy is not None:
+                self.policy.call("empty_cache")
+            self._get([a.wake.remote(["weights"]) for a in self.actors], "wake")
+            self._memory = "weights"
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -77,3 +77,49 @@ def test_tensor_parallel_engines_run_on_distinct_gpus(tmp_path, ray_local):
         engine.shutdown()
     gpus = [uuid for workers in per_engine for uuid in workers]
     assert len(gpus) == 4 and len(set(gpus)) == 4, per_engine
+
+
+def test_colocated_engine_takes_its_kv_cache_back_after_the_sync(tmp_path, ray_local):
+    """wake() brings back the weights alone; the KV cache returns after the sync, and the
+    weights discarded at sleep (level 2) are the policy's again once it has run."""
+    import ray
+    import torch
+
+    from align.distributed import PolicyWorker, WorkerGroup
+    from align.model_loading import load_tokenizer
+    from align.rollout import Sampling
+    from align.rollout.factory import build_engine, policy_gpu_share
+
+    cfg = tiny_ppo_config(tmp_path, *GPU_TINY, "rollout.vllm.colocate=true",
+                          "distributed.num_workers=1")
+    group = WorkerGroup(PolicyWorker, cfg.distributed, gpu_share=policy_gpu_share(cfg))
+    engine = None
+    try:
+        group.call("setup", model_cfg=cfg.model, trainer_cfg=cfg.trainer,
+                   dist_cfg=cfg.distributed, total_steps=1)
+        engine = build_engine(cfg, load_tokenizer(cfg.model), group)
+        engine.update_weights()
+        prompts, greedy = [[5, 6, 7], [8, 9]], Sampling(max_new_tokens=8, greedy=True,
+                                                         logprobs=True)
+        before = engine.generate(prompts, greedy)
+
+        def free_bytes() -> int:  # free memory of the GPU, seen from the engine's process
+            return ray.get(engine.actors[0].__ray_call__.remote(
+                lambda actor: torch.cuda.mem_get_info()[0]))
+
+        engine.sleep()
+        asleep = free_bytes()
+        engine.wake()
+        weights_back = asleep - free_bytes()
+        engine.update_weights()
+        all_back = asleep - free_bytes()
+        after = engine.generate(prompts, greedy)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        group.shutdown()
+    # The KV cache (most of gpu_memory_utilization) is taken only after the sync.
+    assert 0 <= weights_back < 0.5 * all_back, (weights_back, all_back)
+    assert after.tokens == before.tokens
+    gaps = [abs(a - b) for x, y in zip(after.logprobs, before.logprobs) for a, b in zip(x, y)]
+    assert max(gaps) < 1e-4, gaps
