@@ -1,12 +1,15 @@
 """Loading models and tokenizers: a Hugging Face folder or hub name, or the embedded small Llama.
 
 The embedded default needs no download: a byte-level tokenizer (ByT5's, which builds from no
-files) and a Llama built from `model.embedded`. LoRA wrapping (peft) is here too, so every stage
-gets the same model whatever it trains.
+files) and a Llama built from `model.embedded`. A peft adapter folder (a LoRA run's `final/`)
+loads as its base model with the adapter merged in, so any stage's `final/` can start the
+next. LoRA wrapping (peft) is here too, so every stage gets the same model whatever it trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -35,8 +38,49 @@ EMBEDDED_CHAT_TEMPLATE = (
 )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+MAX_ADAPTER_DEPTH = 32  # adapters over adapters, each stage's final/ over the one before
+
+
 def is_embedded(name_or_path: str) -> bool:
     return name_or_path == EMBEDDED
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The model a peft adapter folder was trained over (its `base_model_name_or_path`, itself
+    possibly an adapter folder), or None when `name_or_path` is not an adapter folder.
+
+    Raises:
+        ModelError: the adapter's config names no base model.
+    """
+    folder = Path(name_or_path).expanduser()
+    adapter = folder / ADAPTER_CONFIG
+    if (folder / "config.json").is_file() or not adapter.is_file():
+        return None
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{adapter} names no base model (base_model_name_or_path); set it to "
+                         "the folder or hub name the adapter was trained on")
+    return base
+
+
+def config_source(name_or_path: str) -> str:
+    """Where the architecture of `name_or_path` is defined: the folder or hub name itself, or,
+    for an adapter folder, the full model under its chain of adapters (config.json and
+    generation_config.json are read there).
+
+    Raises:
+        ModelError: adapters that name each other in a loop.
+    """
+    name = name_or_path
+    for _ in range(MAX_ADAPTER_DEPTH):
+        base = adapter_base(name)
+        if base is None:
+            return name
+        name = base
+    raise ModelError(f"model.name_or_path: '{name_or_path}' is an adapter over more than "
+                     f"{MAX_ADAPTER_DEPTH} adapters (do their base_model_name_or_path values "
+                     "form a loop?)")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -118,7 +162,11 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
     extra = {"num_labels": 1} if kind == "sequence_classification" else {}
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
-    if is_embedded(cfg.name_or_path):
+    base = adapter_base(cfg.name_or_path)
+    if base is not None:
+        config_source(cfg.name_or_path)  # a loop of adapters fails here, not by recursion
+        model = _merged_adapter(cfg, tokenizer, kind, base)
+    elif is_embedded(cfg.name_or_path):
         config = embedded_config(cfg, tokenizer)
         for key, value in extra.items():
             setattr(config, key, value)
@@ -140,6 +188,30 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    return model
+
+
+def _merged_adapter(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, kind: ModelKind,
+                    base: str) -> PreTrainedModel:
+    """The adapter folder `cfg.name_or_path` merged into `base` (loaded like any model, so an
+    adapter over an adapter works too). The model is named after the adapter folder, so a new
+    adapter trained on it records that folder as its base."""
+    from peft import PeftConfig, PeftModel
+
+    inner = dataclasses.replace(cfg, name_or_path=base, gradient_checkpointing=False)
+    model = load_model(inner, tokenizer, kind)
+    try:
+        settings = PeftConfig.from_pretrained(cfg.name_or_path)
+        if kind == "sequence_classification" and settings.task_type == "CAUSAL_LM":
+            # A policy's adapter under a new score head (a critic, a reward model): only the
+            # backbone's layers are adapted, which peft's causal-LM wrapper cannot hold.
+            settings.task_type = None
+        model = PeftModel.from_pretrained(model, cfg.name_or_path, config=settings)
+        model = model.merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model.name_or_path: cannot apply the adapter '{cfg.name_or_path}' "
+                         f"to its base '{base}': {exc}") from None
+    model.name_or_path = model.config.name_or_path = cfg.name_or_path
     return model
 
 
@@ -172,7 +244,7 @@ def check_lora_targets(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
     else:
         _check_model_source(cfg.name_or_path)
         try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path,
+            config = AutoConfig.from_pretrained(config_source(cfg.name_or_path),
                                                 trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model.name_or_path: cannot load '{cfg.name_or_path}': "
@@ -185,8 +257,8 @@ def check_lora_targets(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
 
 
 def _check_model_source(name: str, key: str = "model.name_or_path") -> None:
-    """A local path must be a model folder; a hub id (`name` or `org/name`) must be reachable
-    or cached (align.hub)."""
+    """A local path must be a model folder (or a peft adapter folder over one); a hub id
+    (`name` or `org/name`) must be reachable or cached (align.hub)."""
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if not looks_local:
@@ -196,8 +268,18 @@ def _check_model_source(name: str, key: str = "model.name_or_path") -> None:
         raise ModelError(f"{key}: '{name}' does not exist (if it is an earlier stage's "
                          "output, run that stage first, e.g. `align sft "
                          "configs/arithmetic/sft.yaml`)")
-    if not (path / "config.json").is_file() and key == "model.name_or_path":
-        raise ModelError(f"{key}: '{name}' is not a model folder (no config.json there)")
+    if key != "model.name_or_path" or (path / "config.json").is_file():
+        return
+    base = adapter_base(name)
+    if base is None:
+        raise ModelError(f"{key}: '{name}' is not a model folder (no config.json or "
+                         f"{ADAPTER_CONFIG} there)")
+    config_source(name)  # adapters naming each other in a loop fail here
+    try:
+        _check_model_source(base, key)
+    except ModelError as exc:
+        raise ModelError(f"{key}: '{name}' is an adapter over '{base}' (its {ADAPTER_CONFIG}), "
+                         f"which cannot be loaded: {exc}") from None
 
 
 def _prefers_safetensors(name: str) -> bool | None:

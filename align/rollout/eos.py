@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import ModelConfig
-from align.model_loading import is_embedded
+from align.model_loading import config_source, is_embedded
 
 
 def _as_list(value: Any) -> list[int]:
@@ -20,7 +20,8 @@ def _as_list(value: Any) -> list[int]:
 def eos_token_ids(model_cfg: ModelConfig, tokenizer: Any) -> list[int]:
     """Sorted EOS ids of the model in `model_cfg` with `tokenizer` (never empty)."""
     ids = set(_as_list(tokenizer.eos_token_id))
-    path = Path(model_cfg.name_or_path).expanduser()
+    # An adapter folder (a LoRA run's final/) stops where the model under it does.
+    path = Path(config_source(model_cfg.name_or_path)).expanduser()
     if not is_embedded(model_cfg.name_or_path) and path.is_dir():
         from transformers import AutoConfig, GenerationConfig
 

@@ -8,16 +8,15 @@ model (a peft adapter merged into its base first).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from align.config import ModelConfig
-from align.errors import ModelError
-from align.model_loading import load_model, resolve_dtype
+from align.model_loading import config_source, load_model
 from align.rollout.base import Sampling
 from align.rollout.eos import eos_token_ids
 
@@ -49,20 +48,10 @@ def generate_local(model_cfg: ModelConfig, tokenizer: Any, prompts: list[list[in
 def load_for_generation(model_cfg: ModelConfig, tokenizer: Any
                         ) -> tuple[torch.nn.Module, ModelConfig]:
     """(the model in eval mode, the config of the folder that defines it). A peft adapter
-    folder is loaded over its base and merged, so every engine sees plain weights."""
-    folder = Path(model_cfg.name_or_path).expanduser()
-    adapter = folder / "adapter_config.json"
-    if not adapter.is_file():
-        return load_model(model_cfg, tokenizer).eval(), model_cfg
-    from peft import AutoPeftModelForCausalLM
-
-    try:
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            folder, dtype=resolve_dtype(model_cfg.dtype)).merge_and_unload()
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder}: cannot load the adapter over its base model: {exc}") from None
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path") or str(folder)
-    return model.eval(), ModelConfig(name_or_path=base, dtype=model_cfg.dtype)
+    folder, even an adapter over another (a chain of LoRA stages), is loaded over its base and
+    merged (align.model_loading), so every engine sees plain weights."""
+    source = dataclasses.replace(model_cfg, name_or_path=config_source(model_cfg.name_or_path))
+    return load_model(model_cfg, tokenizer).eval(), source
 
 
 def _vllm(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
