@@ -18,6 +18,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.deepspeed_setup import skip_cpu_shm_comm_op
+from align.distributed.rendezvous import host_store
 from align.model_loading import ModelKind
 from align.policy import Objective, Policy
 from align.rollout import Generation, Sampling
@@ -33,14 +34,10 @@ class BaseWorker:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def master_address(self) -> tuple[str, int]:
-        """This node's IP and the port of the rendezvous store that rank 0 now hosts.
-
-        The store listens on a port the OS picks (port 0) and keeps it from then on: a port
-        probed free and closed before use could be taken by another process in between.
-        """
+        """This node's IP and the port of the rendezvous store that rank 0 now hosts (on a
+        port it keeps: align.distributed.rendezvous)."""
         ip = _node_ip()
-        self._store = dist.TCPStore(ip, 0, self.world_size, is_master=True,
-                                    timeout=default_pg_timeout, wait_for_workers=False)
+        self._store = host_store(ip, self.world_size)
         return ip, self._store.port
 
     def init_distributed(self, master_addr: str, master_port: int, backend: str) -> None:

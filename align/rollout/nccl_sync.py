@@ -10,7 +10,6 @@ object-store transport.
 
 from __future__ import annotations
 
-import socket
 from typing import Any, ClassVar
 
 import torch
@@ -61,14 +60,16 @@ class NCCLWeightSender:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
+        from align.distributed.rendezvous import host_store
+
         host = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
         world = 1 + len(engines) * tensor_parallel_size
-        refs = [engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world)
+        # Rank 0's store is listening before any engine is told its port.
+        store = host_store(host, world)
+        refs = [engine.init_weight_group.remote(host, store.port, 1 + i * tensor_parallel_size,
+                                                world)
                 for i, engine in enumerate(engines)]
-        group = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world)
+        group = StatelessProcessGroup(rank=0, world_size=world, store=store)
         comm = PyNcclCommunicator(group, device=torch.cuda.current_device())
         ray.get(refs)
         cls._current = cls(comm)
