@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with one CUDA GPU: the SFT, DPO and GRPO benchmarks against TRL (bf16, vLLM
-# generation for GRPO) and the MFU script, in under 8 minutes, each step under a timeout.
+# On a machine with one CUDA GPU: the `gpu`-marked tests (those that need more GPUs skip
+# themselves), then the SFT, DPO and GRPO benchmarks against TRL (bf16, vLLM generation for
+# GRPO) and the MFU script, in under 13 minutes, each step under a timeout.
 #
 #     benchmarks/gpu.sh [RESULTS_DIR]      (default: $OUT, else ./gpu-results)
 #
@@ -23,6 +24,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 nvidia-smi > "$results/nvidia-smi.txt" 2>&1
+step gpu_tests 300 env ALIGN_TEST_GPU=1 "$py" -m pytest -q -rs -m gpu -n 0 -p no:cacheprovider tests
 step sft_dpo 170 "$py" benchmarks/run_all.py --stages sft,dpo --models h256 --steps 20 \
     --repeats 1 --batch 64 --bf16
 step grpo 200 "$py" benchmarks/run_all.py --stages grpo --models h256 --steps 10 \
