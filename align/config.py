@@ -36,7 +36,7 @@ class LoraConfig:
     alpha: int = 16  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: str | list[str] = "all-linear"  # peft target; all-linear suits any arch
-    save_merged: bool = False  # write final/ as a full model with the adapter merged in
+    save_merged: bool | None = None  # final/ with the adapter merged in; None: rm and embedded
 
 
 @dataclass

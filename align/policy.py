@@ -305,6 +305,8 @@ class Policy:
 
         With LoRA the adapter alone is written unless `merged` (default: model.lora.save_merged)
         or the base model was built from config and so exists on no disk an adapter could name.
+        Unset, a sequence classifier (a reward model) is merged too: an adapter over a base whose
+        config says nothing of one label loads only when the loader is told `num_labels=1`.
         """
         state = self.full_state_dict()
         if self.rank != 0:
@@ -313,6 +315,8 @@ class Policy:
 
         lora = self.model_cfg.lora
         merge = lora.save_merged if merged is None else merged
+        if merge is None:
+            merge = self.kind == "sequence_classification"
         merge = merge or (lora.enabled and is_embedded(self.model_cfg.name_or_path))
         save_pretrained(self.model, state, self.tokenizer, Path(path), merge_lora=merge)
 

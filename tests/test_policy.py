@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
 from align.errors import ModelError
@@ -57,6 +57,33 @@ def test_lora_adapter_and_merged_round_trip(arch, tiny_model_dir, saved_tokenize
     policy.save(tmp_path / "merged", merged=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_reward_models_final_loads_as_the_reward_model_docs_say(
+        tiny_model_dir, saved_tokenizer, tmp_path):
+    """docs/reward-model.md: `align rm`'s final/ loads with plain
+    `AutoModelForSequenceClassification.from_pretrained(final)`, LoRA included (merged); with
+    `model.lora.save_merged: false` it is an adapter that transformers' and peft's loaders both
+    load when told `num_labels=1`."""
+    cfg = ModelConfig(name_or_path=tiny_model_dir("llama"), tokenizer=str(saved_tokenizer),
+                      dtype="float32")
+    cfg.lora.enabled = True
+    policy = Policy(cfg, TrainerConfig(), DistributedConfig(), total_steps=1,
+                    kind="sequence_classification", trainable=False)
+    perturb_adapters(policy.model)
+    expected = logits(policy.model)
+    assert expected.shape == (1, 1)
+
+    policy.save(tmp_path / "final")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    torch.testing.assert_close(logits(plain), expected, atol=1e-5, rtol=1e-5)
+
+    cfg.lora.save_merged = False
+    policy.save(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    for loader in (AutoModelForSequenceClassification, AutoPeftModelForSequenceClassification):
+        model = loader.from_pretrained(tmp_path / "adapter", num_labels=1).eval()
+        torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_embedded_full_model_round_trip(tmp_path):

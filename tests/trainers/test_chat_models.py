@@ -110,8 +110,8 @@ def rm(tmp_path: Path, base: str) -> None:
                       f"data.train={pairs}", f"data.eval={pairs}")
     losses = curve(final.parent, "loss")
     assert losses[-1] < losses[0] - 0.05, losses
-    scorer = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), final).eval()
+    # The adapter is merged into final/: a plain one-label classifier (docs/reward-model.md).
+    scorer = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
     margins = []
     for question, good in zip(QUESTIONS, GOOD):  # one unpadded text at a time, read at its end
@@ -120,8 +120,8 @@ def rm(tmp_path: Path, base: str) -> None:
             text = tok.apply_chat_template(user(question) + assistant(answer), tokenize=False)
             ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
-                hidden = scorer.base_model.model.base_model(input_ids=ids).last_hidden_state
-                scores.append(float(scorer.base_model.model.score(hidden[0, -1])))
+                hidden = scorer.base_model(input_ids=ids).last_hidden_state
+                scores.append(float(scorer.score(hidden[0, -1])))
         assert scores[0] > scores[1], (question, scores)
         margins.append(scores[0] - scores[1])
     summary = json.loads((final.parent / "summary.json").read_text())
