@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 Aggregation = Literal["token", "sequence", "constant"]  # how per-token losses are reduced
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+OnUnusable = Literal["skip", "error"]  # a well-formed row that cannot be trained on
 EMBEDDED = "embedded"  # model/data source name for the built-in arithmetic task
 
 
@@ -82,6 +83,8 @@ class DataConfig:
     cache: bool = True  # keep prepared (tokenised) data on disk and reuse it while unchanged
     cache_dir: str | None = None  # prepared data; None: $ALIGN_DATA_CACHE, ~/.cache/align/data
     num_proc: int = 0  # processes preparing data; 0: one per 20k rows, at most one per core
+    on_unusable: OnUnusable = "skip"  # a prompt >= max_length or chosen == rejected: skip, counted
+    max_skipped_fraction: float = 0.2  # stop (exit 2) when a file has more unusable rows than this
 
 
 @dataclass
@@ -207,6 +210,9 @@ class RunConfig:
         if self.data.num_proc < 0:
             raise ConfigError(f"data.num_proc must be 0 (automatic) or a number of processes, "
                               f"got {self.data.num_proc}")
+        if not 0.0 <= self.data.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"data.max_skipped_fraction must lie in [0, 1]; got "
+                              f"{self.data.max_skipped_fraction}")
 
 
 @dataclass

@@ -14,7 +14,8 @@ An optional numeric `margin` column (how much better chosen is) is carried throu
 
 Truncation: when prompt + completion is longer than `max_length` the completion is cut to fit
 and keeps no EOS (the text did not end there, so the model must not learn to stop there). A
-prompt that alone reaches `max_length` is an error.
+prompt that alone reaches `max_length`, and a pair whose chosen equals its rejected, are
+unusable (`align.data.unusable`): skipped or an error as `data.on_unusable` says.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from typing import Any
 
 from align.data.conversations import check_messages, is_messages, split_completion
 from align.data.text import encode_many, eos_token_id, require_text, with_eos
+from align.data.unusable import (
+    IDENTICAL_PAIR,
+    KEPT,
+    UnusableRow,
+    prompt_too_long,
+    skip_or_raise,
+)
 from align.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -75,42 +83,54 @@ def tokenize_preference(
 
 
 def encode_preference_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
-                           max_length: int) -> dict[str, list]:
+                           max_length: int, on_unusable: str = "error") -> dict[str, list]:
     """Rows (numbered from `first` in `source`) as columns: `prompt_ids`, `chosen_ids`,
     `rejected_ids` (completions cut to fit `max_length`), `margin` (None when absent),
-    `length` and whether each was `truncated`. Every text is encoded in one batched call.
+    `length`, whether each was `truncated`, and why it was `skipped` (KEPT when it was not:
+    with `on_unusable="skip"` an unusable pair is kept as an empty row with its reason and
+    its margin). Every text is encoded in one batched call.
 
     Raises:
         DataError: as `tokenize_preference` (but for `margin` given for only some rows, which
             is a check across rows), for the first bad row.
     """
-    plans: list[tuple[str, str, str, bool]] = []
+    plans: list[tuple[str, str, str, bool] | str] = []  # texts, or why the row is skipped
     failure = None
     for number, row in enumerate(rows, start=first):
         try:
             plans.append(_pair_texts(row, tokenizer, source, number))
+        except UnusableRow as err:
+            if on_unusable != "skip":
+                failure = err
+                break
+            plans.append(err.reason)
         except DataError as err:  # rows before it may hold an error found only once encoded
             failure = err
             break
-    ids = iter(encode_many(tokenizer, [text for plan in plans for text in plan[:3]]))
+    ids = iter(encode_many(tokenizer, [text for plan in plans if not isinstance(plan, str)
+                                       for text in plan[:3]]))
     out: dict[str, list] = {name: [] for name in (
-        "prompt_ids", "chosen_ids", "rejected_ids", "margin", "length", "truncated")}
+        "prompt_ids", "chosen_ids", "rejected_ids", "margin", "length", "truncated",
+        "skipped")}
     for number, (row, plan) in enumerate(zip(rows, plans), start=first):
-        prompt_ids, chosen_ids, rejected_ids = next(ids), next(ids), next(ids)
+        margin = _margin(row, source, number)
+        if not isinstance(plan, str):
+            prompt_ids, chosen_ids, rejected_ids = next(ids), next(ids), next(ids)
+            try:
+                room = _room(prompt_ids, max_length, source, number)
+            except UnusableRow as err:
+                plan = skip_or_raise(err, on_unusable)
+        if isinstance(plan, str):
+            for name, value in (("prompt_ids", []), ("chosen_ids", []), ("rejected_ids", []),
+                                ("margin", margin), ("length", 0), ("truncated", False),
+                                ("skipped", plan)):
+                out[name].append(value)
+            continue
         if plan[3]:
             eos = eos_token_id(tokenizer)
             chosen_ids, rejected_ids = with_eos(chosen_ids, eos), with_eos(rejected_ids, eos)
-        room = max_length - len(prompt_ids)
-        if room <= 0:
-            raise DataError(
-                f"prompt of {len(prompt_ids)} tokens is longer than "
-                f"data.max_length={max_length} allows (no room is left for the "
-                "completions); shorten it or raise data.max_length",
-                source=source,
-                row=number,
-                column="prompt",
-            )
-        out["margin"].append(_margin(row, source, number))
+        out["skipped"].append(KEPT)
+        out["margin"].append(margin)
         out["truncated"].append(len(chosen_ids) > room or len(rejected_ids) > room)
         out["length"].append(len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)))
         out["prompt_ids"].append(prompt_ids)
@@ -119,6 +139,19 @@ def encode_preference_rows(rows: list[Any], tokenizer: Any, source: str, first: 
     if failure is not None:
         raise failure
     return out
+
+
+def _room(prompt_ids: list[int], max_length: int, source: str, number: int) -> int:
+    """Tokens left for a completion after the prompt.
+
+    Raises:
+        UnusableRow: none are left.
+    """
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        raise prompt_too_long(len(prompt_ids), max_length, "for the completions", source,
+                              number)
+    return room
 
 
 def preference_examples(columns: dict[str, list]) -> list[PreferenceExample]:
@@ -192,17 +225,18 @@ def _pair_texts(row: Any, tokenizer: Any, source: str,
         if column not in row:
             raise DataError(f"missing column; {SHAPES}", source=source, row=number, column=column)
     chosen, rejected = row["chosen"], row["rejected"]
-    if chosen == rejected:
-        raise DataError(
-            "chosen and rejected are identical, so the pair teaches nothing",
-            source=source,
-            row=number,
-        )
     prompt = row.get("prompt")
     conversational = is_messages(prompt if prompt is not None else chosen)
     check = _check_conversation if conversational else _check_string
     for column, value in (("chosen", chosen), ("rejected", rejected)):
         check(value, source, number, column)
+    if chosen == rejected:  # only once both are known to be well formed
+        raise UnusableRow(
+            "chosen and rejected are identical, so the pair teaches nothing",
+            source=source,
+            row=number,
+            reason=IDENTICAL_PAIR,
+        )
     if prompt is None:
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if not prompt:

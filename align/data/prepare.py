@@ -2,7 +2,10 @@
 tokenise it with batched `map` calls over `num_proc` processes, cache the result on disk.
 
 A `RowEncoder` says how one row becomes token columns (the per-row functions of
-`align.data.sft` and `align.data.preference`, so rows mean exactly what they mean in memory).
+`align.data.sft`, `align.data.preference`, `align.data.unpaired` (KTO) and
+`align.data.prompts` (RL), so rows mean exactly what they mean in memory). Each encoder keeps
+one table row per source row; a row skipped as unusable (`align.data.unusable`) is an empty
+row whose `skipped` column says why.
 `prepare_source` returns the prepared Arrow dataset of a file, folder or hub dataset, from the
 cache (`align.data.cache`) when nothing it depends on changed; `prepare_rows` encodes rows
 already in memory (the embedded task), uncached as they are generated in a moment.
@@ -30,7 +33,17 @@ import pyarrow.ipc
 import pyarrow.json
 from datasets.arrow_writer import ArrowWriter
 
-from align.data import cache, conversations, preference, sft, sources, text
+from align.data import (
+    cache,
+    conversations,
+    preference,
+    prompts,
+    sft,
+    sources,
+    text,
+    unpaired,
+    unusable,
+)
 from align.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -44,33 +57,57 @@ CHUNK = 1_000  # rows per batched map call (and per chunk of the row-by-row path
 class RowEncoder:
     """How one stage's rows become columns: `encode(rows, tokenizer, source, first,
     **settings)` (a module-level function, so worker processes can receive it) returns, for
-    rows numbered from `first`, one list per column of `features` (name -> datasets type)."""
+    rows numbered from `first`, one list per column of `features` (name -> datasets type).
+    `json_cells`: JSON Lines files are read in Python, so every cell keeps the type it has in
+    the file (pyarrow would read a column of 1 and 2.5 as 1.0 and 2.5, and ISO dates as
+    timestamps); for rows whose columns reach user code as they are (RL rewards)."""
 
     kind: str
     encode: Callable[..., dict[str, Any]]
     features: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
+    json_cells: bool = False
 
     def datasets_features(self) -> datasets.Features:
         return datasets.Features(self.features)
 
 
 IDS = datasets.Sequence(datasets.Value("int32"))
+LENGTH, FLAG, TEXT = datasets.Value("int32"), datasets.Value("bool"), datasets.Value("string")
 
 
-def sft_encoder(max_length: int, completion_only_loss: bool) -> RowEncoder:
+def sft_encoder(max_length: int, completion_only_loss: bool,
+                on_unusable: str = "error") -> RowEncoder:
     return RowEncoder("sft", sft.encode_sft_rows,
-                      {"input_ids": IDS, "labels": IDS, "length": datasets.Value("int32"),
-                       "truncated": datasets.Value("bool")},
-                      {"max_length": max_length, "completion_only_loss": completion_only_loss})
+                      {"input_ids": IDS, "labels": IDS, "length": LENGTH, "truncated": FLAG,
+                       "skipped": TEXT},
+                      {"max_length": max_length, "completion_only_loss": completion_only_loss,
+                       "on_unusable": on_unusable})
 
 
-def preference_encoder(max_length: int) -> RowEncoder:
+def preference_encoder(max_length: int, on_unusable: str = "error") -> RowEncoder:
     return RowEncoder("preference", preference.encode_preference_rows,
                       {"prompt_ids": IDS, "chosen_ids": IDS, "rejected_ids": IDS,
-                       "margin": datasets.Value("float64"), "length": datasets.Value("int32"),
-                       "truncated": datasets.Value("bool")},
-                      {"max_length": max_length})
+                       "margin": datasets.Value("float64"), "length": LENGTH, "truncated": FLAG,
+                       "skipped": TEXT},
+                      {"max_length": max_length, "on_unusable": on_unusable})
+
+
+def unpaired_encoder(max_length: int, on_unusable: str = "error") -> RowEncoder:
+    """KTO rows: a pair's two sides (or an unpaired row's one) in one table row."""
+    return RowEncoder("unpaired", unpaired.encode_unpaired_rows,
+                      {"prompt_ids": IDS, "completion_ids": datasets.Sequence(IDS),
+                       "desirable": datasets.Sequence(FLAG), "truncated": FLAG,
+                       "skipped": TEXT},
+                      {"max_length": max_length, "on_unusable": on_unusable})
+
+
+def prompt_encoder(max_length: int, on_unusable: str = "error") -> RowEncoder:
+    """RL prompt rows: the templated prompt, its ids, and the columns the rewards receive."""
+    return RowEncoder("prompts", prompts.encode_prompt_rows,
+                      {"text": TEXT, "ids": IDS, "messages": TEXT, "columns": TEXT,
+                       "length": LENGTH, "skipped": TEXT},
+                      {"max_length": max_length, "on_unusable": on_unusable}, json_cells=True)
 
 
 @dataclass(frozen=True)
@@ -96,13 +133,14 @@ def prepare_source(source: str, split: str, columns: dict[str, str], tokenizer: 
     identity = cache.local_source_identity(source)
     raw = None
     if identity is None:  # a hub dataset: its fingerprint says which revision was read
-        raw = read_source(source, split, settings.cache_dir)
+        raw = read_source(source, split, settings.cache_dir, encoder.json_cells)
         identity = [source, getattr(raw, "_fingerprint", None)]
     key = cache.digest({"source": identity, "split": split, "columns": columns,
                         "tokenizer": cache.tokenizer_identity(tokenizer),
                         "kind": encoder.kind, "settings": encoder.settings,
-                        "code": cache.code_identity(sft, preference, conversations, text,
-                                                    sources, RowEncoder)})
+                        "code": cache.code_identity(sft, preference, unpaired, prompts,
+                                                    unusable, conversations, text, sources,
+                                                    RowEncoder)})
     folder = cache.cache_root(settings.cache_dir) / f"{encoder.kind}-{key}"
     if settings.enabled and (files := cache.lookup(folder)) is not None:
         logger.info("%s: prepared data read from the cache %s", source, folder)
@@ -112,7 +150,7 @@ def prepare_source(source: str, split: str, columns: dict[str, str], tokenizer: 
     tmp.mkdir(parents=True)
     try:
         if raw is None:
-            raw = read_source(source, split, settings.cache_dir)
+            raw = read_source(source, split, settings.cache_dir, encoder.json_cells)
         written = _encode_into(tmp, raw, source, columns, tokenizer, encoder, settings,
                                show_progress)
         if not settings.enabled:
@@ -157,10 +195,10 @@ def check_margins(prepared: datasets.Dataset, source: str) -> None:
         raise preference.margin_mismatch(source, int(differs[0]) + 1, not missing[0])
 
 
-def read_source(source: str, split: str,
-                cache_dir: str | None = None) -> datasets.Dataset | list[dict]:
+def read_source(source: str, split: str, cache_dir: str | None = None,
+                json_cells: bool = False) -> datasets.Dataset | list[dict]:
     """The source as an Arrow dataset, or as Python rows (`load_rows`) where Arrow cannot
-    read or type it exactly.
+    read or type it exactly, and for JSON Lines files with `json_cells` (`RowEncoder`).
 
     JSON Lines files are converted to Arrow by pyarrow's streaming reader into the cache
     (once per version of the file); pyarrow refuses a column whose type changes between rows
@@ -171,7 +209,7 @@ def read_source(source: str, split: str,
     path = Path(os.path.expanduser(source))
     suffix = path.suffix.lower()
     try:
-        if path.is_file() and suffix in sources.JSONL_SUFFIXES:
+        if path.is_file() and suffix in sources.JSONL_SUFFIXES and not json_cells:
             return _jsonl_dataset(path, cache_dir)
         if path.is_file() and suffix == ".parquet":
             dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")

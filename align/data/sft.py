@@ -11,8 +11,9 @@ Row shapes follow TRL's conventions:
   turns are trained (see `align.data.conversations` for how they are located).
 - `{text}`: every token and EOS are trained.
 
-A row longer than `max_length` is truncated from the right; a row whose prompt alone reaches
-`max_length` is an error, since nothing of its completion would be left to learn from.
+A row longer than `max_length` is truncated from the right. A row whose prompt alone reaches
+`max_length` leaves nothing of its completion to learn from: it is unusable
+(`align.data.unusable`), skipped or an error as `data.on_unusable` says.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from align.data.conversations import assistant_segments, check_messages, render, split_completion
 from align.data.text import encode_many, eos_token_id, require_text, with_eos
+from align.data.unusable import KEPT, UnusableRow, prompt_too_long, skip_or_raise
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
 
@@ -74,9 +76,12 @@ def tokenize_sft(
 
 
 def encode_sft_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
-                    max_length: int, completion_only_loss: bool) -> dict[str, list]:
-    """Rows (numbered from `first` in `source`) as columns: `input_ids`, `labels`, `length`
-    and whether each was `truncated`. Every text of the rows is encoded in one batched call.
+                    max_length: int, completion_only_loss: bool,
+                    on_unusable: str = "error") -> dict[str, list]:
+    """Rows (numbered from `first` in `source`) as columns: `input_ids`, `labels`, `length`,
+    whether each was `truncated`, and why it was `skipped` (KEPT when it was not: with
+    `on_unusable="skip"` a row whose prompt fills `max_length` is kept as an empty row with
+    its reason). Every text of the rows is encoded in one batched call.
 
     Raises:
         DataError: as `tokenize_sft`, for the first bad row.
@@ -90,12 +95,21 @@ def encode_sft_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
             failure = err
             break
     ids = iter(encode_many(tokenizer, [text for pieces, _ in plans for text, _, _ in pieces]))
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [],
+                            "skipped": []}
     for number, (pieces, prompt_column) in enumerate(plans, start=first):
         segments = [(with_eos(next(ids), eos_token_id(tokenizer)) if eos else next(ids), trained)
                     for _, trained, eos in pieces]
-        input_ids, labels = _checked(segments, prompt_column, max_length, completion_only_loss,
-                                     source, number)
+        try:
+            input_ids, labels = _checked(segments, prompt_column, max_length,
+                                         completion_only_loss, source, number)
+        except UnusableRow as err:
+            reason = skip_or_raise(err, on_unusable)
+            for name, value in (("input_ids", []), ("labels", []), ("length", 0),
+                                ("truncated", False), ("skipped", reason)):
+                out[name].append(value)
+            continue
+        out["skipped"].append(KEPT)
         out["truncated"].append(len(input_ids) > max_length)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
         if labels.count(IGNORE_INDEX) == len(labels):  # C speed: this runs once per row
@@ -121,14 +135,8 @@ def _checked(segments: Segments, prompt_column: str | None, max_length: int,
     if prompt_column is not None:
         prompt_length = _leading_untrained(segments)
         if prompt_length >= max_length:
-            raise DataError(
-                f"prompt of {prompt_length} tokens is longer than "
-                f"data.max_length={max_length} allows (no room is left for the "
-                "completion); shorten it or raise data.max_length",
-                source=source,
-                row=number,
-                column=prompt_column,
-            )
+            raise prompt_too_long(prompt_length, max_length, "for the completion", source,
+                                  number, prompt_column)
     return _flatten(segments, completion_only_loss)
 
 

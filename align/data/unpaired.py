@@ -9,6 +9,9 @@ Row shapes follow TRL's KTOTrainer:
   split into a desirable row (chosen) and an undesirable one (rejected), as TRL's
   `unpair_preference_dataset` does.
 
+A prompt that alone fills `max_length`, and a pair whose chosen equals its rejected, are
+unusable (`align.data.unusable`): skipped or an error as `data.on_unusable` says.
+
 KTO's reference point is estimated from mismatched pairs: each row also carries the completion
 of another row of its batch (`with_kl_completions`, TRL's rotation by one within a batch), whose
 log-probability after this row's prompt the trainer measures.
@@ -27,6 +30,7 @@ from align.data.conversations import is_messages, split_completion
 from align.data.preference import _check_conversation, _check_string, _tokenize_pair
 from align.data.sft import TokenizedExample
 from align.data.text import encode, eos_token_id, with_eos
+from align.data.unusable import KEPT, UnusableRow, prompt_too_long, skip_or_raise
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
 
@@ -63,27 +67,66 @@ def tokenize_unpaired(rows: list[dict], tokenizer: Any, max_length: int,
         DataError: a column is missing, empty or of the wrong type; `label` is not true/false;
             the prompt leaves no room for a completion.
     """
-    examples: list[UnpairedExample] = []
-    truncated = 0
-    for number, row in enumerate(rows, start=1):
-        if isinstance(row, dict) and ("chosen" in row or "rejected" in row):
-            prompt_ids, chosen_ids, rejected_ids = _tokenize_pair(row, tokenizer, source, number)
-            sides = [(chosen_ids, True), (rejected_ids, False)]
+    columns = encode_unpaired_rows(rows, tokenizer, source, 1, max_length=max_length)
+    warn_truncated(source, sum(columns["truncated"]), len(rows), max_length)
+    return [e for row in unpaired_examples(columns) for e in row]
+
+
+def encode_unpaired_rows(rows: list[Any], tokenizer: Any, source: str, first: int, *,
+                         max_length: int, on_unusable: str = "error") -> dict[str, list]:
+    """Rows (numbered from `first` in `source`) as columns, one entry per row: `prompt_ids`,
+    `completion_ids` and `desirable` (one per side: two for a pair, one for an unpaired row;
+    completions cut to fit `max_length`), whether the row was `truncated`, and why it was
+    `skipped` (KEPT when it was not: with `on_unusable="skip"` an unusable row is kept with no
+    sides and its reason).
+
+    Raises:
+        DataError: as `tokenize_unpaired`, for the first bad row.
+    """
+    out: dict[str, list] = {name: [] for name in (
+        "prompt_ids", "completion_ids", "desirable", "truncated", "skipped")}
+    for number, row in enumerate(rows, start=first):
+        try:
+            prompt_ids, sides = _row_sides(row, tokenizer, source, number)
+            room = max_length - len(prompt_ids)
+            if room <= 0:
+                raise prompt_too_long(len(prompt_ids), max_length, "for the completion",
+                                      source, number)
+        except UnusableRow as err:
+            prompt_ids, sides, room = [], [], 0
+            out["skipped"].append(skip_or_raise(err, on_unusable))
         else:
-            prompt_ids, completion_ids, label = _tokenize_row(row, tokenizer, source, number)
-            sides = [(completion_ids, label)]
-        room = max_length - len(prompt_ids)
-        if room <= 0:
-            raise DataError(f"prompt of {len(prompt_ids)} tokens is longer than "
-                            f"data.max_length={max_length} allows (no room is left for the "
-                            "completion); shorten it or raise data.max_length",
-                            source=source, row=number, column="prompt")
-        truncated += any(len(ids) > room for ids, _ in sides)
-        examples += [UnpairedExample(prompt_ids, ids[:room], label) for ids, label in sides]
+            out["skipped"].append(KEPT)
+        out["prompt_ids"].append(prompt_ids)
+        out["completion_ids"].append([ids[:room] for ids, _ in sides])
+        out["desirable"].append([label for _, label in sides])
+        out["truncated"].append(any(len(ids) > room for ids, _ in sides))
+    return out
+
+
+def unpaired_examples(columns: dict[str, list]) -> list[list[UnpairedExample]]:
+    """Per row of a batch of `encode_unpaired_rows` columns (as read back from a table), its
+    examples: a pair's desirable one before its undesirable one."""
+    return [[UnpairedExample(prompt_ids, ids, label) for ids, label in zip(completions, labels)]
+            for prompt_ids, completions, labels in zip(
+                columns["prompt_ids"], columns["completion_ids"], columns["desirable"])]
+
+
+def warn_truncated(source: str, truncated: int, total: int, max_length: int) -> None:
+    """One warning giving how many rows had their completions cut to fit `max_length`."""
     if truncated:
         logger.warning("%s: %d of %d rows were longer than max_length=%d and had their "
-                       "completions truncated", source, truncated, len(rows), max_length)
-    return examples
+                       "completions truncated", source, truncated, total, max_length)
+
+
+def _row_sides(row: Any, tokenizer: Any, source: str,
+               number: int) -> tuple[list[int], list[tuple[list[int], bool]]]:
+    """A row's prompt ids and its sides (completion ids, desirable), a pair split in two."""
+    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):
+        prompt_ids, chosen_ids, rejected_ids = _tokenize_pair(row, tokenizer, source, number)
+        return prompt_ids, [(chosen_ids, True), (rejected_ids, False)]
+    prompt_ids, completion_ids, label = _tokenize_row(row, tokenizer, source, number)
+    return prompt_ids, [(completion_ids, label)]
 
 
 def with_kl_completions(examples: list[UnpairedExample], batch_size: int,

@@ -48,6 +48,9 @@ class Trainer(Generic[ConfigT]):
         self.extra_groups: dict[str, WorkerGroup] = {}
         # How the policy's batches are packed (None: padded); decided once its workers are up.
         self.packing: Packing | None = None
+        # Rows prepare_data skipped as unusable, as metrics (`data/skipped/<reason>`); they go
+        # to metrics.jsonl (step 0) and summary.json.
+        self.data_metrics: dict[str, int] = {}
         # W&B / MLflow run ids, kept in checkpoints so that a resume continues the same runs.
         self.tracker_ids: dict[str, str] = {}
 
@@ -133,7 +136,7 @@ class Trainer(Generic[ConfigT]):
                 "stage": self.stage, "steps": self.total_steps,
                 "wall_seconds": round(time.time() - started, 2),
                 "samples_per_second": round(trained / train_seconds, 2) if train_seconds else 0.0,
-                **final_metrics,
+                **self.data_metrics, **final_metrics,
             }
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             return summary
@@ -182,6 +185,8 @@ class Trainer(Generic[ConfigT]):
         logger = MetricsLogger(self.output_dir, self.total_steps, step, desc=self.stage,
                                show_progress=self.show_progress, trackers=trackers)
         logger.log_config(to_dict(self.cfg))
+        if step == 0 and self.data_metrics:  # a resumed run keeps the line it wrote first
+            logger.log(0, self.data_metrics)
         self.logger = logger
         seconds, samples = 0.0, 0
         try:

@@ -240,11 +240,13 @@ class DPOTrainer(Trainer[DPOConfig]):
         batch, seed = cfg.trainer.global_batch_size, cfg.trainer.seed
         order_fn = None
         if self.unpaired:
-            self.train, self.eval = load_unpaired_examples(cfg, self.tokenizer)
+            self.train, self.eval, self.data_metrics = load_unpaired_examples(
+                cfg, self.tokenizer, self.show_progress)
             order_fn = partial(fixed_batch_order, len(self.train), batch, seed)
         else:
             data = load_preference_examples(cfg, self.tokenizer, self.show_progress)
             self.train, self.eval = data.train, data.held_out
+            self.data_metrics = data.skip_metrics()
         # Exact match after training: the embedded task's held-out prompts and true answers.
         scored = stage_rows(cfg, "sft").held_out if cfg.data.train == EMBEDDED else []
         self.eval_prompts, self.eval_references = exact_match_set(scored, cfg.eval.max_samples)

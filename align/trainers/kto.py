@@ -15,28 +15,36 @@ from typing import Any
 import numpy as np
 
 from align.config import DPOConfig
-from align.data import UnpairedExample, tokenize_unpaired, with_kl_completions
-from align.trainers.stage_data import stage_rows
+from align.data import UnpairedExample, with_kl_completions
+from align.data.prepare import unpaired_encoder
+from align.data.unpaired import unpaired_examples, warn_truncated
+from align.trainers.stage_data import stage_examples
 
 
-def load_unpaired_examples(cfg: DPOConfig, tokenizer: Any
-                           ) -> tuple[list[UnpairedExample], list[UnpairedExample]]:
+def load_unpaired_examples(cfg: DPOConfig, tokenizer: Any, show_progress: bool = True
+                           ) -> tuple[list[UnpairedExample], list[UnpairedExample],
+                                      dict[str, int]]:
     """Training and held-out unpaired rows, shuffled once by `trainer.seed`, each with the
-    completion of the previous row of its batch as its mismatched (KL) completion.
+    completion of the previous row of its batch as its mismatched (KL) completion, and the
+    rows skipped as unusable as metrics (`StageExamples.skip_metrics`).
 
-    Pairs (the embedded task's, or `{prompt, chosen, rejected}` rows) are split in two. The
-    shuffle also keeps the two halves of a pair, which share a prompt, out of each other's
-    mismatched pairs (unless they land next to each other by chance).
+    Rows are prepared through the cache like every stage's (`stage_examples`). Pairs (the
+    embedded task's, or `{prompt, chosen, rejected}` rows) are split in two. The shuffle also
+    keeps the two halves of a pair, which share a prompt, out of each other's mismatched pairs
+    (unless they land next to each other by chance).
     """
-    rows = stage_rows(cfg, "preference")
-    batch, max_length = cfg.trainer.global_batch_size, cfg.data.max_length
+    data = cfg.data
+    batch, max_length = cfg.trainer.global_batch_size, data.max_length
+    prepared = stage_examples(cfg, "preference", unpaired_encoder(max_length, data.on_unusable),
+                              tokenizer, unpaired_examples, show_progress)
+    warn_truncated(prepared.train_name, prepared.truncated(), len(prepared.train), max_length)
     rng = np.random.default_rng(cfg.trainer.seed)
     splits = []
-    for split, name in ((rows.train, rows.train_name), (rows.held_out, rows.held_out_name)):
-        examples = tokenize_unpaired(split, tokenizer, max_length, name)
+    for rows in (prepared.train, prepared.held_out):
+        examples = [e for row in rows for e in row]
         shuffled = [examples[i] for i in rng.permutation(len(examples))]
         splits.append(with_kl_completions(shuffled, batch, max_length))
-    return splits[0], splits[1]
+    return splits[0], splits[1], prepared.skip_metrics()
 
 
 def fixed_batch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[int]:

@@ -25,8 +25,8 @@ import torch
 
 from align.advantages import compute_advantages, kl_penalty
 from align.config import EMBEDDED, PPOConfig
-from align.data import tokenize_prompts
 from align.data.prompts import PromptExample, reward_columns
+from align.data.tables import take
 from align.distributed import PolicyWorker, WorkerGroup, ensure_ray
 from align.distributed.group import node_cpus
 from align.losses import aggregation_normalizer
@@ -59,7 +59,7 @@ from align.trainers.rollout import (
     infer_rows,
     repeated_ids,
 )
-from align.trainers.stage_data import stage_rows
+from align.trainers.stage_data import load_prompt_examples
 from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
 
@@ -113,12 +113,9 @@ class PPOTrainer(Trainer[PPOConfig]):
         from reward_models import CombinedReward
 
         cfg = self.cfg
-        rows = stage_rows(cfg, "rl")
-        self.prompts = tokenize_prompts(rows.train, self.tokenizer, cfg.data.max_length,
-                                        rows.train_name)
-        eval_rows = rows.held_out[: cfg.eval.max_samples or None]
-        self.eval_prompts = (tokenize_prompts(eval_rows, self.tokenizer, cfg.data.max_length,
-                                              rows.held_out_name) if eval_rows else [])
+        data = load_prompt_examples(cfg, self.tokenizer, self.show_progress)
+        self.prompts, self.data_metrics = data.train, data.skip_metrics()
+        self.eval_prompts = data.held_out[: cfg.eval.max_samples or None]
         # Held-out accuracy: the task's evaluator, or exact match with an `answer` column.
         self.task = load_task(cfg.task) if cfg.data.train == EMBEDDED else None
         self.rewards = CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.rewards])
@@ -331,7 +328,7 @@ class PPOTrainer(Trainer[PPOConfig]):
                             top_p=ro.top_p,
                             seed=cfg.trainer.seed * 1_000_003 + step + round_ * 7_919_993,
                             logprobs=True)
-        return [self.prompts[i] for i in indices], sampling
+        return take(self.prompts, indices), sampling
 
     def _first_round(self, step: int) -> tuple[list[list[int]], Sampling]:
         examples, sampling = self._request(step, 0)

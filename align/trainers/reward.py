@@ -67,6 +67,7 @@ class RewardTrainer(Trainer[RMConfig]):
         cfg = self.cfg
         data = load_preference_examples(cfg, self.tokenizer, self.show_progress)
         self.train, self.eval = data.train, data.held_out
+        self.data_metrics = data.skip_metrics()
         self.mined = None
         if cfg.mining.policy is not None:
             self.mined = self._mine()

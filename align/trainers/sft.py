@@ -46,9 +46,11 @@ class SFTTrainer(Trainer[SFTConfig]):
     def prepare_data(self) -> int:
         cfg = self.cfg
         data = stage_examples(cfg, "sft", sft_encoder(cfg.data.max_length,
-                                                      cfg.data.completion_only_loss),
+                                                      cfg.data.completion_only_loss,
+                                                      cfg.data.on_unusable),
                               self.tokenizer, sft_examples, self.show_progress)
         self.train, self.eval = data.train, data.held_out
+        self.data_metrics = data.skip_metrics()
         self.truncated = data.truncated()
         # Exact match needs a string prompt and a string reference completion.
         self.eval_prompts, self.eval_references = exact_match_set(data.held_out_rows(),

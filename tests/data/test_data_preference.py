@@ -6,6 +6,7 @@ import pytest
 import transformers
 
 from align.data import extract_prompt, tokenize_preference
+from align.data.preference import encode_preference_rows, preference_examples
 from align.errors import DataError
 
 CHAT_TEMPLATE = (
@@ -124,6 +125,30 @@ def test_bad_rows_name_row_and_column(tok, row, expected):
         tokenize_preference([row], tok, max_length=8, source="prefs.jsonl")
     assert str(caught.value).startswith("prefs.jsonl, row 1")
     assert expected in str(caught.value)
+
+
+def test_identical_pairs_and_long_prompts_are_skipped_when_asked(tok):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0},
+            {"prompt": "p", "chosen": "a", "rejected": "a", "margin": 2.0},
+            {"prompt": "p" * 10, "chosen": "a", "rejected": "b", "margin": 3.0},
+            {"chosen": "same", "rejected": "same", "margin": 4.0}]
+    columns = encode_preference_rows(rows, tok, "prefs.jsonl", 1, max_length=8,
+                                     on_unusable="skip")
+    assert columns["skipped"] == ["", "identical_pair", "prompt_too_long", "identical_pair"]
+    assert columns["margin"] == [1.0, 2.0, 3.0, 4.0]  # a skipped row keeps its margin
+    assert [len(ids) for ids in columns["prompt_ids"]] == [1, 0, 0, 0]
+    assert preference_examples(columns)[:1] == tokenize_preference(rows[:1], tok, 8)
+    with pytest.raises(DataError, match="prefs.jsonl, row 2: chosen and rejected are identical"):
+        encode_preference_rows(rows, tok, "prefs.jsonl", 1, max_length=8)
+
+
+@pytest.mark.parametrize("row", [{"prompt": "p", "chosen": 1, "rejected": 1},
+                                 {"prompt": "p", "chosen": "a"},
+                                 {"prompt": "p" * 10, "chosen": "a", "rejected": "b",
+                                  "margin": "big"}])
+def test_malformed_pairs_are_errors_even_when_skipping(tok, row):
+    with pytest.raises(DataError, match="prefs.jsonl, row 1, column"):
+        encode_preference_rows([row], tok, "prefs.jsonl", 1, max_length=8, on_unusable="skip")
 
 
 def test_margin_on_some_rows_only(tok):

@@ -6,6 +6,7 @@ import pytest
 import transformers
 
 from align.data import TokenizedExample, tokenize_sft
+from align.data.sft import encode_sft_rows, sft_examples
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
 
@@ -113,6 +114,27 @@ def test_prompt_reaching_max_length_is_an_error(tok):
     assert str(caught.value).startswith(
         "train.jsonl, row 2, column 'prompt': prompt of 6 tokens is longer than data.max_length=6"
     )
+
+
+def test_prompt_reaching_max_length_is_skipped_when_asked(chat_tok):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "abcdef", "completion": "g"},
+            {"messages": [{"role": "user", "content": "abcdef"},
+                          {"role": "assistant", "content": "g"}]},
+            {"text": "abcdefghij"}]  # no prompt: truncated, never skipped
+    columns = encode_sft_rows(rows, chat_tok, "train.jsonl", 1, max_length=6,
+                              completion_only_loss=True, on_unusable="skip")
+    assert columns["skipped"] == ["", "prompt_too_long", "prompt_too_long", ""]
+    assert columns["input_ids"][1:3] == [[], []] and columns["length"][1:3] == [0, 0]
+    examples, truncated = tokenize_sft([rows[0], rows[3]], chat_tok, max_length=6)
+    assert sft_examples(columns)[::3] == examples and sum(columns["truncated"]) == truncated
+
+
+@pytest.mark.parametrize("row", [{"prompt": "abcdef"}, {"prompt": "abcdef", "completion": 3},
+                                 {"messages": "abcdef"}])
+def test_malformed_rows_are_errors_even_when_skipping(tok, row):
+    with pytest.raises(DataError, match="data.jsonl, row 2"):
+        encode_sft_rows([{"text": "a"}, row], tok, "data.jsonl", 1, max_length=4,
+                        completion_only_loss=True, on_unusable="skip")
 
 
 @pytest.mark.parametrize(

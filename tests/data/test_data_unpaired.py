@@ -12,6 +12,7 @@ from align.data import (
     tokenize_unpaired,
     with_kl_completions,
 )
+from align.data.unpaired import encode_unpaired_rows, unpaired_examples
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
 
@@ -74,6 +75,23 @@ def test_long_completion_is_truncated_and_a_long_prompt_refused(tok):
     assert tok.decode(example.completion_ids) == "de"  # cut to fit, no EOS kept
     with pytest.raises(DataError, match="max_length"):
         tokenize_unpaired([{"prompt": "abcde", "completion": "f", "label": True}], tok, 5)
+
+
+def test_identical_pairs_and_long_prompts_are_skipped_when_asked(tok):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "a", "rejected": "a"},
+            {"prompt": "abcdefgh", "completion": "f", "label": True},
+            {"prompt": "p", "completion": "c", "label": False}]
+    columns = encode_unpaired_rows(rows, tok, "kto.jsonl", 1, max_length=8, on_unusable="skip")
+    assert columns["skipped"] == ["", "identical_pair", "prompt_too_long", ""]
+    assert [len(sides) for sides in columns["desirable"]] == [2, 0, 0, 1]
+    kept = tokenize_unpaired([rows[0], rows[3]], tok, 8)
+    assert [e for row in unpaired_examples(columns) for e in row] == kept
+    with pytest.raises(DataError, match="kto.jsonl, row 2: chosen and rejected are identical"):
+        encode_unpaired_rows(rows, tok, "kto.jsonl", 1, max_length=8)
+    with pytest.raises(DataError, match="row 1, column 'label': expected true or false"):
+        encode_unpaired_rows([{"prompt": "abcdefgh", "completion": "f", "label": 1}], tok,
+                             "kto.jsonl", 1, max_length=8, on_unusable="skip")
 
 
 def test_kl_completions_rotate_within_each_batch():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-from align.config import TaskConfig
+from align.cli import main
+from align.config import TaskConfig, dump_config
 from align.data import (
     PreferenceExample,
     collate_preference,
@@ -209,3 +210,47 @@ def test_implicit_rewards_are_zero_at_step_one_on_a_model_with_dropout(tmp_path,
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert first[key] == pytest.approx(0.0, abs=1e-5), key
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def unusable_pairs(path, share: float) -> str:
+    """100 pairs: `share` of them with chosen == rejected, as many with a prompt longer than
+    the tiny configs' data.max_length=24, spread through the file."""
+    rows = [{"prompt": f"Q: {i}+{i}=", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"}
+            for i in range(100)]
+    bad = int(round(100 * share))
+    for k in range(bad):
+        rows[3 * k]["rejected"] = rows[3 * k]["chosen"]
+        rows[3 * k + 1]["prompt"] = f"Q: {'9' * 30}+{k}="
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_unusable_pairs_are_skipped_and_counted_until_too_many(tmp_path, ray_local, caplog,
+                                                               capsys):
+    """`align dpo` on pairs of which 5% are identical and 5% have a prompt over max_length
+    trains on the rest and reports both counts; at 30% it stops with exit 2, naming each
+    reason and its share."""
+    cfg = tiny_dpo_config(tmp_path, f"data.train={unusable_pairs(tmp_path / 'ok.jsonl', 0.05)}",
+                          "trainer.max_steps=2", f"data.cache_dir={tmp_path / 'cache'}")
+    config = tmp_path / "dpo.yaml"
+    dump_config(cfg, config)
+    assert main(["dpo", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    counts = {"data/skipped/identical_pair": 5, "data/skipped/prompt_too_long": 5}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {k: summary.get(k) for k in counts} == counts and summary["steps"] == 2
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0] == {"step": 0, **counts}
+    assert ("ok.jsonl: 10 of 100 training rows skipped as unusable (identical_pair: 5, "
+            "prompt_too_long: 5)") in caplog.text
+    for share in (0.15, 0.3):  # 30% of the pairs unusable, or 30% for each reason
+        capsys.readouterr()
+        too_many = unusable_pairs(tmp_path / f"bad-{share}.jsonl", share)
+        code = main(["dpo", str(config), "--quiet", f"data.train={too_many}",
+                     f"output_dir={tmp_path / 'run-bad'}"])
+        err = capsys.readouterr().err
+        bad = round(100 * share)
+        assert code == 2, err
+        assert f"bad-{share}.jsonl: {2 * bad} of 100 rows ({2 * bad}.0%) are unusable" in err
+        assert f"identical_pair (chosen identical to rejected): {bad} rows, {bad}.0%" in err, err
+        assert (f"prompt_too_long (a prompt of data.max_length=24 tokens or more): {bad} rows, "
+                f"{bad}.0%") in err, err
+        assert "Traceback" not in err and not (tmp_path / "run-bad").exists()
