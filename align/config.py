@@ -20,7 +20,7 @@ from align.config_loading import (  # noqa: F401
     to_dict,
 )
 from align.errors import ConfigError
-from align.trackers import check_trackers
+from align.tracker_names import check_trackers
 
 T = TypeVar("T")
 

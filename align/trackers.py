@@ -12,34 +12,18 @@ run ids are saved in every checkpoint, so a resumed run continues the same W&B o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align.errors import ConfigError, TrainingError
+from align.errors import TrainingError
+from align.tracker_names import check_trackers
 
 if TYPE_CHECKING:
     from align.config import TrackingConfig
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-# The package each tracker needs, and what to install for it.
-PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
-            "wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow")}
 DEFAULT_PROJECT = "align"  # W&B project and MLflow experiment when nothing names one
-
-
-def check_trackers(names: list[str]) -> None:
-    """Refuse unknown tracker names and trackers whose package is missing (key named)."""
-    for name in names:
-        if name not in TRACKERS:
-            raise ConfigError(f"trainer.report_to: unknown tracker {name!r}; choose from "
-                              f"{', '.join(TRACKERS)}")
-        module, install = PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"trainer.report_to lists {name!r} but the {module} package is "
-                              f"not installed; run `{install}` or remove it from the list")
 
 
 class Tracker:

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from align.config import SFTConfig, load_config
 from align.errors import ConfigError
-from align.trackers import TensorBoardTracker, check_trackers, open_trackers
+from align.tracker_names import check_trackers
+from align.trackers import TensorBoardTracker, open_trackers
 from align.tracking import COMPLETIONS_FILE, MetricsLogger, read_metrics
 from align.trainers.base import Trainer
 from align.trainers.sft import SFTTrainer
