@@ -16,6 +16,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
@@ -129,9 +130,15 @@ class Policy:
                 self.reference_model.compile(dynamic=True)
 
     def _frozen(self, model: torch.nn.Module, dist_cfg: DistributedConfig) -> torch.nn.Module:
-        """An inference-only model; under ZeRO-3 partitioned like the trained one."""
+        """An inference-only model: under ZeRO-3 partitioned like the trained one; under ZeRO
+        0-2 where DeepSpeed put the trained one (see `place_like`), or without a trained one on
+        this rank's accelerator (the CPU where there is none)."""
         model = model.eval().requires_grad_(False)
         if dist_cfg.zero_stage != 3:
+            if self.engine is not None:
+                place_like(model, self.engine.module)
+            else:
+                model.to(get_accelerator().current_device_name())
             return model
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                "zero_optimization": {"stage": 3},
@@ -338,6 +345,22 @@ class Policy:
         load_path, _ = self.engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise TrainingError(f"could not load the DeepSpeed checkpoint in {path}")
+
+
+def place_like(model: torch.nn.Module, twin: torch.nn.Module) -> None:
+    """Move `model` in place to the device of `twin`, and give each parameter the dtype of
+    `twin`'s parameter of the same name.
+
+    `twin` is a model DeepSpeed has set up under ZeRO 0-2: moved to the rank's accelerator and,
+    with bf16 or fp16 on, its parameters cast while its buffers (rotary frequencies) stay fp32.
+    A frozen copy of the same architecture placed this way (the reference) computes as the
+    trained model does, on the device its batches are sent to.
+    """
+    model.to(next(twin.parameters()).device)
+    dtypes = {name: param.dtype for name, param in twin.named_parameters()}
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
 
 
 def _scheduler_factory(trainer: TrainerConfig, total_steps: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
@@ -168,6 +170,37 @@ def test_generate_returns_new_tokens_cut_after_the_first_eos(monkeypatch):
     monkeypatch.setattr(policy.model, "generate", fake_generate)
     out = policy.generate([[40, 41, 42], [40]], Sampling(max_new_tokens=4, greedy=True))
     assert out.tokens == [[5, eos], [6, 6, 6, 6]]
+
+
+def placed_by_deepspeed(model: torch.nn.Module, config: dict, **_: object):
+    """`deepspeed.initialize` as it places a model on a GPU host under ZeRO 0-2, recorded: the
+    parameters cast to bf16 (buffers kept fp32) and the module on the rank's device, here
+    `meta` standing for `cuda:0`."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    model.to("meta")
+    return SimpleNamespace(module=model), None, None, None
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_the_reference_goes_where_deepspeed_put_the_trained_model(monkeypatch, tiny_model_dir,
+                                                                  saved_tokenizer, zero):
+    """Without LoRA the reference is a second copy; it must live on the trained model's device,
+    in its parameters' dtype, or its forward runs on the CPU (or fails on device mismatch)."""
+    monkeypatch.setattr("align.policy.deepspeed.initialize", placed_by_deepspeed)
+    cfg = ModelConfig(name_or_path=tiny_model_dir("llama"), tokenizer=str(saved_tokenizer),
+                      dtype="float32")
+    policy = Policy(cfg, TrainerConfig(), DistributedConfig(zero_stage=zero), total_steps=1,
+                    reference=True)
+    assert policy.device == torch.device("meta")
+    with policy.reference_view() as reference:
+        assert reference is not policy.model
+        params = dict(reference.named_parameters())
+        assert {(p.device.type, p.dtype) for p in params.values()} == {("meta", torch.bfloat16)}
+        assert not any(p.requires_grad for p in params.values())
+        buffers = dict(reference.named_buffers())
+        assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
+        assert {b.device.type for b in buffers.values()} == {"meta"}
 
 
 def test_missing_model_folder_is_a_model_error(tmp_path):
