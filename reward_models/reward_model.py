@@ -5,12 +5,16 @@ Training (`align rm`), `align eval-rm`, `align serve-rm` and a reward-model fold
 reward all score through `score_batch` / `score_texts`, so one model gives one number for one
 text wherever it runs. A (prompt, completion) pair is encoded as `align.data.preference`
 encodes training pairs: prompt ids + completion ids + EOS for strings, the chat template for
-message lists, no special tokens added. A string completion marked truncated (generation
-stopped at its token budget, not at EOS; the PPO trainer passes the column
-`completion_truncated`) is scored as it is, without the EOS, so the reward model sees that it
+message lists, no special tokens added. The PPO trainer hands rewards a conversational prompt
+rendered (by the policy's template) and the decoded completion, with the prompt's messages in
+the column `prompt_messages`; a reward model with a chat template scores such a sample as
+training laid it out, the messages and the completion as an assistant turn rendered with its
+own template (`as_trained`): a ChatML model is read at the `<|im_end|>\n` closing the turn, not
+at an EOS appended to the text. A completion marked truncated (generation stopped at its token
+budget, not at EOS; the PPO trainer passes the column `completion_truncated`) is scored as it
+is, without the EOS or the template's closing of the turn, so the reward model sees that it
 did not end. Rows are right-padded with an attention mask, and the score is read at each
-sequence's last real token (its EOS), even where the tokenizer's pad token is its EOS
-(`score_batch`).
+sequence's last real token, even where the tokenizer's pad token is its EOS (`score_batch`).
 `pair_sums` and `pair_means` turn chosen/rejected scores into the metrics TRL users know:
 `accuracy`, `margin`, `mean_reward`, `min_reward`, `max_reward`.
 
@@ -48,7 +52,9 @@ from align.errors import ConfigError, ModelError, RewardError, did_you_mean
 from align.hub import fetch_model, is_repo_id
 from align.model_loading import load_model, load_tokenizer
 from align.packed_forward import head_outputs
+from align.reward_columns import PROMPT_MESSAGES_COLUMN
 from reward_models.protocol import TRUNCATED_COLUMN
+from reward_models.style_adapters import conversational_form
 
 SCORED_BATCH = "<scored batch>"  # the source named in errors about a scored sample
 
@@ -130,8 +136,9 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
     """Token ids of one (prompt, completion), as training pairs are encoded.
 
     Strings: prompt ids + completion ids + EOS, without the EOS when `truncated` (the text did
-    not end). Message lists: the chat template's rendering, no EOS appended (the template closes
-    the turn whatever `truncated` says). When longer than `max_length` the completion is cut
+    not end). Message lists: the chat template's rendering (`split_completion`, as training
+    renders pairs), no EOS appended; when `truncated`, cut after the last message's content, so
+    the turn stays open (see `_open_turn`). When longer than `max_length` the completion is cut
     (and loses its EOS).
 
     Raises:
@@ -140,6 +147,8 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
     if is_messages(prompt):
         prompt_text, completion_text = split_completion(
             tokenizer, prompt, completion, SCORED_BATCH, index + 1, "completion")
+        if truncated:
+            completion_text = _open_turn(completion_text, completion)
         prompt_ids, completion_ids = encode(tokenizer, prompt_text), encode(tokenizer,
                                                                             completion_text)
     elif isinstance(prompt, str) and isinstance(completion, str):
@@ -158,6 +167,59 @@ def encode_sample(tokenizer: Any, prompt: Any, completion: Any, max_length: int 
                               f"no room for the completion within max_length={max_length}")
         completion_ids = completion_ids[:room]
     return prompt_ids + completion_ids
+
+
+def _open_turn(rendered: str, completion: list[dict]) -> str:
+    """A rendered completion cut after its last message's content (templates may trim it):
+    the turn left open, as training leaves a completion it had to cut. Where the template
+    changed the content beyond trimming, the content as it was."""
+    content = str(completion[-1].get("content", "")) if completion else ""
+    kept = content.strip()
+    end = rendered.rfind(kept) if kept else -1
+    return rendered[:end + len(kept)] if end >= 0 else content
+
+
+def as_trained(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any],
+               prompt_messages: Sequence[list[dict] | None] | None) -> tuple[list, list]:
+    """The samples as a reward model trained on them saw them.
+
+    Where `prompt_messages[i]` holds the messages of a conversational prompt (the PPO trainer's
+    column; None for a string prompt) and the completion is text, the sample becomes those
+    messages and `[{"role": "assistant", "content": completion}]`, which `encode_sample`
+    renders with this tokenizer's chat template exactly as `align.data.preference` rendered
+    the training pairs. A tokenizer without a chat template was trained on text: the texts are
+    scored as they are.
+
+    Raises:
+        RewardError: `prompt_messages` is not as `check_prompt_messages` requires.
+    """
+    prompt_messages = check_prompt_messages(prompt_messages, len(prompts))
+    if prompt_messages is None or getattr(tokenizer, "chat_template", None) is None:
+        return list(prompts), list(completions)
+    messages = [m if isinstance(c, str) else None for m, c in zip(prompt_messages, completions)]
+    return conversational_form(prompts, completions, messages)
+
+
+def check_prompt_messages(prompt_messages: Any, n: int) -> list[list[dict] | None] | None:
+    """The `prompt_messages` of n samples: None, or per sample None or a list of
+    `{"role": str, "content": str}` messages.
+
+    Raises:
+        RewardError: anything else, naming the first bad sample.
+    """
+    if prompt_messages is None:
+        return None
+    if not isinstance(prompt_messages, Sequence) or len(prompt_messages) != n:
+        raise RewardError(f"'{PROMPT_MESSAGES_COLUMN}' must be a list of {n} message lists "
+                          f"or nulls (one per sample), got {prompt_messages!r:.80}")
+    for index, messages in enumerate(prompt_messages):
+        if messages is not None and not (is_messages(messages) and all(
+                isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise RewardError(f"sample {index}: '{PROMPT_MESSAGES_COLUMN}' must be null or a "
+                              f"list of {{\"role\": str, \"content\": str}} messages, got "
+                              f"{messages!r:.80}")
+    return list(prompt_messages)
 
 
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,7 +262,8 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
                 completions: Sequence[Any], batch_size: int = 64,
                 max_length: int | None = None,
                 truncated: Sequence[bool] | None = None,
-                turns: AbstractContextManager | None = None) -> list[float]:
+                turns: AbstractContextManager | None = None,
+                prompt_messages: Sequence[list[dict] | None] | None = None) -> list[float]:
     """One score per (prompt, completion), in order.
 
     Args:
@@ -212,6 +275,8 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
             EOS, see `encode_sample`); None: every completion ended.
         turns: held around each forward pass, so that callers sharing the model take turns
             a batch at a time (the server's FairLock); None: no lock.
+        prompt_messages: per sample, the messages a rendered prompt came from, or None (see
+            `as_trained`); None: every prompt is scored as given.
 
     Raises:
         RewardError: the lists differ in length, or a sample cannot be encoded.
@@ -219,6 +284,7 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
     if len(prompts) != len(completions):
         raise RewardError(f"got {len(prompts)} prompts but {len(completions)} completions")
     truncated = check_truncated(truncated, len(prompts))
+    prompts, completions = as_trained(tokenizer, prompts, completions, prompt_messages)
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None)
     sequences = [encode_sample(tokenizer, p, c, max_length, i, cut)
@@ -287,9 +353,10 @@ class RewardModelWorker(BaseWorker):
         self.batch_size, self.max_length = batch_size, max_length
 
     def score(self, prompts: list[Any], completions: list[Any],
-              truncated: list[bool] | None = None) -> list[float]:
+              truncated: list[bool] | None = None,
+              prompt_messages: list[list[dict] | None] | None = None) -> list[float]:
         return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
-                           self.max_length, truncated)
+                           self.max_length, truncated, prompt_messages=prompt_messages)
 
 
 class RewardModelScorer:
@@ -360,15 +427,20 @@ class RewardModelScorer:
             raise RewardError(f"reward {label!r}: {err}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        """One score per sample. A `completion_truncated` column (the PPO trainer passes it)
-        scores the completions marked True without EOS; other columns are ignored."""
+        """One score per sample. The PPO trainer's columns `completion_truncated` (the
+        completions marked True are scored without EOS) and `prompt_messages` (conversational
+        samples are scored as training laid them out, see `as_trained`) are read; other columns
+        are ignored."""
         truncated = check_truncated(columns.get(TRUNCATED_COLUMN), len(prompts))
+        messages = check_prompt_messages(columns.get(PROMPT_MESSAGES_COLUMN), len(prompts))
         if self.group is None:
             return score_texts(self.model, self.tokenizer, prompts, completions,
-                               self.batch_size, self.max_length, truncated)
+                               self.batch_size, self.max_length, truncated,
+                               prompt_messages=messages)
         n, size = len(prompts), self.group.size
         bounds = [n * rank // size for rank in range(size + 1)]
-        shards = [(list(prompts[a:b]), list(completions[a:b]), truncated[a:b])
+        shards = [(list(prompts[a:b]), list(completions[a:b]), truncated[a:b],
+                   None if messages is None else list(messages[a:b]))
                   for a, b in zip(bounds, bounds[1:])]
         return [score for part in self.group.call_each("score", shards) for score in part]
 

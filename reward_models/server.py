@@ -3,7 +3,9 @@
 `align serve-rm`: a trained reward model behind the JSON API that `HttpReward` calls.
 
 ``POST /`` or ``POST /score`` with ``{"prompts": [...], "completions": [...], ...}`` (an
-optional ``completion_truncated`` list scores the completions marked true without EOS; other
+optional ``completion_truncated`` list scores the completions marked true without EOS; an
+optional ``prompt_messages`` list, as the PPO trainer sends it, scores each sample whose entry
+holds its prompt's messages as training laid it out, with the model's chat template; other
 columns are accepted and ignored) answers ``{"rewards": [...]}``, one number per sample.
 ``POST /get_reward`` speaks OpenRLHF's remote reward-model protocol, so an OpenRLHF trainer
 (``--remote_rm_url http://host:port/get_reward``) or a spec ``openrlhf:http://host:port/get_reward``
@@ -55,6 +57,7 @@ import torch
 from align.config import EMBEDDED, TaskConfig, from_dict, read_yaml
 from align.data import collate_preference, load_rows, tokenize_preference
 from align.errors import AlignError, ConfigError
+from align.reward_columns import PROMPT_MESSAGES_COLUMN
 from align.tasks import load_task
 from reward_models.protocol import TRUNCATED_COLUMN
 from reward_models.reward_model import (
@@ -154,7 +157,8 @@ class RewardModelServer(ThreadingHTTPServer):
                 _check_text(value, what, index)
         truncated = body.get(TRUNCATED_COLUMN)  # optional; sent by HttpReward from PPO
         return score_texts(self.model, self.tokenizer, prompts, completions, self.batch_size,
-                           truncated=truncated, turns=self.lock)
+                           truncated=truncated, turns=self.lock,
+                           prompt_messages=body.get(PROMPT_MESSAGES_COLUMN))
 
 
     def score_queries(self, body: dict[str, Any]) -> list[float]:

@@ -3,7 +3,9 @@ tokenizer with ChatML special tokens and a ChatML chat template.
 
 Qwen2 and Llama end a turn with `<|im_end|>` (their EOS) and pad with `<|endoftext|>`; GPT-2
 pads with its EOS, `<|endoftext|>`, as GPT-2 tokenizers do. Every byte is one token (no merges),
-so any text encodes; the three special tokens come after the 256 bytes.
+so any text encodes; the three special tokens come after the 256 bytes. `llama3_tokenizer` is
+the same with Llama 3's special tokens instead, and `trl_template` reads a real chat template
+as TRL ships it.
 """
 
 from __future__ import annotations
@@ -28,18 +30,43 @@ INIT_STD = 0.5  # large random weights: peaked distributions that a few LoRA ste
 ASCII_IDS = 94  # ids 0-93 are the printable ASCII bytes `!`..`~` (the alphabet sorted)
 
 
-def chatml_tokenizer(arch: str) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with ChatML tokens; GPT-2's pad is its EOS."""
+def _byte_level(special: list[str]) -> Tokenizer:
+    """Every byte one token (no merges), then `special`."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIAL)
+    backend.add_special_tokens(special)
+    return backend
+
+
+def chatml_tokenizer(arch: str) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ChatML tokens; GPT-2's pad is its EOS."""
     eos = "<|endoftext|>" if arch == "gpt2" else "<|im_end|>"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos,
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level(SPECIAL), eos_token=eos,
                                         pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with Llama 3's special tokens, set up as Llama 3.2 Instruct's
+    (BOS `<|begin_of_text|>`, EOS `<|eot_id|>`, which ends a turn), and TRL's Llama 3
+    template."""
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level(special),
+                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|end_of_text|>")
+    tokenizer.chat_template = trl_template("llama3")
+    return tokenizer
+
+
+def trl_template(name: str) -> str:
+    """A chat template as TRL ships it (`trl/chat_templates/NAME.jinja`): qwen2_5, llama3..."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
 
 
 def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32,
