@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,16 @@ class Policy:
             out = fn(module, batch, **fn_kwargs)
         self.engine.train()
         return out
+
+    def advance_schedule(self, steps: int) -> None:
+        """Move the learning-rate schedule on by `steps` optimizer steps that are not taken
+        (PPO's dynamic sampling, when a short batch fills fewer minibatches than planned), so
+        the rate stays where the run's plan has it and the schedule ends with the run."""
+        scheduler = self.engine.lr_scheduler
+        with warnings.catch_warnings():  # torch warns when the schedule moves before a step
+            warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)")
+            for _ in range(steps):
+                scheduler.step()
 
     def evaluate(self, objective: Objective, micro_batches: list[dict[str, torch.Tensor]],
                  **kwargs: Any) -> dict[str, float]:

@@ -109,6 +109,9 @@ class PolicyWorker(BaseWorker):
                  **kwargs: Any) -> dict[str, float]:
         return self.policy.evaluate(objective, micro_batches, **kwargs)
 
+    def advance_schedule(self, steps: int) -> None:
+        self.policy.advance_schedule(steps)
+
     def infer(self, fn: Any, micro_batches: list[dict[str, torch.Tensor]],
               reference: bool = False, **kwargs: Any) -> list[Any]:
         return self.policy.infer(fn, micro_batches, reference, **kwargs)

@@ -5,9 +5,12 @@ advantage on every sample: it adds nothing to the policy gradient but still dilu
 batch (and pulls it towards the KL term). With `rollout.dynamic_sampling`, such groups are
 dropped and `prompts_per_step` more prompts are sampled, up to `rollout.max_resample_rounds`
 extra rounds, until `prompts_per_step` varied groups are kept (extra ones are cut, in sampling
-order). If the rounds run out first, the iteration trains on the varied groups it has: a
-trained batch never holds an all-equal group (veRL raises an error instead; we keep going,
-since late in training most prompts are solved and the next iteration may do better).
+order). If the rounds run out first, the iteration trains on the varied groups it has, cut to
+whole minibatches of `trainer.global_batch_size` (fewer than one: no update that iteration):
+a trained batch never holds an all-equal group (veRL raises an error instead; we keep going,
+since late in training most prompts are solved and the next iteration may do better). The
+optimizer steps a short batch leaves out are counted, so the learning-rate schedule can move
+on over them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def varied_groups(totals: list[float], group_size: int) -> list[int]:
 
 def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int,
                       group_size: int, max_rounds: int, pad_id: int,
-                      multiple_of: int = 1) -> tuple[ScoredRollout | None, dict[str, float]]:
+                      minibatch_size: int = 1) -> tuple[ScoredRollout | None, dict[str, float]]:
     """Rounds of `sample(round)` until `target_groups` varied groups are kept.
 
     Args:
@@ -49,14 +52,17 @@ def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int
         group_size: samples per prompt.
         max_rounds: extra rounds allowed after round 0.
         pad_id: the tokenizer's pad id, to lay rounds of different widths into one batch.
-        multiple_of: the kept sample count is cut to a multiple of this (the worker count,
-            so every rank gets the same share of a short batch).
+        minibatch_size: trainer.global_batch_size. Kept groups are cut (the last sampled
+            first) until the kept samples fill whole minibatches: a short minibatch would give
+            the ranks fewer micro-batches than their gradient accumulation steps.
 
     Returns:
-        (the kept samples, or None when no varied group was found; metrics
+        (the kept samples, or None when not one minibatch of varied groups was found; metrics
         `rollout/filtered_groups` (all-equal groups dropped), `rollout/resample_rounds`,
-        `rollout/kept_groups` and `rollout/unfiltered_reward` (mean reward of round 0, before
-        filtering: the policy's reward, comparable with runs without dynamic sampling)).
+        `rollout/kept_groups`, `rollout/skipped_minibatches` (minibatches of a full batch that
+        the kept samples do not fill, per epoch) and `rollout/unfiltered_reward` (mean reward
+        of round 0, before filtering: the policy's reward, comparable with runs without
+        dynamic sampling)).
     """
     kept: list[tuple[ScoredRollout, list[int]]] = []
     n_kept = filtered = rounds = 0
@@ -73,10 +79,12 @@ def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int
         n_kept += len(groups)
         if n_kept >= target_groups:
             break
-    while n_kept and (n_kept * group_size) % multiple_of:
+    while n_kept and (n_kept * group_size) % minibatch_size:
         n_kept -= 1
+    skipped = (target_groups - n_kept) * group_size // minibatch_size
     metrics = {"rollout/filtered_groups": float(filtered), "rollout/resample_rounds": float(rounds),
-               "rollout/kept_groups": float(n_kept), "rollout/unfiltered_reward": first_reward}
+               "rollout/kept_groups": float(n_kept), "rollout/skipped_minibatches": float(skipped),
+               "rollout/unfiltered_reward": first_reward}
     if not n_kept:
         return None, metrics
     parts, budget = [], n_kept

@@ -246,8 +246,9 @@ class PPOTrainer(Trainer[PPOConfig]):
             scored, metrics = sample_until_full(
                 lambda round_: self._sample_round(step, round_, timing), ro.prompts_per_step,
                 ro.n_samples_per_prompt, ro.max_resample_rounds, self.tokenizer.pad_token_id,
-                multiple_of=self.group.size)
-            if scored is None:  # every group sampled was all-equal: nothing to learn from
+                minibatch_size=self.cfg.trainer.global_batch_size)
+            self._skip_steps(int(metrics["rollout/skipped_minibatches"]))
+            if scored is None:  # not one minibatch of varied groups: nothing to learn from
                 return {**metrics, **timing}
         else:
             scored, metrics = self._sample_round(step, 0, timing), {}
@@ -282,6 +283,12 @@ class PPOTrainer(Trainer[PPOConfig]):
             self.logger.log_completions(step + 1, completion_rows(rollout, scores, gold))
         self.kl.update(metrics["kl"], self.buffer_size())
         return metrics
+
+    def _skip_steps(self, minibatches: int) -> None:
+        """The LR schedules move on over the optimizer steps a short batch leaves out."""
+        if minibatches:
+            for group in (self.group, *self.extra_groups.values()):
+                group.call("advance_schedule", minibatches * self.cfg.algorithm.ppo_epochs)
 
     def _check_gap(self, gap: dict[str, float], step: int, timing: dict[str, float]) -> None:
         if gap and not timing.get("rollout/staleness"):  # a stale rollout's gap includes updates

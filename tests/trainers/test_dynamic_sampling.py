@@ -14,6 +14,7 @@ from align.trainers.ppo import PPOTrainer
 from align.trainers.rollout import Rollout, pad_sequences
 from reward_models import CombinedScores
 from tests.conftest import tiny_ppo_config
+from tests.trainers.test_ppo import RecordedPPO
 
 REWARD_FILE = Path(__file__).with_name("group_reward.py")
 
@@ -39,7 +40,8 @@ def test_rounds_until_full_keep_varied_groups_in_order_and_pad_rounds():
     scored, metrics = sample_until_full(lambda r: rounds[r], target_groups=4, group_size=2,
                                         max_rounds=3, pad_id=0)
     assert metrics == {"rollout/filtered_groups": 3.0, "rollout/resample_rounds": 1.0,
-                       "rollout/kept_groups": 4.0, "rollout/unfiltered_reward": 0.5}
+                       "rollout/kept_groups": 4.0, "rollout/skipped_minibatches": 0.0,
+                       "rollout/unfiltered_reward": 0.5}
     # a: groups 1 and 3; b: groups 0 and 2 (its group 3 is not needed)
     assert scored.rollout.prompts == ["a:2", "a:3", "a:6", "a:7", "b:0", "b:1", "b:4", "b:5"]
     assert scored.scores.total == [0, 1, 1, 0, 0, 1, 1, 0]
@@ -54,7 +56,7 @@ def test_rounds_until_full_keep_varied_groups_in_order_and_pad_rounds():
         assert len(set(scored.scores.total[2 * g:2 * g + 2])) == 2
 
 
-def test_rounds_run_out_short_batch_cut_to_the_worker_count():
+def test_rounds_run_out_short_batch_cut_to_whole_minibatches():
     rounds = [fake_round(str(r), [0, 1, 1, 1, 0, 0], width=1) for r in range(3)]
     calls = []
 
@@ -63,13 +65,27 @@ def test_rounds_run_out_short_batch_cut_to_the_worker_count():
         return rounds[r]
 
     scored, metrics = sample_until_full(sample, target_groups=3, group_size=2, max_rounds=1,
-                                        pad_id=0, multiple_of=4)
+                                        pad_id=0, minibatch_size=2)
     assert calls == [0, 1]  # max_rounds=1: one extra round only
     assert metrics["rollout/kept_groups"] == 2.0 and metrics["rollout/filtered_groups"] == 4.0
-    assert scored.rollout.size == 4
-    scored, metrics = sample_until_full(lambda r: rounds[r], target_groups=3, group_size=2,
-                                        max_rounds=0, pad_id=0, multiple_of=4)
-    assert scored is None and metrics["rollout/kept_groups"] == 0.0  # 1 group: 2 % 4 != 0
+    assert scored.rollout.size == 4 and metrics["rollout/skipped_minibatches"] == 1.0
+
+
+def test_a_short_batch_keeps_whole_minibatches_only():
+    """Three varied groups of 4 where a minibatch is 8 samples: the last sampled group is cut,
+    so every minibatch is whole (a short one would give the ranks too few micro-batches)."""
+    rounds = [fake_round(str(r), [0, 0, 0, 0, 0, 1, 2, 3], width=1) for r in range(3)]
+    scored, metrics = sample_until_full(lambda r: rounds[r], target_groups=4, group_size=4,
+                                        max_rounds=2, pad_id=0, minibatch_size=8)
+    assert metrics["rollout/resample_rounds"] == 2.0 and metrics["rollout/kept_groups"] == 2.0
+    assert metrics["rollout/skipped_minibatches"] == 1.0  # of the 2 a full batch has
+    assert scored.rollout.size == 8
+    assert scored.rollout.prompts == [f"{r}:{i}" for r in "01" for i in range(4, 8)]
+    # One varied group, 4 samples: not one minibatch, so nothing to train on.
+    scored, metrics = sample_until_full(lambda r: rounds[r], target_groups=4, group_size=4,
+                                        max_rounds=0, pad_id=0, minibatch_size=8)
+    assert scored is None and metrics["rollout/kept_groups"] == 0.0
+    assert metrics["rollout/skipped_minibatches"] == 2.0
 
 
 @pytest.mark.slow
@@ -97,3 +113,24 @@ def test_trained_batches_hold_no_all_equal_group(tmp_path, ray_local, monkeypatc
         groups = scores.view(-1, group_size)
         assert len(groups) == m["rollout/kept_groups"] > 0
         assert bool((groups.max(1).values > groups.min(1).values).all()), groups
+
+
+@pytest.mark.slow
+def test_a_short_batch_under_gradient_accumulation_trains_whole_minibatches(tmp_path, ray_local):
+    """Accumulation 2 (micro-batches of 4, minibatches of 8): three rounds find three varied
+    groups (12 samples), so the iteration trains one whole minibatch and skips the second; the
+    linear LR schedule (4 planned steps) moves on over the skipped one."""
+    cfg = tiny_ppo_config(tmp_path, f"rewards=[{{spec: '{REWARD_FILE}:last_group_varied'}}]",
+                          "algorithm.estimator=grpo", "rollout.dynamic_sampling=true",
+                          "rollout.max_resample_rounds=2", "trainer.scheduler=linear",
+                          "trainer.global_batch_size=8", "trainer.micro_batch_size=4")
+    trainer = RecordedPPO(cfg, show_progress=False)
+    trainer.fit()
+    steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "policy_loss" in m]
+    assert [m["rollout/kept_groups"] for m in steps] == [2.0, 2.0]
+    assert [m["rollout/skipped_minibatches"] for m in steps] == [1.0, 1.0]
+    taken = [results[0]["shared"]["lr"] for method, _, results in trainer.calls
+             if method == "train_step"]
+    # Each iteration holds 2 of the 4 planned steps; the skipped one comes first, so the steps
+    # taken are the 2nd and the 4th: 3/4 and 1/4 of the peak rate (without it: 1 and 3/4).
+    assert taken == pytest.approx([0.75 * cfg.trainer.lr, 0.25 * cfg.trainer.lr])
