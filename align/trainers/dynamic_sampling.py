@@ -32,6 +32,9 @@ class ScoredRollout:
     rollout: Rollout
     scores: Any  # reward_models.CombinedScores: `total` and `per_reward` lists, one per sample
     gold: Any | None = None  # the same for `gold_rewards`, or None
+    # Per sample, policy versions between its sampling and this update (async rollouts sample
+    # ahead; dynamic sampling's extra rounds do not); None: all 0.
+    staleness: list[int] | None = None
 
 
 def varied_groups(totals: list[float], group_size: int) -> list[int]:
@@ -60,9 +63,10 @@ def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int
         (the kept samples, or None when not one minibatch of varied groups was found; metrics
         `rollout/filtered_groups` (all-equal groups dropped), `rollout/resample_rounds`,
         `rollout/kept_groups`, `rollout/skipped_minibatches` (minibatches of a full batch that
-        the kept samples do not fill, per epoch) and `rollout/unfiltered_reward` (mean reward
+        the kept samples do not fill, per epoch), `rollout/unfiltered_reward` (mean reward
         of round 0, before filtering: the policy's reward, comparable with runs without
-        dynamic sampling)).
+        dynamic sampling) and, where rounds report staleness, `rollout/staleness_mean` (over
+        the kept samples: async round 0 is sampled ahead, extra rounds are not)).
     """
     kept: list[tuple[ScoredRollout, list[int]]] = []
     n_kept = filtered = rounds = 0
@@ -93,7 +97,10 @@ def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int
         budget -= len(groups[:budget])
         if rows:
             parts.append(take_rows(scored, rows))
-    return concat_scored(parts, pad_id), metrics
+    result = concat_scored(parts, pad_id)
+    if result.staleness is not None:
+        metrics["rollout/staleness_mean"] = sum(result.staleness) / len(result.staleness)
+    return result, metrics
 
 
 def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
@@ -110,7 +117,8 @@ def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
                                        else r.engine_logprobs[index]),
                       pad_id=r.pad_id)
     return ScoredRollout(rollout, _take_scores(scored.scores, rows),
-                         None if scored.gold is None else _take_scores(scored.gold, rows))
+                         None if scored.gold is None else _take_scores(scored.gold, rows),
+                         None if scored.staleness is None else [scored.staleness[i] for i in rows])
 
 
 def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
@@ -133,7 +141,9 @@ def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
                       engine_logprobs=_concat_logprobs([p.rollout for p in parts], width - 1),
                       pad_id=first.pad_id)
     gold = None if parts[0].gold is None else _concat_scores([p.gold for p in parts])
-    return ScoredRollout(rollout, _concat_scores([p.scores for p in parts]), gold)
+    staleness = (None if all(p.staleness is None for p in parts) else
+                 [x for p in parts for x in (p.staleness or [0] * p.rollout.size)])
+    return ScoredRollout(rollout, _concat_scores([p.scores for p in parts]), gold, staleness)
 
 
 def _concat_logprobs(rollouts: list[Rollout], width: int) -> torch.Tensor | None:

@@ -60,6 +60,7 @@ from align.trainers.rollout import (
     repeated_ids,
 )
 from align.trainers.stage_data import load_prompt_examples
+from align.trainers.sync_probe import SyncProbe
 from reward_models.builtin import exact_match
 from reward_models.protocol import TRUNCATED_COLUMN
 
@@ -92,6 +93,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.critic_packing: Packing | None = None  # as `self.packing`, for the critic's model
         self.engine = None  # the rollout engine (align.rollout), started with the workers
         self.pipeline: RolloutPipeline | None = None  # rollout.async_steps >= 1
+        self.sync_probe: SyncProbe | None = None  # with it: each version's sync is checked
         self.max_staleness = 0
         # One update per rollout, KL not in the reward, no dropout: the update's forward is
         # the first on the rollout under the weights that made its experience, so it gives
@@ -189,6 +191,11 @@ class PPOTrainer(Trainer[PPOConfig]):
         if cfg.rollout.async_steps:
             self.pipeline = RolloutPipeline(self.engine, cfg.rollout.async_steps,
                                             cfg.rollout.timeout_s)
+            self.sync_probe = SyncProbe(
+                self.engine, self.group, self.tokenizer, self.eos_ids,
+                cfg.trainer.micro_batch_size, self.packing, cfg.rollout.n_samples_per_prompt,
+                rows=max(self.group.size, cfg.rollout.vllm.num_engines),
+                limit=self.max_logprob_diff)
 
     def _sync_engine_once(self) -> None:
         if not self.engine_synced:
@@ -240,7 +247,8 @@ class PPOTrainer(Trainer[PPOConfig]):
         ro = self.cfg.rollout
         self._sync_engine_once()
         timing = {"time/generate": 0.0, "time/score": 0.0}
-        if self.pipeline is not None:
+        if self.pipeline is not None:  # this version's weights, checked before they sample ahead
+            timing.update(self.sync_probe.check(*self._request(step, 0), iteration=step + 1))
             self.pipeline.fill(step, self.total_steps, self._first_round)
         if ro.dynamic_sampling:
             scored, metrics = sample_until_full(
@@ -254,18 +262,19 @@ class PPOTrainer(Trainer[PPOConfig]):
             scored, metrics = self._sample_round(step, 0, timing), {}
         self.engine.sleep()
         rollout, scores, gold = scored.rollout, scored.scores, scored.gold
+        stale = any(scored.staleness or ())
         t2, train_start = time.perf_counter(), time.time()
         kl = self._make_experience(rollout, torch.tensor(scores.total, dtype=torch.float32))
         if kl is not None:
-            gap = logprob_gap(rollout.engine_logprobs, rollout.tensors["old_logprobs"],
-                              response_mask(rollout.batch))
-            self._check_gap(gap, step, timing)
+            gap = self._check_gap(logprob_gap(rollout.engine_logprobs,
+                                              rollout.tensors["old_logprobs"],
+                                              response_mask(rollout.batch)), step, stale)
         t3 = time.perf_counter()
         metrics.update(self._update(rollout, step))
         t4 = time.perf_counter()
         if kl is None:  # the update computed the old log-probs, the KL and the gap
-            gap = {key: metrics.pop(key) for key in GAP_KEYS if key in metrics}
-            self._check_gap(gap, step, timing)
+            gap = self._check_gap({key: metrics.pop(key) for key in GAP_KEYS if key in metrics},
+                                  step, stale)
         else:
             metrics["kl"] = float(kl.sum(-1).mean())
         if self.pipeline is not None:  # the engines finish what they generated meanwhile
@@ -290,16 +299,22 @@ class PPOTrainer(Trainer[PPOConfig]):
             for group in (self.group, *self.extra_groups.values()):
                 group.call("advance_schedule", minibatches * self.cfg.algorithm.ppo_epochs)
 
-    def _check_gap(self, gap: dict[str, float], step: int, timing: dict[str, float]) -> None:
-        if gap and not timing.get("rollout/staleness"):  # a stale rollout's gap includes updates
+    def _check_gap(self, gap: dict[str, float], step: int, stale: bool) -> dict[str, float]:
+        """The rollout's gap to the trainer, checked; logged only as `rollout/stale_*` where
+        samples came from an earlier version (it holds the updates since; the probe checked
+        that version's sync)."""
+        if stale:
+            return {key.replace("rollout/", "rollout/stale_"): value for key, value in gap.items()}
+        if gap:
             check_logprob_gap(gap, self.max_logprob_diff, self.engine.name, step + 1)
+        return gap
 
     def _sample_round(self, step: int, round_: int, timing: dict[str, float]) -> ScoredRollout:
         """Generate and score one round: the step's own prompts (round 0) or, for dynamic
         sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
         ro = self.cfg.rollout
         examples, sampling = self._request(step, round_)
-        t0 = time.perf_counter()
+        t0, staleness = time.perf_counter(), 0
         if self.pipeline is not None and round_ == 0:  # sampled ahead, while earlier updates ran
             generation, staleness, waited = self.pipeline.take(step)
             self.max_staleness = max(self.max_staleness, staleness)
@@ -320,7 +335,9 @@ class PPOTrainer(Trainer[PPOConfig]):
                 if self.gold else None)
         timing["time/generate"] += t1 - t0
         timing["time/score"] += time.perf_counter() - t1
-        return ScoredRollout(rollout, scores, gold)
+        # Each round reports its own staleness: dynamic sampling's extra rounds are current.
+        return ScoredRollout(rollout, scores, gold, (None if self.pipeline is None
+                                                     else [staleness] * rollout.size))
 
     def _request(self, step: int, round_: int) -> tuple[list[PromptExample], Sampling]:
         """The prompts and sampling of a round: the step's own prompts (round 0) or, for

@@ -1,6 +1,6 @@
 """Asynchronous rollouts on CPU vLLM engines (`rollout.async_steps=1`): training on rollouts one
-version behind learns; a killed run resumes exactly; a dead engine or trainer rank ends the run
-within a minute, naming it."""
+version behind learns; a sync that breaks later is caught; a killed run resumes exactly; a dead
+engine or trainer rank ends the run within a minute, naming it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from align.trainers.ppo import PPOTrainer
 from tests.conftest import full_only, tiny_ppo_config
 from tests.rollout.test_vllm_engine import VLLM_TINY
 from tests.test_resume import assert_same_metrics, comparable, interrupted_then_resumed
+from tests.trainers.test_dynamic_sampling import REWARD_FILE as GROUP_REWARD_FILE
 from tests.trainers.test_ppo import LEARN
 
 pytest.importorskip("vllm")
@@ -39,10 +40,42 @@ def test_async_grpo_learns_from_rollouts_one_version_behind(tmp_path, ray_local)
     for m in steps:
         assert m["policy_loss"] == m["policy_loss"] and m["time/wait"] >= 0  # finite, logged
     assert sum(m["time/overlap"] for m in steps) > 0  # generation ran during updates
-    # The behaviour policy lags: its log-probs differ from the trainer's once updates began.
-    assert steps[0]["rollout/logprob_diff_mean"] < 1e-3 < steps[-1]["rollout/logprob_diff_mean"]
+    # Each version's probe matches the trainer; the rollouts, sampled a version earlier, lag
+    # once updates began (logged, not checked).
+    assert all(m["rollout/logprob_diff_mean"] < 1e-3 for m in steps)
+    assert steps[-1]["rollout/stale_logprob_diff_mean"] > 1e-3
     rewards = [m["reward"] for m in steps]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
+
+
+def test_a_sync_that_breaks_after_iteration_1_is_caught(tmp_path, ray_local, monkeypatch):
+    """The engines get the initial weights and iteration 1's, then no more. Iteration 3 would
+    train on a rollout of version 1, checked against the trainer's version 2 only by the
+    probe of the weights the engines now hold, which stops the run. With dynamic sampling,
+    each iteration's extra round is sampled by the current weights and reports so."""
+    from align.rollout.vllm_engine import VLLMEngine
+
+    update, syncs = VLLMEngine.update_weights, []
+
+    def breaks_after_iteration_1(self):
+        syncs.append(len(syncs))
+        return update(self) if len(syncs) <= 2 else 0.0
+
+    monkeypatch.setattr(VLLMEngine, "update_weights", breaks_after_iteration_1)
+    cfg = tiny_ppo_config(tmp_path, *ASYNC, "trainer.max_steps=4", "trainer.lr=3e-2",
+                          "rollout.vllm.max_logprob_diff=1e-4", "eval.max_samples=0",
+                          "task.num_eval=0", "rollout.dynamic_sampling=true",
+                          "rollout.max_resample_rounds=1",
+                          f"rewards=[{{spec: '{GROUP_REWARD_FILE}:last_group_varied'}}]")
+    with pytest.raises(TrainingError, match=r"iteration 3: the vllm engine's sampling "
+                                            r"log-probs differ.*weight sync did not reach"):
+        PPOTrainer(cfg, show_progress=False).fit()
+    first, second = iterations(tmp_path / "run")
+    assert first["rollout/logprob_diff_mean"] < 1e-4 and first["rollout/staleness_mean"] == 0.0
+    # Round 0 was sampled a version ahead, the extra round by the current weights.
+    assert second["rollout/staleness"] == 1 and second["rollout/staleness_mean"] == 0.5
+    # Its gap holds one update, as a failed sync's would: logged, not checked.
+    assert second["rollout/logprob_diff_mean"] < 1e-4 < second["rollout/stale_logprob_diff_mean"]
 
 
 @full_only  # synchronous resumes run in `make test` (tests/test_resume.py)

@@ -88,6 +88,25 @@ def test_a_short_batch_keeps_whole_minibatches_only():
     assert metrics["rollout/skipped_minibatches"] == 2.0
 
 
+def test_each_round_reports_its_own_staleness():
+    """Async: round 0 was sampled a version ahead, extra rounds by the current weights. Kept
+    samples carry their round's staleness; a batch of extra rounds alone is current."""
+    def round_(tag, totals, behind):
+        scored = fake_round(tag, totals, width=1)
+        scored.staleness = [behind] * len(totals)
+        return scored
+
+    ahead, flat, now = (round_("a", [1, 1, 0, 1], 1), round_("f", [1, 1, 0, 0], 1),
+                        round_("b", [0, 1, 0, 1], 0))
+    scored, metrics = sample_until_full(lambda r: [ahead, now][r], target_groups=2,
+                                        group_size=2, max_rounds=1, pad_id=0)
+    assert scored.rollout.prompts == ["a:2", "a:3", "b:0", "b:1"]
+    assert scored.staleness == [1, 1, 0, 0] and metrics["rollout/staleness_mean"] == 0.5
+    scored, metrics = sample_until_full(lambda r: [flat, now][r], target_groups=2,
+                                        group_size=2, max_rounds=1, pad_id=0)
+    assert scored.staleness == [0, 0, 0, 0] and metrics["rollout/staleness_mean"] == 0.0
+
+
 @pytest.mark.slow
 def test_trained_batches_hold_no_all_equal_group(tmp_path, ray_local, monkeypatch):
     group_size = 4
