@@ -147,6 +147,7 @@ def embedded_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Lla
         num_key_value_heads=e.num_heads,
         intermediate_size=e.intermediate_size,
         max_position_embeddings=e.max_position_embeddings,
+        initializer_range=e.initializer_range,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

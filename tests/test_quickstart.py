@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from align.quickstart import PIPELINE, run_quickstart
+from align.quickstart import PIPELINE, accuracies, run_quickstart, story_violations
 from reward_models.builtin import exact_match
-from tests.conftest import TINY
+from tests.conftest import TINY, full_only
 
 
 @pytest.mark.slow
@@ -63,3 +63,24 @@ def test_overrides_can_be_scoped_to_one_run():
     assert scoped_overrides(["rewards.0.spec=a.b:c"], "sft") == ["rewards.0.spec=a.b:c"]
     with pytest.raises(ConfigError, match="not a run of this recipe"):
         scoped_overrides(["nope:trainer.lr=1"], "sft", runs=[n for n, *_ in PIPELINE])
+
+
+@full_only
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_the_shipped_quickstart_tells_its_story(tmp_path, ray_local):
+    """The quickstart as `make quickstart` runs it (no override): SFT on its plateau, a reward
+    model that checks the carry, and GRPO, PPO-RM and DPO far above SFT on this machine."""
+    summaries = run_quickstart(str(tmp_path), quiet=True)
+    assert story_violations(accuracies(summaries)) == []
+
+
+def test_story_bounds_name_each_break():
+    held = {"sft": 0.6, "rm": 0.97, "grpo": 0.9, "ppo_rm": 0.85, "dpo": 0.99}
+    assert story_violations(held) == []
+    assert story_violations({**held, "grpo": 0.849}) == [
+        "grpo 84.9% is less than 25 points above sft's 60.0%"]
+    assert story_violations({**held, "ppo_rm": 0.85, "sft": 0.6}) == []  # exactly 25 points
+    assert story_violations({**held, "sft": 0.06, "rm": 0.83}) == [
+        "sft 6.0% is outside its plateau 40-75%", "rm 83.0% pairwise is below 95%"]
+    assert story_violations({**held, "sft": 0.76})[0] == "sft 76.0% is outside its plateau 40-75%"
