@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from align.config import DataConfig
-from align.data.packing import ONE_ROW, block_diagonal_mask, pack_sequences, unpack
-from align.data.prefix_sharing import SHARED_PREFIX, SharePrefix, pack_shared, shared_prefix_mask
+from align.data.layout import batch_layout
+from align.data.packing import ONE_ROW, pack_sequences
+from align.data.prefix_sharing import SharePrefix, pack_shared
 from align.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ MASKED = ("sdpa", "eager")  # implementations that take the 4D mask `block_mask`
 CHECK_LENGTHS = (9, 6, 4)  # the check packs these into rows of CHECK_ROW: [9 + pad], [6 + 4]
 CHECK_ROW = 10
 CHECK_SHARED = (5, 3, 2)  # the shared check: a 5-token prefix, branches of 3 and 2 tokens
+SHARED_CHECK = "shared_prefix"  # the shared check's entry in a verdict's `differences`
 
 
 @dataclass(frozen=True)
@@ -75,32 +77,12 @@ def attn_implementation(model: torch.nn.Module) -> str:
 
 
 def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The keyword inputs of a forward pass over `batch`, on the model's device.
-
-    A packed batch (it has `sequence_index`) gives `input_ids` and `position_ids`, plus a
-    block-diagonal `attention_mask` when its `attention` is `block_mask`; a padded batch gives
-    `input_ids` and `attention_mask`. A packed batch whose rows each hold one sequence (none
-    fitted beside another) is a right-padded batch, and is run as one: the same tokens, an
-    attention mask instead of boundaries, so it costs exactly what padding does.
-    """
+    """The keyword inputs of a forward pass over `batch`, on the model's device, as the
+    batch's layout gives them (`align.data.layout`), with any 4D mask in the form the model's
+    attention takes."""
     device = next(model.parameters()).device
-    if batch.get("attention") == SHARED_PREFIX:
-        allowed = shared_prefix_mask(batch["unit_index"].to(device),
-                                     batch["branch_index"].to(device))
-        return {"input_ids": batch["input_ids"].to(device),
-                "position_ids": batch["position_ids"].to(device),
-                "attention_mask": _mask_for(model, allowed)}
-    if "sequence_index" not in batch:
-        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
-    index = batch["sequence_index"]
-    if bool(((index == index[:, :1]) | (index < 0)).all()):
-        return {"input_ids": batch["input_ids"].to(device),
-                "attention_mask": (index >= 0).long().to(device)}
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
-    if batch["attention"] == "block_mask":
-        inputs["attention_mask"] = _mask_for(
-            model, block_diagonal_mask(batch["sequence_index"].to(device)))
-    return inputs
+    return batch_layout(batch).model_inputs(batch, device,
+                                            lambda allowed: _mask_for(model, allowed))
 
 
 def _mask_for(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
@@ -173,19 +155,19 @@ def check_packing(model: torch.nn.Module, kind: str) -> dict[str, Any]:
         for strategy in STRATEGIES:
             if strategy == "block_mask" and impl not in MASKED:
                 continue
-            batch = pack_sequences(sequences, CHECK_ROW, 0, strategy, unpack_index=True)
+            batch = pack_sequences(sequences, CHECK_ROW, 0, strategy, unpackable=True)
             differences[strategy] = _difference(model, kind, batch, sequences, alone)
             if differences[strategy] <= tolerance:
                 chosen = strategy
                 break
         if impl in MASKED:
             batch = pack_shared(shared, [[0, 1], [2]], CHECK_ROW, 0)
-            differences[SHARED_PREFIX] = _difference(model, kind, batch, shared, alone)
+            differences[SHARED_CHECK] = _difference(model, kind, batch, shared, alone)
     finally:
         model.train(was_training)
     architectures = getattr(hf.config, "architectures", None) or [type(hf).__name__]
     return {"architecture": architectures[0], "attn_implementation": impl, "attention": chosen,
-            "shared_prefix": differences.get(SHARED_PREFIX, float("inf")) <= tolerance,
+            "shared_prefix": differences.get(SHARED_CHECK, float("inf")) <= tolerance,
             "differences": differences, "tolerance": tolerance,
             "hidden_size": int(text_config.hidden_size)}
 
@@ -201,7 +183,7 @@ def _difference(model: torch.nn.Module, kind: str, batch: dict[str, Any],
                 sequences: list[list[int]], alone: dict[tuple[int, ...], torch.Tensor]
                 ) -> float:
     """Largest absolute difference between a packed forward's outputs and separate ones."""
-    packed = unpack(_outputs(model, kind, batch), batch["unpack_index"])
+    packed = batch_layout(batch).to_padded(_outputs(model, kind, batch))
     return max(float((packed[i, :len(s)] - alone[tuple(s)]).abs().max())
                for i, s in enumerate(sequences))
 
@@ -252,7 +234,7 @@ def share_prefix(data: DataConfig, verdict: dict[str, Any], role: str) -> ShareP
         return None
     if not verdict.get("shared_prefix"):
         if data.shared_prefix:
-            worst = verdict["differences"].get(SHARED_PREFIX)
+            worst = verdict["differences"].get(SHARED_CHECK)
             found = ("needs sdpa or eager attention" if worst is None else
                      f"differs from separate forwards by {worst:.3g}")
             raise ConfigError(

@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 
 from align.config import DistributedConfig, ModelConfig, TrainerConfig
+from align.data.layout import BatchLayout
 from align.deepspeed_setup import skip_cpu_shm_comm_op
 from align.errors import TrainingError
 from align.metrics import accumulate
@@ -256,8 +257,10 @@ class Policy:
         return check_packing(self.engine or self.model, self.kind)
 
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors, its layout's included, on this rank's device."""
         device = self.device
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(device) if torch.is_tensor(v) or isinstance(v, BatchLayout) else v
+                for k, v in batch.items()}
 
     @contextlib.contextmanager
     def reference_view(self) -> Iterator[torch.nn.Module]:

@@ -43,8 +43,7 @@ import torch
 from align.config import ModelConfig
 from align.data.batching import collate_padded
 from align.data.conversations import is_messages, split_completion
-from align.data.packing import last_token_positions
-from align.data.prefix_sharing import SHARED_PREFIX, last_positions
+from align.data.layout import batch_layout
 from align.data.sft import TokenizedExample
 from align.data.text import encode, eos_token_id, with_eos
 from align.distributed.worker import BaseWorker
@@ -232,23 +231,15 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
     Args:
         model: a sequence classifier with one label (a plain, peft or DeepSpeed-wrapped module).
-        batch: `input_ids` and `attention_mask`, each (N, T); or packed rows (see
-            `align.data.packing`).
+        batch: `input_ids` and `attention_mask`, each (N, T); or packed rows, shared prompts
+            included (see `align.data.layout`).
 
     Returns:
         (N,) float32 scores, differentiable when the model is.
     """
     scores = head_outputs(model, batch)  # (rows, W): through the model, as ZeRO-3 needs
-    if batch.get("attention") == SHARED_PREFIX:  # a pair's prompt laid out once
-        return scores.flatten()[last_positions(batch["unpack_index"]).to(scores.device)].float()
-    if "sequence_index" in batch:
-        index = batch["sequence_index"].to(scores.device)
-        last = last_token_positions(index, int(index.max()) + 1)
-        return scores.flatten()[last].float()
-    mask = batch["attention_mask"].to(scores.device)
-    positions = torch.arange(mask.shape[1], device=scores.device)
-    last = (positions * (mask > 0)).argmax(-1)  # the rightmost token attended to
-    return scores[torch.arange(len(last), device=scores.device), last].float()
+    last = batch_layout(batch).last_positions(batch, scores.device)
+    return scores.flatten()[last].float()
 
 
 def collate_sequences(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

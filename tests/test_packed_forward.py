@@ -25,6 +25,7 @@ from align.data import (
     tokenize_preference,
     tokenize_sft,
 )
+from align.data.layout import LAYOUT_KEY
 from align.data.packing import ONE_ROW, pack_padded
 from align.errors import ConfigError
 from align.packed_forward import check_packing, model_inputs, resolve_packing
@@ -101,9 +102,10 @@ def test_packed_rows_equal_separate_forwards(tiny_model_dir, arch):
     model = causal(tiny_model_dir(arch))
     examples = sft_examples()
     batch = collate_packed(examples, row_length=40, pad_id=0, attention=EXPECTED[arch])
-    assert batch["input_ids"].shape[0] > 1 and (batch["sequence_index"] == -1).any()
+    index = batch[LAYOUT_KEY].sequence_index
+    assert batch["input_ids"].shape[0] > 1 and (index == -1).any()
     logits = model(**model_inputs(model, batch), use_cache=False).logits.flatten(0, 1)
-    flat_index = batch["sequence_index"].flatten()
+    flat_index = index.flatten()
     for i, example in enumerate(examples):
         alone = model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
         torch.testing.assert_close(logits[flat_index == i], alone, atol=1e-5, rtol=0)

@@ -15,10 +15,11 @@ from transformers import (
 
 from align.config import DataConfig, TaskConfig
 from align.data import collate_preference, collate_preference_packed, tokenize_preference
-from align.data.prefix_sharing import SHARED_PREFIX, SharePrefix, pack_shared, share_padded
+from align.data.layout import LAYOUT_KEY, SharedPrefixLayout
+from align.data.prefix_sharing import SharePrefix, pack_shared, share_padded
 from align.errors import ConfigError
 from align.losses import IGNORE_INDEX
-from align.packed_forward import check_packing, model_inputs, resolve_packing
+from align.packed_forward import SHARED_CHECK, check_packing, model_inputs, resolve_packing
 from align.tasks import arithmetic
 from align.trainers.dpo import completion_logps
 from align.trainers.ppo_objectives import _logprobs_and_entropy, token_values
@@ -63,12 +64,12 @@ def test_shared_logits_equal_separate_forwards(tiny_model_dir, arch, impl):
     model = causal(tiny_model_dir(arch), impl)
     sequences = [p + r for p, r in zip(PROMPTS, RESPONSES)]
     batch = pack_shared(sequences, [[0, 1, 2], [3, 4], [5]], row_length=14, pad_id=0)
-    assert batch["input_ids"].shape[0] > 1 and (batch["unit_index"] == -1).any()
+    assert batch["input_ids"].shape[0] > 1 and (batch[LAYOUT_KEY].unit_index == -1).any()
     assert batch["input_ids"].numel() < sum(map(len, sequences)) + 4  # prompts laid out once
     logits = model(**model_inputs(model, batch), use_cache=False).logits.flatten(0, 1)
     for i, sequence in enumerate(sequences):
         alone = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0]
-        where = batch["unpack_index"][i, :len(sequence)]
+        where = batch[LAYOUT_KEY].unpack_index[i, :len(sequence)]
         torch.testing.assert_close(logits[where], alone, atol=1e-5, rtol=0)
 
 
@@ -77,7 +78,7 @@ def test_shared_logits_equal_separate_forwards(tiny_model_dir, arch, impl):
 def test_shared_dpo_logps_and_reward_scores_equal_padded(tiny_model_dir, classifier, arch):
     examples = pairs()
     shared = collate_preference_packed(examples, None, 0, share=ALWAYS)
-    assert shared["attention"] == SHARED_PREFIX
+    assert isinstance(shared[LAYOUT_KEY], SharedPrefixLayout)
     padded = collate_preference(examples, 0)
     policy = causal(tiny_model_dir(arch))
     for got, want in zip(completion_logps(policy, shared), completion_logps(policy, padded)):
@@ -93,8 +94,8 @@ def test_shared_rollout_logprobs_entropy_and_values_equal_padded(tiny_model_dir,
                                                                  arch):
     padded = pad_sequences(PROMPTS, RESPONSES, pad_id=0)
     shared = share_padded(padded, None, 0, ALWAYS, IGNORE_INDEX)
-    assert shared["attention"] == SHARED_PREFIX
-    assert shared["unit_index"].max() == 2  # three prompts, three units
+    assert isinstance(shared[LAYOUT_KEY], SharedPrefixLayout)
+    assert shared[LAYOUT_KEY].unit_index.max() == 2  # three prompts, three units
     policy = causal(tiny_model_dir(arch))
     logp, entropy = _logprobs_and_entropy(policy, shared, 0.7, entropy=True)
     want_logp, want_entropy = _logprobs_and_entropy(policy, padded, 0.7, entropy=True)
@@ -124,7 +125,7 @@ def test_shared_gradients_equal_padded(tiny_model_dir):
 def test_check_verdict_and_config(tiny_model_dir):
     verdict = check_packing(causal(tiny_model_dir("llama")), "causal_lm")
     assert verdict["shared_prefix"] and verdict["hidden_size"] == 32
-    assert verdict["differences"][SHARED_PREFIX] <= verdict["tolerance"]
+    assert verdict["differences"][SHARED_CHECK] <= verdict["tolerance"]
     assert resolve_packing(DataConfig(), verdict).share_prefix == SharePrefix(32, always=False)
     assert resolve_packing(DataConfig(shared_prefix=True), verdict).share_prefix == ALWAYS
     assert resolve_packing(DataConfig(shared_prefix=False), verdict).share_prefix is None
@@ -150,7 +151,7 @@ def test_check_finds_a_model_that_would_leak_across_branches(tiny_model_dir):
     verdict = check_packing(model, "causal_lm")
     assert verdict["attention"] == "position_ids"  # plain packing is still exact
     assert not verdict["shared_prefix"]
-    assert verdict["differences"][SHARED_PREFIX] > verdict["tolerance"]
+    assert verdict["differences"][SHARED_CHECK] > verdict["tolerance"]
     assert resolve_packing(DataConfig(), verdict).share_prefix is None
     with pytest.raises(ConfigError, match=r"data.shared_prefix=true: .*differs from separate"):
         resolve_packing(DataConfig(shared_prefix=True), verdict)

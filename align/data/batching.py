@@ -10,6 +10,7 @@ by one (position t predicts token t + 1), so nothing here shifts.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, t
 
 
 def collate_packed(examples: list[TokenizedExample], row_length: int | None, pad_id: int,
-                   attention: str = "position_ids") -> dict[str, torch.Tensor | str]:
+                   attention: str = "position_ids") -> dict[str, Any]:
     """Pack examples into rows of at most `row_length` tokens, without padding between them.
 
     Each example keeps its own position ids (restarting at 0), so a model told the boundaries
@@ -44,8 +45,8 @@ def collate_packed(examples: list[TokenizedExample], row_length: int | None, pad
     example is never trained to predict the first token of the next.
 
     Returns:
-        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (R, W), and `attention`
-        (see `align.data.packing`).
+        `input_ids` and `labels`, each (R, W), and the `PackedLayout` (see
+        `align.data.packing`).
     """
     return pack_sequences([e.input_ids for e in examples], row_length, pad_id, attention,
                           labels=[e.labels for e in examples])
@@ -90,27 +91,27 @@ def _with_margins(batch: dict, examples: list[PreferenceExample]) -> dict:
 def collate_preference_packed(examples: list[PreferenceExample], row_length: int | None,
                               pad_id: int, attention: str = "position_ids",
                               share: SharePrefix | None = None
-                              ) -> dict[str, torch.Tensor | str]:
+                              ) -> dict[str, Any]:
     """The 2B sequences of `collate_preference` (B chosen, then B rejected) packed into rows.
 
     As `collate_packed`: rows of at most `row_length` tokens, position ids restarting at 0 for
     every sequence, each sequence's first label IGNORE_INDEX; labels cover completions only.
-    `sequence_index` (0..2B-1, chosen first) says which sequence each token belongs to, so
-    per-sequence sums can be taken from the packed rows (`align.data.packing.sequence_sums`).
+    The layout's `sequence_index` (0..2B-1, chosen first) says which sequence each token
+    belongs to, so per-sequence sums can be taken from the packed rows.
 
     With `share` (and where it pays, see `align.data.prefix_sharing.choose_shared`), each
     pair's prompt is laid out once, its two completions after it: the batch is then
-    `pack_shared`'s, with the labels per sequence as `sequence_labels` (2B, L), right-padded.
+    `pack_shared`'s, with the labels per sequence (2B, L), right-padded.
 
     Returns:
-        `input_ids`, `labels`, `position_ids`, `sequence_index`, each (R, W), and `attention`;
-        `margin` (B,) float when the examples carry margins.
+        `input_ids` and `labels`, each (R, W) (shared: labels (2B, L)), and the layout (see
+        `align.data.layout`); `margin` (B,) float when the examples carry margins.
     """
     sequences, labels = _preference_sequences(examples)
     pairs = [[i, i + len(examples)] for i in range(len(examples))]
     batch = choose_shared(sequences, pairs, row_length, pad_id, share)
     if batch is not None:
-        batch["sequence_labels"] = _pad(sequences, labels, pad_id)["labels"]
+        batch["labels"] = _pad(sequences, labels, pad_id)["labels"]
     else:
         batch = pack_sequences(sequences, row_length, pad_id, attention, labels=labels)
     return _with_margins(batch, examples)

@@ -1,12 +1,14 @@
-"""Packing sequences into rows of bounded length, and the maps between packed and padded layouts.
+"""Packing sequences into rows of bounded length.
 
-A packed batch holds R rows of width W (the fullest row's length):
-  - `input_ids` (R, W), each row a run of whole sequences, then padding;
+A packed batch holds R rows of width W (the fullest row's length): `input_ids` (R, W), each
+row a run of whole sequences, then padding, and its `PackedLayout` (`align.data.layout`) under
+`LAYOUT_KEY`:
   - `position_ids` (R, W), restarting at 0 for every sequence, so attention can be kept
     inside each sequence (see `align.packed_forward`);
   - `sequence_index` (R, W), which sequence each token belongs to, -1 on padding;
-  - `attention` (a string), how the model is told the boundaries: `position_ids` or
-    `block_mask` (see `align.packed_forward.STRATEGIES`).
+  - `attention`, how the model is told the boundaries: `position_ids` or `block_mask` (see
+    `align.packed_forward.STRATEGIES`);
+  - optionally `unpack_index`, where each sequence's tokens are (the map back to padding).
 Every padding token has position id 0, so each is a sequence of one token of its own: nothing
 real attends to it, and no position id outgrows the model's table however short the row.
 
@@ -20,10 +22,13 @@ costs at most what padding does, and less the more the lengths vary (docs/perfor
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import sys
+from typing import Any
 
 import torch
 
+from align.data.layout import LAYOUT_KEY, PackedLayout
 from align.losses import IGNORE_INDEX
 
 ONE_ROW = sys.maxsize  # a row length that puts a whole batch in one row
@@ -58,7 +63,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: int,
                    attention: str, labels: list[list[int]] | None = None,
-                   unpack_index: bool = False) -> dict[str, torch.Tensor | str]:
+                   unpackable: bool = False) -> dict[str, Any]:
     """Pack token-id sequences into rows of at most `row_length` tokens.
 
     Args:
@@ -69,11 +74,11 @@ def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: i
         attention: how the model learns the boundaries (`position_ids` or `block_mask`).
         labels: per-token labels of each sequence; each sequence's first label becomes
             IGNORE_INDEX, so no loss crosses from one sequence into the next.
-        unpack_index: also return `unpack_index` (N, L), L the longest sequence: the flat
+        unpackable: give the layout `unpack_index` (N, L), L the longest sequence: the flat
             position (row * W + column) of each sequence's tokens, -1 past its end.
 
     Returns:
-        `input_ids`, `position_ids`, `sequence_index` (and `labels`), each (R, W); `attention`.
+        `input_ids` (and `labels`), each (R, W), and the `PackedLayout` under `LAYOUT_KEY`.
     """
     lengths = [len(s) for s in sequences]
     rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
@@ -98,26 +103,24 @@ def pack_sequences(sequences: list[list[int]], row_length: int | None, pad_id: i
                 label_ids[r, start + 1:start + n] = torch.tensor(labels[i][1:], dtype=torch.long)
             where[i, :n] = torch.arange(r * width + start, r * width + start + n)
             start += n
-    batch: dict[str, torch.Tensor | str] = {"input_ids": input_ids, "position_ids": position_ids,
-                                            "sequence_index": sequence_index,
-                                            "attention": attention}
+    batch: dict[str, Any] = {"input_ids": input_ids}
     if labels is not None:
         batch["labels"] = label_ids
-    if unpack_index:
-        batch["unpack_index"] = where
+    batch[LAYOUT_KEY] = PackedLayout(position_ids, sequence_index, attention,
+                                     where if unpackable else None)
     return batch
 
 
 def pack_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: int,
-                attention: str) -> dict[str, torch.Tensor | str]:
+                attention: str) -> dict[str, Any]:
     """Repack a right-padded batch for the forward pass, keeping its other tensors as they are.
 
     `input_ids` and `attention_mask` (B, T) are replaced by a packed layout (see
-    `pack_sequences`) and `unpack_index` (B, T), with which `unpack` returns per-token outputs
-    to the padded layout the rest of the batch (labels, per-token data) is in.
+    `pack_sequences`) whose `unpack_index` is (B, T): with it the layout returns per-token
+    outputs to the padded layout the rest of the batch (labels, per-token data) is in.
     """
     packed = pack_sequences(padded_sequences(batch), row_length, pad_id, attention,
-                            unpack_index=True)
+                            unpackable=True)
     return replace_padded(batch, packed)
 
 
@@ -127,59 +130,11 @@ def padded_sequences(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
 
 
-def replace_padded(batch: dict[str, torch.Tensor], packed: dict[str, torch.Tensor | str]
-                   ) -> dict[str, torch.Tensor | str]:
+def replace_padded(batch: dict[str, torch.Tensor], packed: dict[str, Any]) -> dict[str, Any]:
     """`batch` with its `input_ids` and `attention_mask` replaced by the `packed` layout of its
-    rows; `unpack_index` widened to (B, T), the padded layout's shape."""
+    rows; the layout's `unpack_index` widened to (B, T), the padded layout's shape."""
+    layout = packed[LAYOUT_KEY]
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-    index[:, :packed["unpack_index"].shape[1]] = packed["unpack_index"]
+    index[:, :layout.unpack_index.shape[1]] = layout.unpack_index
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return {**rest, **packed, "unpack_index": index}
-
-
-def unpack(values: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
-    """Per-token `values` (R, W, ...) of a packed batch in the padded layout (B, T, ...).
-
-    Positions past a sequence's end (index -1) are 0.
-    """
-    flat = values.reshape(-1, *values.shape[2:])
-    index = unpack_index.to(values.device)
-    valid = index >= 0
-    out = flat[index.clamp(min=0)]
-    return out * valid.reshape(*valid.shape, *[1] * (out.dim() - valid.dim())).to(out.dtype)
-
-
-def unpack_shifted(values: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
-    """`unpack` for next-token values (R, W-1): position t concerns token t+1. Returns (B, T-1)."""
-    padded = torch.nn.functional.pad(values, (0, 1) if values.dim() == 2 else (0, 0, 0, 1))
-    return unpack(padded, unpack_index)[:, :-1]
-
-
-def sequence_sums(values: torch.Tensor, sequence_index: torch.Tensor,
-                  num_sequences: int) -> torch.Tensor:
-    """Sum per-token `values` (R, W) over each sequence: (num_sequences,). Padding (-1) is
-    dropped. Linear in the tokens (a (sequences x tokens) selection mask would not be)."""
-    index = sequence_index.to(values.device).reshape(-1)
-    keep = index >= 0
-    out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
-    return out.index_add(0, index[keep], values.reshape(-1)[keep])
-
-
-def block_diagonal_mask(sequence_index: torch.Tensor) -> torch.Tensor:
-    """(R, 1, W, W) boolean: True where query token q may attend to key k (k <= q, same
-    sequence). Padding tokens (-1) see only padding, so no row of the mask is empty."""
-    same = sequence_index[:, :, None] == sequence_index[:, None, :]
-    width = sequence_index.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=sequence_index.device).tril()
-    return (same & causal)[:, None]
-
-
-def last_token_positions(sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """(num_sequences,) flat position of each packed sequence's last token: where a reward
-    model reads its score. Found from `sequence_index`, never by comparing ids with a pad id
-    (where pad is EOS, that would skip the closing EOS)."""
-    index = sequence_index.reshape(-1)
-    positions = torch.arange(index.numel(), device=index.device)
-    real = index >= 0
-    last = torch.full((num_sequences,), -1, dtype=torch.long, device=index.device)
-    return last.scatter_reduce(0, index[real], positions[real], "amax")
+    return {**rest, **packed, LAYOUT_KEY: dataclasses.replace(layout, unpack_index=index)}

@@ -13,13 +13,13 @@ it would see alone, and outputs equal separate forwards (checked on the loaded m
 start-up, `align.packed_forward.check_packing`). Units are then placed into rows as single
 sequences are (`align.data.packing.best_fit_decreasing`).
 
-A shared batch has `input_ids` and `position_ids` (R, W), `unit_index` (R, W) (which unit a
-token belongs to, -1 on padding), `branch_index` (R, W) (0 on a unit's prefix, i + 1 on its
-i-th branch), `attention` = "shared_prefix", and `unpack_index` (N, L): the flat position of
-every token of every sequence, so a prefix position is shared by all sequences of its unit.
-Per-token results are read through `unpack_index` (`align.data.packing.unpack`); next-token
-log-probs with `align.losses.indexed_logprobs`, since the token after a shared position
-differs from one sequence to the next.
+A shared batch has `input_ids` (R, W) and its `SharedPrefixLayout` (`align.data.layout`) under
+`LAYOUT_KEY`: `position_ids` (R, W), `unit_index` (R, W) (which unit a token belongs to, -1 on
+padding), `branch_index` (R, W) (0 on a unit's prefix, i + 1 on its i-th branch), and
+`unpack_index` (N, L): the flat position of every token of every sequence, so a prefix
+position is shared by all sequences of its unit. The layout reads per-token results back
+through `unpack_index`, and next-token log-probs with `align.losses.indexed_logprobs`, since
+the token after a shared position differs from one sequence to the next.
 
 The mask costs what it saves on long branches: attention over a row of width W is W x W, so a
 unit of 8 long completions computes more attention than the 8 sequences apart. `sharing_pays`
@@ -30,12 +30,12 @@ tokens) and sharing is used where it is cheaper (docs/performance.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from align.data.layout import LAYOUT_KEY, SharedPrefixLayout
 from align.data.packing import best_fit_decreasing, padded_sequences, replace_padded
-
-SHARED_PREFIX = "shared_prefix"  # the `attention` value of a shared batch
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _pays(sequences: list[list[int]], units: Units, row_length: int | None,
 
 
 def pack_shared(sequences: list[list[int]], groups: list[list[int]], row_length: int | None,
-                pad_id: int) -> dict[str, torch.Tensor | str]:
+                pad_id: int) -> dict[str, Any]:
     """Pack `sequences` with each group's common prefix laid out once (see the module doc).
 
     Args:
@@ -121,14 +121,14 @@ def pack_shared(sequences: list[list[int]], groups: list[list[int]], row_length:
         pad_id: the id that fills the end of each row.
 
     Returns:
-        `input_ids`, `position_ids`, `unit_index`, `branch_index` (R, W), `unpack_index`
-        (N, L) with L the longest sequence (-1 past a sequence's end), and `attention`.
+        `input_ids` (R, W) and the `SharedPrefixLayout` under `LAYOUT_KEY`; its `unpack_index`
+        is (N, L) with L the longest sequence (-1 past a sequence's end).
     """
     return _pack_units(sequences, _units(sequences, groups), row_length, pad_id)
 
 
 def _pack_units(sequences: list[list[int]], units: Units, row_length: int | None,
-                pad_id: int) -> dict[str, torch.Tensor | str]:
+                pad_id: int) -> dict[str, Any]:
     lengths = [_unit_length(sequences, members, prefix) for members, prefix in units]
     rows = best_fit_decreasing(lengths, max(lengths, default=0) if row_length is None
                                else row_length)
@@ -161,10 +161,10 @@ def _pack_units(sequences: list[list[int]], units: Units, row_length: int | None
     def grid(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).view(len(rows), width)
 
-    return {"input_ids": grid(ids), "position_ids": grid(positions), "unit_index": grid(unit_of),
-            "branch_index": grid(branch_of),
-            "unpack_index": torch.tensor(where, dtype=torch.long).view(len(sequences), longest),
-            "attention": SHARED_PREFIX}
+    where_index = torch.tensor(where, dtype=torch.long).view(len(sequences), longest)
+    return {"input_ids": grid(ids),
+            LAYOUT_KEY: SharedPrefixLayout(grid(positions), grid(unit_of), grid(branch_of),
+                                           where_index)}
 
 
 def _place(ids: list[int], positions: list[int], branch_of: list[int], tokens: list[int],
@@ -175,25 +175,8 @@ def _place(ids: list[int], positions: list[int], branch_of: list[int], tokens: l
     branch_of += [branch] * len(tokens)
 
 
-def shared_prefix_mask(unit_index: torch.Tensor, branch_index: torch.Tensor) -> torch.Tensor:
-    """(R, 1, W, W) boolean: True where query q may attend to key k: k <= q in the same unit,
-    and k on the unit's prefix or on q's own branch. Padding (-1) sees only padding."""
-    same_unit = unit_index[:, :, None] == unit_index[:, None, :]
-    key_branch = branch_index[:, None, :]
-    visible = (key_branch == 0) | (key_branch == branch_index[:, :, None])
-    width = unit_index.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=unit_index.device).tril()
-    return (same_unit & visible & causal)[:, None]
-
-
-def last_positions(unpack_index: torch.Tensor) -> torch.Tensor:
-    """(N,) flat position of each sequence's last token, from `unpack_index` (N, L)."""
-    last = (unpack_index >= 0).sum(-1) - 1
-    return unpack_index.gather(1, last.clamp(min=0)[:, None]).squeeze(1)
-
-
 def choose_shared(sequences: list[list[int]], groups: list[list[int]], row_length: int | None,
-                  pad_id: int, share: SharePrefix | None) -> dict[str, torch.Tensor | str] | None:
+                  pad_id: int, share: SharePrefix | None) -> dict[str, Any] | None:
     """`pack_shared`'s layout where `share` asks for it and it pays (or `share.always`);
     None where the sequences should be packed apart."""
     if share is None:
@@ -206,7 +189,7 @@ def choose_shared(sequences: list[list[int]], groups: list[list[int]], row_lengt
 
 def share_padded(batch: dict[str, torch.Tensor], row_length: int | None, pad_id: int,
                  share: SharePrefix | None, ignore_index: int = -100
-                 ) -> dict[str, torch.Tensor | str] | None:
+                 ) -> dict[str, Any] | None:
     """The shared layout of a right-padded rollout batch, or None (see `choose_shared`).
 
     Rows whose prompts (the tokens before the first label) are equal form a group. As

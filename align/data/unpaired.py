@@ -155,9 +155,9 @@ def collate_unpaired(examples: list[UnpairedExample], pad_id: int,
     "completion" is a row's own completion and "kl" its mismatched one, so
     sides=("completion", "kl") gives 2B sequences laid out as a preference batch (B own, then
     B mismatched). Labels cover the completions only. With `attention` (a packing strategy of
-    `align.packed_forward`): packed into rows of at most `row_length` tokens with
-    `position_ids` and `sequence_index` (see `collate_preference_packed`); else right-padded
-    rows with `attention_mask`. `desirable` (B,) bool holds the labels.
+    `align.packed_forward`): packed into rows of at most `row_length` tokens, with their
+    `PackedLayout` (see `align.data.layout`); else right-padded rows with `attention_mask`.
+    `desirable` (B,) bool holds the labels.
     """
     sequences = []
     for side in sides:

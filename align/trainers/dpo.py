@@ -49,22 +49,16 @@ from align.data import (
     collate_preference_packed,
     collate_unpaired,
 )
-from align.data.packing import sequence_sums
-from align.data.prefix_sharing import SHARED_PREFIX
+from align.data.layout import batch_layout
 from align.data.tables import take
 from align.distributed import WorkerGroup
 from align.losses import (
-    IGNORE_INDEX,
     PREFERENCE_LOSSES,
     PreferenceLogps,
-    gather_logprobs,
-    indexed_logprobs,
     kto_kl_baseline,
     preference_loss,
     preference_metrics,
     rpo_nll_share,
-    sequence_logps,
-    shift_for_next_token,
 )
 from align.packed_forward import Packing, model_inputs
 from align.trainers.base import Trainer
@@ -97,28 +91,14 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Args:
         model: the causal LM (DeepSpeed engine, peft or plain module).
         batch: `collate_preference` output (2B padded rows) or `collate_preference_packed`
-            output (packed rows; `sequence_index` says which sequence each token belongs to,
-            or, with shared prompts, `unpack_index` where each sequence's tokens are).
+            output (packed rows, each pair's prompt laid out once where that pays); its layout
+            (`align.data.layout`) reads each sequence's sums.
 
     Returns:
         (logps, lengths), each (2B,): chosen sequences first, then rejected.
     """
     logits = model(**model_inputs(model, batch), use_cache=False).logits
-    if batch.get("attention") == SHARED_PREFIX:  # each pair's prompt laid out once
-        labels = batch["sequence_labels"][:, 1:].to(logits.device)
-        token_logps = indexed_logprobs(logits, batch["unpack_index"][:, :-1], labels)
-        mask = labels != IGNORE_INDEX
-        return token_logps.sum(-1), mask.sum(-1)
-    logits, labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
-    token_logps = gather_logprobs(logits, labels)  # (rows, T-1)
-    mask = labels != IGNORE_INDEX
-    if "sequence_index" not in batch:
-        return sequence_logps(token_logps, mask), mask.sum(-1)
-    # Packed: a label at column t+1 belongs to the sequence of the token there.
-    index = batch["sequence_index"][:, 1:]
-    count = int(batch["sequence_index"].max()) + 1
-    return (sequence_sums(token_logps * mask, index, count),
-            sequence_sums(mask.long(), index, count))
+    return batch_layout(batch).sequence_logprobs(logits, batch)
 
 
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

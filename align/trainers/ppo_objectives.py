@@ -3,8 +3,9 @@
 They run inside the role actors (see `Policy.infer` / `Policy.train_step`). Every tensor is in
 the shifted layout: position t holds what concerns token t+1 (its log-prob, the value of the
 state before it), so a (B, T) batch gives (B, T-1) per-token tensors; `response_mask` marks
-the generated tokens. A packed batch (`align.data.packing.pack_padded`) runs the forward on
-packed rows and brings per-token results back to that padded layout (`unpack_index`).
+the generated tokens. Whatever the batch's layout (padded, packed or shared-prefix, see
+`align.data.layout`), the forward runs on it as laid out and per-token results come back in
+that padded layout.
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ from __future__ import annotations
 import torch
 
 from align.advantages import kl_penalty
-from align.data.packing import unpack, unpack_shifted
-from align.data.prefix_sharing import SHARED_PREFIX
+from align.data.layout import batch_layout
 from align.losses import (
     IGNORE_INDEX,
     aggregate,
-    entropy_from_logits,
-    gather_logprobs,
-    indexed_logprobs,
     ppo_policy_loss,
     ppo_value_loss,
     sequence_level_logprobs,
@@ -37,34 +34,12 @@ def _logprobs_and_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                           temperature: float, entropy: bool
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T-1) log-probs of the generated tokens and (with `entropy`) the entropy of each
-    next-token distribution, 0 off completions, whatever the batch's layout.
-
-    Padded and packed rows are shifted within the row (position t predicts the row's token
-    t+1). In a shared-prefix batch the last prompt position predicts a different first token
-    for every sample, so each token's log-prob is read at its predecessor's flat position.
-    """
+    next-token distribution, 0 off completions, whatever the batch's layout."""
     out = model(**model_inputs(model, batch), use_cache=False)
     # Log-probs must come from the distribution that was sampled: logits / temperature.
-    if batch.get("attention") == SHARED_PREFIX:
-        logits = out.logits.float() / temperature
-        positions = batch["unpack_index"][:, :-1]
-        logp = indexed_logprobs(logits, positions, batch["labels"][:, 1:])
-        ent = unpack(entropy_from_logits(logits), batch["unpack_index"])[:, :-1] if entropy \
-            else None
-    else:
-        logits = out.logits[:, :-1].float() / temperature
-        targets = batch["input_ids"] if "unpack_index" in batch else batch["labels"]
-        logp = _padded(gather_logprobs(logits, targets[:, 1:].to(logits.device)), batch)
-        ent = _padded(entropy_from_logits(logits), batch) if entropy else None
+    logp, ent = batch_layout(batch).next_token_logprobs(out.logits, batch, temperature, entropy)
     mask = response_mask(batch).to(logp.device)
     return logp * mask, None if ent is None else ent * mask
-
-
-def _padded(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Shifted per-token values (rows, W-1) in the padded layout (B, T-1)."""
-    if "unpack_index" in batch:
-        values = unpack_shifted(values, batch["unpack_index"])
-    return values
 
 
 def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -82,9 +57,7 @@ def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     a DeepSpeed engine's forward must run, or ZeRO-3 overwrites accumulated gradients.
     """
     values = head_outputs(model, batch).float()
-    if "unpack_index" in batch:
-        values = unpack(values, batch["unpack_index"])
-    return values[:, :-1]
+    return batch_layout(batch).to_padded(values)[:, :-1]
 
 
 def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,

@@ -107,7 +107,6 @@ class RewardTrainer(Trainer[RMConfig]):
         else:
             batch = collate_preference(examples, pad)
         batch.pop("labels", None)  # scores need no labels; less to ship to the workers
-        batch.pop("sequence_labels", None)
         if not self.cfg.rm.use_margin:
             batch.pop("margin", None)
         return batch

@@ -16,6 +16,7 @@ from align.data import (
     length_grouped_order,
     tokenize_sft,
 )
+from align.data.layout import LAYOUT_KEY, PackedLayout
 from align.data.packing import ONE_ROW
 from align.losses import IGNORE_INDEX, shift_for_next_token
 
@@ -60,10 +61,12 @@ def test_collate_packed_layout():
         [TokenizedExample([5, 6, 7], [IGN, 6, 7]), TokenizedExample([8, 9], [8, 9])],
         row_length=ONE_ROW, pad_id=0,
     )
-    assert set(batch) == {"input_ids", "labels", "position_ids", "sequence_index", "attention"}
+    assert set(batch) == {"input_ids", "labels", LAYOUT_KEY}
+    layout = batch[LAYOUT_KEY]
+    assert isinstance(layout, PackedLayout) and layout.attention == "position_ids"
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert layout.sequence_index.tolist() == [[0, 0, 0, 1, 1]]
     # The first label of each example is dropped: no loss crosses a sample boundary.
     assert batch["labels"].tolist() == [[IGN, 6, 7, IGN, 9]]
 
@@ -74,7 +77,7 @@ def test_collate_packed_bounded_rows():
     batch = collate_packed(examples, row_length=None, pad_id=0)  # rows as wide as the longest
     # Best-fit decreasing: [5 6 7] fills a row; [8 9] opens the next and [4] fits beside it.
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 4]]
-    assert batch["sequence_index"].tolist() == [[0, 0, 0], [1, 1, 2]]
+    assert batch[LAYOUT_KEY].sequence_index.tolist() == [[0, 0, 0], [1, 1, 2]]
     assert batch["labels"].tolist() == [[IGN, 6, 7], [IGN, 9, IGN]]
 
 
@@ -89,7 +92,8 @@ def summed_token_loss(logits, labels):
 def test_packed_forward_equals_separate_forwards(model, examples):
     packed = collate_packed(examples, row_length=ONE_ROW, pad_id=0)
     logits = model(
-        input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        input_ids=packed["input_ids"], position_ids=packed[LAYOUT_KEY].position_ids,
+        use_cache=False
     ).logits[0]
     start = 0
     for example in examples:
@@ -148,8 +152,9 @@ def test_collate_preference_packed_layout():
     assert batch["labels"].tolist() == [
         [IGN, IGN, 4, 4, 1, IGN, IGN, 3, 1, IGN, 1, IGN, 1]
     ]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 0, 1]]
-    assert batch["sequence_index"].tolist() == [[2, 2, 2, 2, 2, 0, 0, 0, 0, 1, 1, 3, 3]]
+    assert batch[LAYOUT_KEY].position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 0, 1]]
+    assert batch[LAYOUT_KEY].sequence_index.tolist() == [[2, 2, 2, 2, 2, 0, 0, 0, 0, 1, 1, 3,
+                                                         3]]
 
 
 def test_length_grouped_order():

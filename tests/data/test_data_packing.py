@@ -6,17 +6,17 @@ import random
 
 import torch
 
-from align.data.packing import (
-    ONE_ROW,
-    best_fit_decreasing,
+from align.data.layout import (
+    LAYOUT_KEY,
+    PackedLayout,
+    batch_layout,
     block_diagonal_mask,
     last_token_positions,
-    pack_padded,
-    pack_sequences,
     sequence_sums,
     unpack,
     unpack_shifted,
 )
+from align.data.packing import ONE_ROW, best_fit_decreasing, pack_padded, pack_sequences
 from align.losses import IGNORE_INDEX as IGN
 
 
@@ -43,14 +43,17 @@ def test_best_fit_decreasing_rows_are_full_and_bounded():
 def test_pack_sequences_layout():
     batch = pack_sequences([[5, 6], [7, 8, 9], [4]], row_length=4, pad_id=0,
                            attention="block_mask", labels=[[5, 6], [7, 8, 9], [4]],
-                           unpack_index=True)
-    assert batch["attention"] == "block_mask"
+                           unpackable=True)
+    layout = batch[LAYOUT_KEY]
+    assert isinstance(layout, PackedLayout) and layout.attention == "block_mask"
     assert batch["input_ids"].tolist() == [[7, 8, 9, 4], [5, 6, 0, 0]]
     # Padding: position 0 on every token, sequence -1, no label.
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 0]]
-    assert batch["sequence_index"].tolist() == [[1, 1, 1, 2], [0, 0, -1, -1]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 0, 0]]
+    assert layout.sequence_index.tolist() == [[1, 1, 1, 2], [0, 0, -1, -1]]
     assert batch["labels"].tolist() == [[IGN, 8, 9, IGN], [IGN, 6, IGN, IGN]]
-    assert batch["unpack_index"].tolist() == [[4, 5, -1], [0, 1, 2], [3, -1, -1]]
+    assert layout.unpack_index.tolist() == [[4, 5, -1], [0, 1, 2], [3, -1, -1]]
+    # Each sequence's last token, where a reward model reads its score (flat positions).
+    assert layout.last_positions(batch, torch.device("cpu")).tolist() == [5, 2, 3]
 
 
 def test_pack_padded_round_trips_through_unpack():
@@ -60,15 +63,17 @@ def test_pack_padded_round_trips_through_unpack():
     packed = pack_padded(padded, row_length=3, pad_id=0, attention="position_ids")
     assert "attention_mask" not in packed and packed["labels"] is padded["labels"]
     assert packed["input_ids"].shape == (2, 3)
-    back = unpack(packed["input_ids"], packed["unpack_index"])
+    index = packed[LAYOUT_KEY].unpack_index
+    back = unpack(packed["input_ids"], index)
     assert back.tolist() == (padded["input_ids"] * padded["attention_mask"]).tolist()
     # Next-token values: position t of a row holds what concerns its token t + 1.
-    shifted = unpack_shifted(packed["input_ids"][:, 1:], packed["unpack_index"])
+    shifted = unpack_shifted(packed["input_ids"][:, 1:], index)
     # (A sequence's last token is followed by the next sequence's first, 6 here; the labels
     # mask that position, as they mask padding in the padded layout.)
     assert shifted.tolist() == [[4, 5, 0], [0, 0, 0], [8, 6, 0]]
     hidden = torch.arange(12.0).reshape(2, 3, 2)  # (rows, W, H) values come back too
-    assert unpack(hidden, packed["unpack_index"]).shape == (3, 4, 2)
+    assert unpack(hidden, index).shape == (3, 4, 2)
+    assert batch_layout(packed).to_padded(hidden).shape == (3, 4, 2)
 
 
 def test_sequence_sums_and_last_tokens():

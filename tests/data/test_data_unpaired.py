@@ -12,6 +12,7 @@ from align.data import (
     tokenize_unpaired,
     with_kl_completions,
 )
+from align.data.layout import LAYOUT_KEY
 from align.data.unpaired import encode_unpaired_rows, unpaired_examples
 from align.errors import DataError
 from align.losses import IGNORE_INDEX
@@ -118,7 +119,8 @@ def test_collate_unpaired_layout(packing):
     if packing:
         # best-fit decreasing places the longest first: sequences 0, 2, 3, then 1
         assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 3, 4, 6, 7]]
-        assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 3, 3, 3, 1, 1]]
+        assert batch[LAYOUT_KEY].sequence_index.tolist() == [[0, 0, 0, 0, 2, 2, 2, 3, 3, 3, 1,
+                                                             1]]
         assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX,
                                              IGNORE_INDEX, 5, IGNORE_INDEX, 3, 4, IGNORE_INDEX,
                                              7]]

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from align.data.layout import LAYOUT_KEY, SharedPrefixLayout, last_positions, shared_prefix_mask
 from align.data.prefix_sharing import (
-    SHARED_PREFIX,
     SharePrefix,
     common_prefix_length,
     groups_of_equal_prefix,
-    last_positions,
     pack_shared,
     share_padded,
-    shared_prefix_mask,
     sharing_pays,
 )
 from align.trainers.rollout import pad_sequences
@@ -34,19 +32,22 @@ def test_groups_of_equal_prefix_in_order_of_first_appearance():
 def test_pack_shared_layout_by_hand():
     sequences = [[7, 8, 9, 1], [7, 8, 4], [5, 6]]
     batch = pack_shared(sequences, [[0, 1], [2]], row_length=None, pad_id=0)
-    assert batch["attention"] == SHARED_PREFIX
+    layout = batch[LAYOUT_KEY]
+    assert isinstance(layout, SharedPrefixLayout)
     # unit 0: prefix [7, 8], branch 1 [9, 1], branch 2 [4]; unit 1 (5 tokens wide row) [5, 6]
     assert batch["input_ids"].tolist() == [[7, 8, 9, 1, 4], [5, 6, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
-    assert batch["unit_index"].tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
-    assert batch["branch_index"].tolist() == [[0, 0, 1, 1, 2], [1, 1, 0, 0, 0]]
-    assert batch["unpack_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, -1, -1]]
-    assert last_positions(batch["unpack_index"]).tolist() == [3, 4, 6]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
+    assert layout.unit_index.tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
+    assert layout.branch_index.tolist() == [[0, 0, 1, 1, 2], [1, 1, 0, 0, 0]]
+    assert layout.unpack_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, -1, -1]]
+    assert last_positions(layout.unpack_index).tolist() == [3, 4, 6]
+    assert layout.last_positions(batch, torch.device("cpu")).tolist() == [3, 4, 6]
 
 
 def test_mask_by_hand():
     batch = pack_shared([[7, 8, 9, 1], [7, 8, 4]], [[0, 1]], row_length=None, pad_id=0)
-    allowed = shared_prefix_mask(batch["unit_index"], batch["branch_index"])[0, 0].int()
+    layout = batch[LAYOUT_KEY]
+    allowed = shared_prefix_mask(layout.unit_index, layout.branch_index)[0, 0].int()
     assert allowed.tolist() == [[1, 0, 0, 0, 0],   # 7: itself
                                 [1, 1, 0, 0, 0],   # 8: the prefix
                                 [1, 1, 1, 0, 0],   # 9: prefix + own branch
@@ -56,7 +57,8 @@ def test_mask_by_hand():
 
 def test_padding_sees_only_padding():
     batch = pack_shared([[1, 2, 3], [1, 2, 4], [5]], [[0, 1], [2]], row_length=None, pad_id=0)
-    allowed = shared_prefix_mask(batch["unit_index"], batch["branch_index"])[1, 0]
+    layout = batch[LAYOUT_KEY]
+    allowed = shared_prefix_mask(layout.unit_index, layout.branch_index)[1, 0]
     assert allowed.tolist() == [[True, False, False, False],
                                 [False, True, False, False],
                                 [False, True, True, False],
@@ -83,10 +85,11 @@ def test_share_padded_groups_equal_prompts_and_keeps_the_rest():
     padded = pad_sequences([[5, 6, 7], [5, 6, 7], [9, 9]], [[20, 1], [21, 22, 1], [23, 1]], 0)
     padded["advantages"] = torch.arange(3.0)
     shared = share_padded(padded, None, 0, SharePrefix(32, always=True))
-    assert shared["unit_index"].max() == 1
+    assert shared[LAYOUT_KEY].unit_index.max() == 1
     assert shared["input_ids"].tolist() == [[5, 6, 7, 20, 1, 21, 22, 1], [9, 9, 23, 1, 0, 0, 0, 0]]
-    assert shared["unpack_index"].shape == padded["input_ids"].shape
-    assert shared["unpack_index"][1].tolist() == [0, 1, 2, 5, 6, 7]
+    index = shared[LAYOUT_KEY].unpack_index
+    assert index.shape == padded["input_ids"].shape
+    assert index[1].tolist() == [0, 1, 2, 5, 6, 7]
     torch.testing.assert_close(shared["advantages"], padded["advantages"])
     assert "attention_mask" not in shared
     assert share_padded(padded, None, 0, None) is None  # not asked for
