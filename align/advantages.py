@@ -63,6 +63,21 @@ def default_kl_estimator(kl_in_reward: bool) -> str:
     return "k1" if kl_in_reward else "k3"
 
 
+def kl_placement(estimator: str, kl_in_reward: bool | None,
+                 kl_estimator: str | None) -> tuple[bool, str]:
+    """(kl_in_reward, kl_estimator) with their None defaults resolved: the KL is a reward
+    penalty for the estimators that take per-token rewards (gae, reinforce_pp) and a loss term
+    otherwise, estimated with k1 in the reward and k3 in the loss (`default_kl_estimator`).
+
+    Args:
+        estimator: the advantage estimator (algorithm.estimator).
+        kl_in_reward: algorithm.kl_in_reward; None: by the estimator.
+        kl_estimator: algorithm.kl_estimator; None: the default for where the KL goes.
+    """
+    in_reward = kl_in_reward if kl_in_reward is not None else estimator in TOKEN_REWARD_ESTIMATORS
+    return in_reward, kl_estimator or default_kl_estimator(in_reward)
+
+
 def kl_estimator_problem(estimator: str, kl_in_reward: bool) -> str | None:
     """Why `estimator` does not give the gradient of a KL where it goes; None when it does.
 

@@ -402,16 +402,6 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0  # entropy bonus weight
     tis_cap: float | None = None  # truncated importance sampling cap (engine mismatch); None: off
 
-    def kl_placement(self) -> tuple[bool, str]:
-        """(kl_in_reward, kl_estimator) with their None defaults resolved: the KL is a reward
-        penalty for gae/reinforce_pp and a loss term otherwise, estimated with k1 in the reward
-        and k3 in the loss (the estimators whose expected gradient is that of a KL there)."""
-        from align.advantages import TOKEN_REWARD_ESTIMATORS, default_kl_estimator
-
-        in_reward = (self.kl_in_reward if self.kl_in_reward is not None
-                     else self.estimator in TOKEN_REWARD_ESTIMATORS)
-        return in_reward, self.kl_estimator or default_kl_estimator(in_reward)
-
 
 @dataclass
 class CriticConfig:
@@ -422,9 +412,6 @@ class CriticConfig:
     num_workers: int | None = None  # default: distributed.num_workers
     zero_stage: int | None = None  # default: distributed.zero_stage
     cpus_per_worker: float | None = None  # default: an even share with the policy
-
-
-ASYNC_TIS_CAP = 2.0  # importance-weight cap with rollout.async_steps and no algorithm.tis_cap
 
 
 @dataclass
@@ -492,19 +479,12 @@ class PPOConfig(RunConfig):
                 "needs engines of their own: set rollout.engine=vllm and "
                 "rollout.vllm.colocate=false (or rollout.async_steps=0)")
 
-    def importance_cap(self) -> float | None:
-        """algorithm.tis_cap, or with async rollouts (sampled by an older policy) the default
-        cap of decoupled PPO's behaviour-policy correction."""
-        cap = self.algorithm.tis_cap
-        return ASYNC_TIS_CAP if cap is None and self.rollout.async_steps else cap
-
-
     def _check_kl(self) -> None:
         """Refuse a KL estimator whose expected gradient is not that of a KL where it goes."""
-        from align.advantages import kl_estimator_problem
+        from align.advantages import kl_estimator_problem, kl_placement
 
         alg = self.algorithm
-        in_reward, estimator = alg.kl_placement()
+        in_reward, estimator = kl_placement(alg.estimator, alg.kl_in_reward, alg.kl_estimator)
         problem = kl_estimator_problem(estimator, in_reward)
         if problem and (alg.kl_coef > 0 or alg.adaptive_kl):
             where = "a per-token reward penalty" if in_reward else "a loss term"

@@ -105,19 +105,19 @@ class Policy:
             model.compile(dynamic=True)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.engine = None
+        self.ds_engine = None
         skip_cpu_shm_comm_op()  # deepspeed.initialize may start the comm backend itself
         if trainable:
             ds_cfg = deepspeed_config(trainer_cfg, dist_cfg, self.world_size, self.dtype)
             scheduler = _scheduler_factory(trainer_cfg, total_steps)
             params = [p for p in model.parameters() if p.requires_grad]
-            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+            self.ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                                    config=ds_cfg, lr_scheduler=scheduler)
-            self.model = self.engine.module
+            self.model = self.ds_engine.module
             if self.world_size == 1 and self.zero_stage == 0:
                 # One rank has nothing to reduce: skip DeepSpeed's flatten-reduce-unflatten of
                 # every gradient after backward (a quarter of the backward's time on CPU).
-                self.engine.enable_backward_allreduce = False
+                self.ds_engine.enable_backward_allreduce = False
         else:
             self.model = self._frozen(model, dist_cfg)
         self.grad_clip = trainer_cfg.grad_clip
@@ -137,8 +137,8 @@ class Policy:
         this rank's accelerator (the CPU where there is none)."""
         model = model.eval().requires_grad_(False)
         if dist_cfg.zero_stage != 3:
-            if self.engine is not None:
-                place_like(model, self.engine.module)
+            if self.ds_engine is not None:
+                place_like(model, self.ds_engine.module)
             else:
                 model.to(get_accelerator().current_device_name())
             return model
@@ -168,33 +168,33 @@ class Policy:
         accumulation average DeepSpeed applies are undone here: the update is then identical
         however the global batch is split over workers and micro-batches.
         """
-        engine = self.engine
-        if len(micro_batches) != engine.gradient_accumulation_steps():
-            raise TrainingError(f"expected {engine.gradient_accumulation_steps()} micro-batches "
+        ds_engine = self.ds_engine
+        if len(micro_batches) != ds_engine.gradient_accumulation_steps():
+            raise TrainingError(f"expected {ds_engine.gradient_accumulation_steps()} micro-batches "
                                 f"per rank, got {len(micro_batches)}")
-        engine.train()
-        lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
+        ds_engine.train()
+        lr = float(ds_engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
         totals: dict[str, float] = {}
         for batch in micro_batches:
             batch = self._on_device(batch)
             if with_reference is not None:
                 batch = {**batch, with_reference[0]: self._reference_output(batch,
                                                                             *with_reference[1:])}
-            loss, metrics = objective(engine, batch, **kwargs)
+            loss, metrics = objective(ds_engine, batch, **kwargs)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}) on rank {self.rank}; "
                                     "lower trainer.lr or check the data")
             # The loss is already this micro-batch's share of the global mean: undo the
             # rank average (x world size) and skip backward()'s division by accumulation.
-            engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            if engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+            ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if ds_engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 # DeepSpeed's stage-0 paths do not keep the norm; fp32 clips here (one pass).
                 grad_norm = _clip_grad_norm(self.model,
                                             self.grad_clip if self.clips_itself else 0.0)
-            engine.step()
+            ds_engine.step()
             accumulate(totals, metrics)
         if self.zero_stage > 0:
-            grad_norm = _as_float(engine.get_global_grad_norm())
+            grad_norm = _as_float(ds_engine.get_global_grad_norm())
         # Same value on every rank: reported once, not summed.
         shared = {"grad_norm": grad_norm, "lr": lr}
         return {"sums": totals, "shared": shared}
@@ -207,14 +207,14 @@ class Policy:
         with self.reference_view() as module:
             module.eval()
             out = fn(module, batch, **fn_kwargs)
-        self.engine.train()
+        self.ds_engine.train()
         return out
 
     def advance_schedule(self, steps: int) -> None:
         """Move the learning-rate schedule on by `steps` optimizer steps that are not taken
         (PPO's dynamic sampling, when a short batch fills fewer minibatches than planned), so
         the rate stays where the run's plan has it and the schedule ends with the run."""
-        scheduler = self.engine.lr_scheduler
+        scheduler = self.ds_engine.lr_scheduler
         with warnings.catch_warnings():  # torch warns when the schedule moves before a step
             warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)")
             for _ in range(steps):
@@ -236,7 +236,7 @@ class Policy:
         With `reference=True` the module is the frozen reference (see `reference_view`).
         """
         view = self.reference_view() if reference else contextlib.nullcontext(
-            self.engine or self.model)
+            self.ds_engine or self.model)
         with view as module:
             module.eval()
             return [_to_cpu(fn(module, self._on_device(batch), **kwargs))
@@ -247,14 +247,14 @@ class Policy:
         `align.engine_memory`)."""
         from align.engine_memory import held_tensor_bytes
 
-        return held_tensor_bytes(self.engine)
+        return held_tensor_bytes(self.ds_engine)
 
     def check_packing(self) -> dict[str, Any]:
         """Whether packed forwards of this model equal separate ones (see
         `align.packed_forward.check_packing`); call on every rank at once."""
         from align.packed_forward import check_packing
 
-        return check_packing(self.engine or self.model, self.kind)
+        return check_packing(self.ds_engine or self.model, self.kind)
 
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch's tensors, its layout's included, on this rank's device."""
@@ -271,7 +271,7 @@ class Policy:
             yield self.reference_model
             return
         with self.model.disable_adapter():
-            yield self.engine or self.model
+            yield self.ds_engine or self.model
 
     # ------------------------------------------------------------------ generation
 
@@ -305,7 +305,7 @@ class Policy:
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         """Under ZeRO-3, materialise the full weights on every rank for the block."""
-        if self.zero_stage == 3 and self.engine is not None:
+        if self.zero_stage == 3 and self.ds_engine is not None:
             return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
         return contextlib.nullcontext()
 
@@ -313,8 +313,8 @@ class Policy:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (CPU tensors); None on other ranks."""
-        if self.zero_stage == 3 and self.engine is not None:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+        if self.zero_stage == 3 and self.ds_engine is not None:
+            state = self.ds_engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.model.state_dict()
         if self.rank != 0:
@@ -343,7 +343,7 @@ class Policy:
 
     def save_checkpoint(self, path: str | Path, tag: str = "engine") -> None:
         """DeepSpeed's own checkpoint (weights, optimizer and scheduler states, all ranks)."""
-        self.engine.save_checkpoint(str(path), tag=tag, save_latest=False)
+        self.ds_engine.save_checkpoint(str(path), tag=tag, save_latest=False)
 
     def load_checkpoint(self, path: str | Path, tag: str = "engine") -> None:
         """Load `save_checkpoint`'s files with `weights_only=True`: DeepSpeed's own engine
@@ -354,9 +354,10 @@ class Policy:
         """
         from align.checkpoint import SafeCheckpointEngine
 
-        if not isinstance(self.engine.checkpoint_engine, SafeCheckpointEngine):
-            self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=tag)
+        ds_engine = self.ds_engine
+        if not isinstance(ds_engine.checkpoint_engine, SafeCheckpointEngine):
+            ds_engine.checkpoint_engine = SafeCheckpointEngine(ds_engine.checkpoint_engine)
+        load_path, _ = ds_engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise TrainingError(f"could not load the DeepSpeed checkpoint in {path}")
 

@@ -14,6 +14,7 @@ from align.advantages import (
     grpo_advantages,
     kl_estimator_problem,
     kl_penalty,
+    kl_placement,
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
@@ -123,7 +124,7 @@ def test_refused_estimators_are_exactly_those_without_a_kl_gradient(estimator, i
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
 def test_default_kl_estimator_gives_the_gradient_of_a_kl(tmp_path, estimator):
     alg = tiny_ppo_config(tmp_path, f"algorithm.estimator={estimator}").algorithm
-    in_reward, kl_estimator = alg.kl_placement()
+    in_reward, kl_estimator = kl_placement(alg.estimator, alg.kl_in_reward, alg.kl_estimator)
     assert in_reward == (estimator in ("gae", "reinforce_pp"))
     for distance in (0.05, 2.0):
         grad, forward, _ = exact_kl_gradients(distance, kl_estimator, in_reward)

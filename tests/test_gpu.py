@@ -79,7 +79,7 @@ def test_the_reference_runs_on_the_gpu_without_lora(tmp_path, ray_local, stage):
         trainer = InspectedPPO(tiny_ppo_config(tmp_path, *ON_ONE_GPU,
                                                "trainer.global_batch_size=16"),
                                show_progress=False)
-        assert trainer.old_from_update
+        assert trainer.experience.old_from_update
     trainer.fit()
     dtype = str(resolve_dtype("auto"))
     assert trainer.placement == {"policy": [[("cuda", dtype)]],

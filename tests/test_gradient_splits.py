@@ -54,7 +54,7 @@ TOLERANCE = 1e-5  # relative
 
 class ProbeWorker(PolicyWorker):
     def engine_facts(self) -> dict[str, Any]:
-        engine = self.policy.engine
+        engine = self.policy.ds_engine
         torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
         return {"zero_stage": engine.zero_optimization_stage(),
                 "offload": bool(engine.zero_cpu_offload()),

@@ -36,13 +36,13 @@ class RolloutPipeline:
     """Rollouts of up to `depth` iterations ahead, in flight on a `submit`/`collect` engine.
 
     Args:
-        engine: the rollout engine (separate vLLM engines): `submit`, `collect`.
+        rollout_engine: the rollout engine (separate vLLM engines): `submit`, `collect`.
         depth: `rollout.async_steps`, the staleness bound k >= 1.
         timeout_s: `rollout.timeout_s`, the longest wait for one rollout.
     """
 
-    def __init__(self, engine: Any, depth: int, timeout_s: float) -> None:
-        self.engine, self.depth, self.timeout_s = engine, depth, timeout_s
+    def __init__(self, rollout_engine: Any, depth: int, timeout_s: float) -> None:
+        self.rollout_engine, self.depth, self.timeout_s = rollout_engine, depth, timeout_s
         self.in_flight: dict[int, tuple[int, Any]] = {}  # step -> (version, handle)
         self.ready: dict[int, tuple[int, Generation]] = {}  # step -> (version, generation)
 
@@ -52,7 +52,7 @@ class RolloutPipeline:
         for ahead in range(step, min(step + self.depth, num_steps - 1) + 1):
             if ahead not in self.in_flight and ahead not in self.ready:
                 prompts, sampling = request(ahead)
-                self.in_flight[ahead] = (step, self.engine.submit(prompts, sampling))
+                self.in_flight[ahead] = (step, self.rollout_engine.submit(prompts, sampling))
 
     def take(self, step: int) -> tuple[Generation, int, float]:
         """Iteration `step`'s rollout: (generation, staleness in versions, seconds waited)."""
@@ -61,7 +61,7 @@ class RolloutPipeline:
             version, generation = self.ready.pop(step)
         elif step in self.in_flight:
             version, handle = self.in_flight.pop(step)
-            generation = self.engine.collect(handle, self.timeout_s)
+            generation = self.rollout_engine.collect(handle, self.timeout_s)
         else:
             raise TrainingError(f"rollout.async_steps: iteration {step + 1}'s rollout was "
                                 "never requested")
@@ -82,7 +82,7 @@ class RolloutPipeline:
         overlap = 0.0
         for step in sorted(self.in_flight):
             version, handle = self.in_flight.pop(step)
-            generation = self.engine.collect(handle, self.timeout_s)
+            generation = self.rollout_engine.collect(handle, self.timeout_s)
             overlap += overlap_seconds(generation.span, train_span)
             self.ready[step] = (version, generation)
         return {"time/wait": time.perf_counter() - start, "time/overlap": overlap}

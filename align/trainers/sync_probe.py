@@ -35,7 +35,7 @@ class SyncProbe:
     """Samples a few completions of an iteration's first prompts and checks their log-probs.
 
     Attributes:
-        engine: the rollout engine (separate vLLM engines), just synced.
+        rollout_engine: the rollout engine (separate vLLM engines), just synced.
         group: the policy workers, holding the same version.
         tokenizer, eos_ids: as for the rollouts.
         micro_batch_size: trainer.micro_batch_size, for the trainer's forward.
@@ -45,7 +45,7 @@ class SyncProbe:
         limit: the mean gap above which the run stops (rollout.vllm.max_logprob_diff).
     """
 
-    engine: Any
+    rollout_engine: Any
     group: WorkerGroup
     tokenizer: Any
     eos_ids: list[int]
@@ -70,10 +70,10 @@ class SyncProbe:
         prompts = examples[:math.ceil(self.rows / self.n_samples)]
         short = dataclasses.replace(sampling, max_new_tokens=min(PROBE_TOKENS,
                                                                  sampling.max_new_tokens))
-        probe = generate_rollout(self.engine, self.tokenizer, prompts, self.n_samples, short,
-                                 self.eos_ids)
+        probe = generate_rollout(self.rollout_engine, self.tokenizer, prompts, self.n_samples,
+                                 short, self.eos_ids)
         trainer = infer_rows(self.group, token_logprobs, probe, self.micro_batch_size,
                              self.packing, temperature=sampling.temperature)
         gap = logprob_gap(probe.engine_logprobs, trainer, response_mask(probe.batch))
-        check_logprob_gap(gap, self.limit, self.engine.name, iteration)
+        check_logprob_gap(gap, self.limit, self.rollout_engine.name, iteration)
         return {**gap, "time/sync_check": time.perf_counter() - start}

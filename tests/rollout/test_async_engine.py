@@ -111,10 +111,10 @@ def kill_at_step(monkeypatch, step: int, victim) -> list[float]:
 
 # Each runs a full async iteration before the kill: with a critic and LoRA, and with RLOO.
 @pytest.mark.parametrize(("role", "victim", "message", "setup"), [
-    pytest.param("engine", lambda pipe: pipe.engine.actors[0],
+    pytest.param("engine", lambda pipe: pipe.rollout_engine.actors[0],
                  r"vllm engine failed to generate",
                  ["algorithm.estimator=gae", "model.lora.enabled=true"], id="engine"),
-    pytest.param("trainer", lambda pipe: pipe.engine.policy.actors[0],
+    pytest.param("trainer", lambda pipe: pipe.rollout_engine.policy.actors[0],
                  r"policy worker rank 0 died", ["algorithm.estimator=rloo"], id="trainer"),
 ])
 def test_a_dead_actor_ends_the_run_within_a_minute(tmp_path, ray_local, monkeypatch, role,

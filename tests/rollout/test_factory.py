@@ -7,6 +7,7 @@ import pytest
 from align.config import PPOConfig, load_config
 from align.errors import ConfigError
 from align.rollout.factory import AUTO_ENGINE, engine_name, separate_engine
+from align.trainers.experience import importance_cap
 
 BASE = ["rewards=[{spec: 'reward_models.builtin:format_reward'}]"]
 
@@ -44,7 +45,7 @@ def test_bad_settings_name_the_key(overrides, message):
 def test_async_rollouts_resolve_to_separate_vllm_engines_with_a_behaviour_cap(ray_local):
     cfg = ppo("rollout.async_steps=1", "rollout.vllm.colocate=false")
     assert engine_name(cfg) == "vllm" and separate_engine(cfg)  # auto: vLLM even on CPU
-    assert cfg.importance_cap() == 2.0  # decoupled PPO's correction, on by default
-    assert ppo("rollout.async_steps=1", "rollout.vllm.colocate=false",
-               "algorithm.tis_cap=1.5").importance_cap() == 1.5
-    assert ppo().importance_cap() is None
+    assert importance_cap(cfg) == 2.0  # decoupled PPO's correction, on by default
+    assert importance_cap(ppo("rollout.async_steps=1", "rollout.vllm.colocate=false",
+                              "algorithm.tis_cap=1.5")) == 1.5
+    assert importance_cap(ppo()) is None

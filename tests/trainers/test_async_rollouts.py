@@ -87,7 +87,7 @@ def test_checkpoint_state_round_trips_through_json():
     resumed = RolloutPipeline(RecordingEngine(), 1, timeout_s=5)
     resumed.load(state)
     resumed.fill(1, 4, request)  # step 1 is in hand; only step 2 is submitted
-    assert resumed.engine.submitted == [2]
+    assert resumed.rollout_engine.submitted == [2]
     generation, behind, _ = resumed.take(1)
     assert generation.tokens == [[1, 1]] and generation.logprobs == [[-0.5, -0.25]]
     assert behind == 1

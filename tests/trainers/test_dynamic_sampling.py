@@ -10,6 +10,7 @@ import torch
 from align.losses import IGNORE_INDEX
 from align.tracking import read_metrics
 from align.trainers.dynamic_sampling import ScoredRollout, sample_until_full, varied_groups
+from align.trainers.experience import ExperienceMaker
 from align.trainers.ppo import PPOTrainer
 from align.trainers.rollout import Rollout, pad_sequences
 from reward_models import CombinedScores
@@ -111,13 +112,13 @@ def test_each_round_reports_its_own_staleness():
 def test_trained_batches_hold_no_all_equal_group(tmp_path, ray_local, monkeypatch):
     group_size = 4
     seen: list[torch.Tensor] = []
-    make_experience = PPOTrainer._make_experience
+    make_experience = ExperienceMaker.make
 
-    def recording(self, rollout, scores):
+    def recording(self, rollout, scores, *roles):
         seen.append(scores.clone())
-        return make_experience(self, rollout, scores)
+        return make_experience(self, rollout, scores, *roles)
 
-    monkeypatch.setattr(PPOTrainer, "_make_experience", recording)
+    monkeypatch.setattr(ExperienceMaker, "make", recording)
     cfg = tiny_ppo_config(tmp_path, f"rewards=[{{spec: '{REWARD_FILE}:half_constant'}}]",
                           "rollout.dynamic_sampling=true", "rollout.max_resample_rounds=3",
                           f"rollout.n_samples_per_prompt={group_size}",

@@ -64,7 +64,8 @@ class RecordedPPO(PPOTrainer):
 # weights under ZeRO-2 for eight on a reward a tiny model can learn, which must rise. gae (the
 # only one with a critic) runs both ways; the critic-free ones share every code path but the
 # advantage function (unit-tested in test_advantages.py), so each runs one way. rloo runs with
-# LoRA: its reference (the adapter off) runs inside the update's call (`old_from_update`).
+# LoRA: its reference (the adapter off) runs inside the update's call (`old_from_update`,
+# align.trainers.experience).
 LEARN = (f"rewards=[{{spec: '{REWARD_FILE}:lowercase_share', name: letters}}]",
          "trainer.max_steps=8", "trainer.lr=3e-2", "rollout.prompts_per_step=8",
          "rollout.max_new_tokens=8", "trainer.global_batch_size=32",
@@ -98,7 +99,7 @@ def test_estimator_on_two_workers(tmp_path, ray_local, estimator, lora, zero):
             assert key in m and math.isfinite(m[key]), key
         assert ("value_loss" in m) == (estimator == "gae")
     assert summary["stage"] == "ppo" and summary["steps"] == iterations
-    assert trainer.old_from_update == (estimator in ("grpo", "rloo"))
+    assert trainer.experience.old_from_update == (estimator in ("grpo", "rloo"))
     assert (run / "final" / "config.json").is_file()  # embedded base: LoRA merged on save
     placement = json.loads((run / "placement.json").read_text())
     assert len(placement["policy"]) == 2
@@ -146,7 +147,7 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_loca
                           f"rewards=[{{spec: '{REWARD_FILE}:ended', name: ended}}]")
     trainer = RecordedPPO(cfg, show_progress=False)
     trainer.fit()
-    assert not trainer.old_from_update
+    assert not trainer.experience.old_from_update
     first = trainer.train_step_sums()[0]  # the first minibatch: no update before it
     assert first["clip_ratio_sum"] == 0
     assert first["ratio_sum"] == pytest.approx(first["tokens"], rel=1e-6)
@@ -159,7 +160,7 @@ class FullExperiencePPO(RecordedPPO):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.old_from_update = False
+        self.experience.old_from_update = False
 
 
 def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray_local):
@@ -178,7 +179,7 @@ def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray
 
     shortcut, infers, steps = run(RecordedPPO, "shortcut")
     full, full_infers, full_steps = run(FullExperiencePPO, "full")
-    assert shortcut.old_from_update
+    assert shortcut.experience.old_from_update
     # No separate forward at all: the reference runs in the update's call, against the
     # reference and old log-probs by their own calls.
     assert not infers and len(full_infers) == 6
