@@ -80,6 +80,7 @@ def uninterrupted(stage: str, cfg, tmp_path: Path) -> Path:
     return Path(cfg.output_dir)
 
 
+@full_only  # the PPO kill-and-resume below runs in `make test`
 def test_sft_kill_during_checkpoint_write_resumes_exactly(tmp_path, ray_local):
     """On a data file: the killed run prepares it into the cache, the resumed one reads it from
     there, the straight run prepares it with the cache off, and all see the same steps."""

@@ -16,7 +16,7 @@ from align.model_loading import load_model, load_tokenizer
 from align.trainers.dpo import DPOTrainer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.sft import SFTTrainer
-from tests.conftest import tiny_dpo_config, tiny_ppo_config, tiny_sft_config
+from tests.conftest import full_only, tiny_dpo_config, tiny_ppo_config, tiny_sft_config
 
 pytestmark = pytest.mark.slow
 IDS = torch.tensor([[5, 40, 41, 42, 60, 61, 70]])
@@ -33,6 +33,7 @@ def aligns_model(folder) -> torch.nn.Module:
     return load_model(cfg, load_tokenizer(cfg))
 
 
+@full_only  # the adapter-over-adapter loading runs in `make test` (tests/test_model_loading.py)
 def test_sft_lora_then_dpo_lora_then_grpo_lora_each_from_the_last_final(tmp_path, ray_local):
     SFTTrainer(tiny_sft_config(tmp_path / "sft", LORA, "trainer.max_steps=2",
                                "eval.max_samples=4"), show_progress=False).fit()

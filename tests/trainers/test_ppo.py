@@ -17,7 +17,7 @@ from align.metrics import combine_metrics
 from align.tracking import read_metrics
 from align.trainers.ppo import PPOTrainer
 from reward_models.builtin import format_reward
-from tests.conftest import tiny_ppo_config
+from tests.conftest import full_only, tiny_ppo_config
 from tests.trainers.letter_reward import lowercase_share
 
 pytestmark = pytest.mark.slow
@@ -191,6 +191,7 @@ def test_one_update_per_rollout_takes_old_logprobs_from_the_update(tmp_path, ray
     assert steps[-1]["kl"] > 1e-6  # the policy moved: the comparison is not of zeros
 
 
+@full_only  # placement over one node runs in every end-to-end test of `make test`
 def test_roles_on_two_nodes(tmp_path, monkeypatch):
     """A simulated 2-node cluster: the policy and the critic land on different nodes. The
     workers reach the code only as the run ships it (not through the driver's directory or
