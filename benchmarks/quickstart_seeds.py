@@ -37,7 +37,8 @@ def run_one(out: Path, seed: int, threads: int, overrides: list[str], fresh: boo
     folder = out / f"seed{seed}-threads{threads}"
     report = folder / "report.json"
     started = time.time()
-    if fresh or not report.is_file():
+    ran = fresh or not report.is_file()
+    if ran:
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "align.cli", "quickstart", "--quiet",
                    "--output-dir", str(folder), f"trainer.seed={seed}",
@@ -52,7 +53,8 @@ def run_one(out: Path, seed: int, threads: int, overrides: list[str], fresh: boo
     acc = accuracies(summaries)
     return {"seed": seed, "threads": threads, **acc,
             "stage_seconds": {s["run"]: round(s["wall_seconds"], 1) for s in summaries},
-            "wall_seconds": round(time.time() - started, 1),
+            # None for a run read back from an earlier invocation: its time is not this one's
+            "wall_seconds": round(time.time() - started, 1) if ran else None,
             "broken": story_violations(acc)}
 
 
