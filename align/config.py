@@ -379,6 +379,32 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvironmentConfig:
+    """Multi-turn episodes (align.episodes, docs/environments.md): an environment class, tool
+    functions, or both. Unset (no spec, no tools): every rollout is one turn, no tools."""
+
+    spec: str | None = None  # FILE.py:Class or module:Class, one instance per episode (TRL's
+    # environment_factory class form, or an align.episodes.TurnEnvironment)
+    tools: list[str] = field(default_factory=list)  # FILE.py:fn / module:fn tool functions
+    max_turns: int = 8  # model turns per episode
+    max_tokens_per_turn: int | None = None  # new tokens of one model turn; None: max_new_tokens
+    max_episode_tokens: int = 1024  # tokens after the prompt: model + environment turns
+    max_tool_output_tokens: int = 256  # a longer tool/environment turn is cut (flagged)
+    tool_timeout_s: float = 30.0  # one tool call; past it: an infrastructure failure
+    episode_timeout_s: float = 600.0  # one episode's wall clock; past it: infrastructure failure
+    max_concurrent_tools: int = 16  # tool calls running at once, over all episodes
+    max_infra_failure_fraction: float = 0.25  # stop when more of an iteration's episodes fail
+    reward_weight: float = 1.0  # weight of the environment's get_reward() in the reward sum
+    on_drift: Literal["report", "error"] = "report"  # re-rendered conversation != trained tokens
+    tool_call_format: Literal["auto", "hermes"] = "auto"  # auto: the tokenizer's response
+    # parser where it defines one, else Hermes/Qwen2.5 <tool_call>{json}</tool_call>
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.spec or self.tools)
+
+
+@dataclass
 class AlgorithmConfig:
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"  # advantage estimator
     gamma: float = 1.0  # discount (gae, reinforce_pp)
@@ -423,6 +449,7 @@ class PPOConfig(RunConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
 
     def check(self) -> None:
         ro, alg = self.rollout, self.algorithm
