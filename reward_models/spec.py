@@ -36,10 +36,9 @@ module that happens to be called ``verl`` (``verl:fn``) is still read as a modul
 3. A hub id ``org/name`` that names nothing on this machine: a reward model on the Hugging
    Face Hub (``align.hub``: checked, then fetched into the local cache, by each process that
    loads it; offline, read from the cache), scored like a folder.
-4. ``pkg.module:fn`` or ``path/to/file.py:fn``, adapted to its ``style`` (see style_adapters).
-   ``pkg.module:fn`` imports the module normally; ``path/to/file.py:fn`` executes that one file
-   (its folder is not put on ``sys.path``) as a private module, once per process. ``fn`` may be
-   dotted (``module:Scorer.score``) to reach an attribute of an attribute.
+4. ``pkg.module:fn`` or ``path/to/file.py:fn``, adapted to its ``style`` (see style_adapters),
+   loaded by ``align.user_code`` (a file runs once per process as a private module; ``fn`` may
+   be dotted, ``module:Scorer.score``).
 
 A list of specs is an ensemble (``reward_models.robust``); ``normalize`` and ``clip`` shape an
 entry's values before its weight applies (``reward_models.robust``, done by CombinedReward).
@@ -48,23 +47,17 @@ entry's values before its weight applies (``reward_models.robust``, done by Comb
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
-import re
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
 from align.errors import AlignError, ConfigError, RewardError, did_you_mean
 from align.hub import is_repo_id
+from align.user_code import is_file_location, is_function_target, load_object, resolve_path
 from reward_models.http_reward import HttpReward
 from reward_models.protocol import LoadedReward
 from reward_models.style_adapters import adapt
@@ -217,113 +210,6 @@ def split_style_prefix(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-# ----------------------------------------------------------------------------- functions
-
-_FILE_MODULES: dict[Path, ModuleType] = {}
-_FILE_LOCK = threading.Lock()
-
-
-def is_function_target(target: str) -> bool:
-    """Whether ``target`` has the ``location:function`` shape (both parts non-empty)."""
-    location, sep, attr = target.rpartition(":")
-    return bool(sep and location and attr)
-
-
-def is_file_location(location: str) -> bool:
-    """Whether the part before ``:`` is a file path (ends in .py or contains a slash)."""
-    return location.endswith(".py") or "/" in location or "\\" in location
-
-
-def resolve_path(text: str, base_dir: Path) -> Path:
-    """Resolve a user-written path: ``~`` expanded, relative paths against ``base_dir``."""
-    path = Path(text).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
-
-
-def load_callable(target: str, base_dir: Path, label: str) -> Callable[..., Any]:
-    """Import the module or file a ``location:function`` target names and return the function.
-
-    Args:
-        target: ``pkg.module:fn`` or ``path/to/file.py:fn`` (no style prefix).
-        base_dir: Folder that relative file paths resolve against.
-        label: The spec as the user wrote it, for messages.
-
-    Returns:
-        The callable object.
-
-    Raises:
-        ConfigError: When the module or file is missing or fails to import, or the attribute is
-            missing or not callable; the message names the spec.
-    """
-    location, _, attr = target.rpartition(":")
-    if is_file_location(location):
-        module = _import_file(resolve_path(location, base_dir), base_dir, label)
-    else:
-        module = _import_module(location, label)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"reward {label!r}: {_missing_attribute(obj, part)}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"reward {label!r}: {attr!r} is a {type(obj).__name__}, not a function")
-    return obj
-
-
-def _import_module(name: str, label: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name and (name == err.name or name.startswith(err.name + ".")):
-            raise ConfigError(
-                f"reward {label!r}: no module named {err.name!r} (is it installed? a file path "
-                "must end in .py or contain a slash)"
-            ) from err
-        raise ConfigError(f"reward {label!r}: importing {name!r} failed: {err}") from err
-    except Exception as err:  # user code: report it, never swallow it
-        raise ConfigError(
-            f"reward {label!r}: importing {name!r} failed: {type(err).__name__}: {err}"
-        ) from err
-
-
-def _import_file(path: Path, base_dir: Path, label: str) -> ModuleType:
-    if not path.is_file():
-        raise ConfigError(
-            f"reward {label!r}: file {path} does not exist (relative paths resolve against "
-            f"{base_dir})"
-        )
-    with _FILE_LOCK:
-        cached = _FILE_MODULES.get(path)
-        if cached is not None:
-            return cached
-        # A private, unique module name: two files both called reward.py must not collide.
-        stem = re.sub(r"\W", "_", path.stem)
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        module_name = f"_reward_file_{stem}_{digest}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ConfigError(f"reward {label!r}: cannot load {path} as Python source")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses and typing look the module up here
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # user code: report it, never swallow it
-            del sys.modules[module_name]
-            raise ConfigError(
-                f"reward {label!r}: executing {path} failed: {type(err).__name__}: {err}"
-            ) from err
-        _FILE_MODULES[path] = module
-        return module
-
-
-def _missing_attribute(obj: Any, part: str) -> str:
-    where = f"module {obj.__name__!r}" if isinstance(obj, ModuleType) else repr(obj)
-    if isinstance(obj, ModuleType) and getattr(obj, "__file__", None):
-        where = f"{where} ({obj.__file__})"
-    names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
-    return f"{where} has no function {part!r}{did_you_mean(part, names)}"
-
-
 # ------------------------------------------------------------------------------ loading
 
 def load_reward(
@@ -392,7 +278,7 @@ def _build(spec: RewardSpec, base_dir: Path) -> Callable[..., Any]:
         _refuse_style(spec, "a reward model")
         return _reward_model(target, spec)
     if is_function_target(target):
-        fn = load_callable(target, base_dir, spec.label)
+        fn = load_object(target, base_dir, f"reward {spec.label!r}")
         return adapt(fn, spec.style, spec.kwargs, spec.label)
     if is_file_location(target):
         raise ConfigError(
