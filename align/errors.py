@@ -78,3 +78,9 @@ def did_you_mean(word: str, options: list[str], otherwise: str = "", prefix: str
 
 class CheckpointError(AlignError):
     """A checkpoint cannot be loaded safely: it needs code to load, or it is unreadable."""
+
+
+class EpisodeError(AlignError):
+    """An environment failed during an episode: its constructor, `reset`, `step` or
+    `get_reward` raised or returned the wrong type. The message names the environment and the
+    method; the episode counts as an infrastructure failure, not as the model's mistake."""
