@@ -453,9 +453,16 @@ class PPOConfig(RunConfig):
 
     def check(self) -> None:
         ro, alg = self.rollout, self.algorithm
-        if not self.rewards:
+        env = None
+        if self.environment.enabled:  # user code is imported and checked here, before any actor
+            from align.episodes.environment import load_environment
+
+            env = load_environment(self.environment)
+        if not self.rewards and not (env and env.has_reward and self.environment.reward_weight):
             raise ConfigError("rewards: give at least one reward, e.g. "
-                              "rewards=[{spec: reward_models.builtin:exact_match}]")
+                              "rewards=[{spec: reward_models.builtin:exact_match}], or an "
+                              "environment.spec class with a get_reward() method (and a "
+                              "non-zero environment.reward_weight)")
         for i, entry in enumerate([*self.rewards, *self.gold_rewards]):
             if not entry.spec:
                 raise ConfigError(f"rewards[{i}].spec is empty")
