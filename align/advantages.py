@@ -306,7 +306,8 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
                        group_size: int = 1, kl: torch.Tensor | None = None,
                        kl_coef: float = 0.0, values: torch.Tensor | None = None,
                        gamma: float = 1.0, lam: float = 0.95, scale_by_std: bool = True,
-                       whiten_advantages: bool = True
+                       whiten_advantages: bool = True, valid: torch.Tensor | None = None,
+                       token_rewards: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Advantages of one rollout buffer under `estimator`, the one dispatch trainers call.
 
@@ -328,12 +329,21 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
         lam: GAE lambda.
         scale_by_std: grpo: divide by the group's standard deviation.
         whiten_advantages: gae: whiten the advantages over the batch.
+        valid: (B,) bool, False for samples kept out of training (a multi-turn episode that
+            failed for infrastructure reasons: its mask is all 0); grpo/rloo leave them out
+            of their group's baseline. None: all valid.
+        token_rewards: (B, T) per-turn rewards of multi-turn episodes on the last token of
+            their turn. gae/reinforce_pp add them to the token rewards (credit flows back over
+            the model's tokens only, across the environment's masked gaps); grpo/rloo add
+            their sum to the sequence's score (the episode's advantage is broadcast).
 
     Returns:
         (advantages (B, T), returns (B, T) for "gae" else None), 0 where the mask is 0.
     """
     if estimator in TOKEN_REWARD_ESTIMATORS:
         rewards = token_level_rewards(scores, mask, kl, kl_coef)
+        if token_rewards is not None:
+            rewards = rewards + token_rewards * mask
         if estimator == "reinforce_pp":
             return reinforce_pp_advantages(rewards, mask, gamma)[0], None
         if values is None:
@@ -346,6 +356,42 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if kl is not None:
         scores = scores - kl_coef * kl.sum(-1)
-    per_sequence = (grpo_advantages(scores, group_size, scale_by_std) if estimator == "grpo"
-                    else rloo_advantages(scores, group_size))
+    if token_rewards is not None:
+        scores = scores + (token_rewards * mask).sum(-1)
+    if valid is not None and not bool(valid.all()):
+        per_sequence = masked_group_advantages(estimator, scores, valid, group_size,
+                                               scale_by_std)
+    else:
+        per_sequence = (grpo_advantages(scores, group_size, scale_by_std)
+                        if estimator == "grpo" else rloo_advantages(scores, group_size))
     return per_sequence[:, None] * mask, None
+
+
+@torch.no_grad()
+def masked_group_advantages(estimator: str, scores: torch.Tensor, valid: torch.Tensor,
+                            group_size: int, scale_by_std: bool = True,
+                            eps: float = 1e-4) -> torch.Tensor:
+    """grpo_advantages / rloo_advantages over the valid samples of each group only: the
+    others get 0 and are no part of the mean, the std or the leave-one-out baseline. A group
+    with one valid sample gives it 0 (nothing to compare with).
+
+    Args:
+        estimator: "grpo" or "rloo".
+        scores: (B,) rewards.
+        valid: (B,) bool.
+        group_size: samples per prompt.
+    """
+    _check_groups(scores.numel(), group_size)
+    r = scores.view(-1, group_size)
+    v = valid.view(-1, group_size).to(r.dtype)
+    n = v.sum(dim=1, keepdim=True)
+    total = (r * v).sum(dim=1, keepdim=True)
+    if estimator == "rloo":
+        adv = (r - (total - r) / (n - 1).clamp(min=1)) * (n > 1)
+    else:
+        mean = total / n.clamp(min=1)
+        adv = r - mean
+        if scale_by_std:
+            var = (((r - mean) * v) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+            adv = adv / (var.sqrt() * (n > 1) + eps)
+    return (adv * v).view(-1)

@@ -9,4 +9,11 @@ TRUNCATED_COLUMN = "completion_truncated"  # per sample: hit the token budget wi
 PROMPT_MESSAGES_COLUMN = "prompt_messages"  # per sample: the prompt's messages, or None for a
 # string prompt; present only in a batch with at least one conversational prompt
 
-RESERVED_COLUMNS = (COMPLETION_IDS_COLUMN, TRUNCATED_COLUMN, PROMPT_MESSAGES_COLUMN)
+# Multi-turn episodes (align.episodes) add three more:
+COMPLETION_MESSAGES_COLUMN = "completion_messages"  # the messages after the prompt (TRL's
+# conversational completion: assistant turns and tool/environment turns)
+ENVIRONMENTS_COLUMN = "environments"  # the episodes' environment instances (TRL's name)
+ENVIRONMENT_REWARD_COLUMN = "environment_reward"  # each episode's get_reward(), or None
+
+RESERVED_COLUMNS = (COMPLETION_IDS_COLUMN, TRUNCATED_COLUMN, PROMPT_MESSAGES_COLUMN,
+                    COMPLETION_MESSAGES_COLUMN, ENVIRONMENTS_COLUMN, ENVIRONMENT_REWARD_COLUMN)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.errors import ConfigError, RewardError
+from align.reward_columns import ENVIRONMENTS_COLUMN
 from reward_models.style_adapters import openrlhf_arguments
 
 _MiB = 1024 * 1024
@@ -122,7 +123,8 @@ class HttpReward:
 
     def _body(self, prompts: list[Any], completions: list[Any],
               columns: dict[str, Any]) -> dict[str, Any]:
-        if self.protocol == "align":
+        if self.protocol == "align":  # an episode's environment instances stay here
+            columns = {k: v for k, v in columns.items() if k != ENVIRONMENTS_COLUMN}
             return {"prompts": list(prompts), "completions": list(completions), **columns}
         for index, sample in enumerate(zip(prompts, completions)):
             for what, value in zip(("prompt", "completion"), sample):

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from align.errors import ConfigError, RewardError, did_you_mean
-from align.reward_columns import PROMPT_MESSAGES_COLUMN
+from align.reward_columns import COMPLETION_MESSAGES_COLUMN, PROMPT_MESSAGES_COLUMN
 from reward_models.protocol import describe_sample, is_async_callable
 
 _VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
@@ -96,13 +96,17 @@ def _check_kwargs(
 
 
 def conversational_form(prompts: Sequence[Any], completions: Sequence[Any],
-                        messages: Sequence[list[dict] | None] | None) -> tuple[list, list]:
+                        messages: Sequence[list[dict] | None] | None,
+                        turns: Sequence[list[dict]] | None = None) -> tuple[list, list]:
     """TRL's form of a batch: where ``messages[i]`` is a prompt's message list, that list and
-    ``[{"role": "assistant", "content": completions[i]}]``; other samples as they are."""
+    ``[{"role": "assistant", "content": completions[i]}]`` (for a multi-turn episode, its
+    messages after the prompt, ``turns[i]``); other samples as they are."""
     if messages is None:
         return list(prompts), list(completions)
-    pairs = [(p, c) if m is None else (m, [{"role": "assistant", "content": c}])
-             for p, c, m in zip(prompts, completions, messages)]
+    turns = turns if turns is not None else [None] * len(completions)
+    pairs = [(p, c) if m is None else (m, t if t is not None
+                                       else [{"role": "assistant", "content": c}])
+             for p, c, m, t in zip(prompts, completions, messages, turns)]
     return [p for p, _ in pairs], [c for _, c in pairs]
 
 
@@ -112,7 +116,8 @@ def _adapt_trl(
     if signature is None:
         def call_unchecked(prompts: list[str], completions: list[str], **columns: Any) -> Any:
             messages = columns.pop(PROMPT_MESSAGES_COLUMN, None)
-            prompts, completions = conversational_form(prompts, completions, messages)
+            turns = columns.pop(COMPLETION_MESSAGES_COLUMN, None)
+            prompts, completions = conversational_form(prompts, completions, messages, turns)
             return fn(prompts=prompts, completions=completions, **columns)
 
         return call_unchecked
@@ -132,7 +137,8 @@ def _adapt_trl(
 
     def call_trl(prompts: list[str], completions: list[str], **columns: Any) -> Any:
         messages = columns.pop(PROMPT_MESSAGES_COLUMN, None)
-        prompts, completions = conversational_form(prompts, completions, messages)
+        turns = columns.pop(COMPLETION_MESSAGES_COLUMN, None)
+        prompts, completions = conversational_form(prompts, completions, messages, turns)
         missing = sorted(required - set(columns))
         if missing:
             raise RewardError(

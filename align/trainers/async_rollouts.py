@@ -36,7 +36,9 @@ class RolloutPipeline:
     """Rollouts of up to `depth` iterations ahead, in flight on a `submit`/`collect` engine.
 
     Args:
-        rollout_engine: the rollout engine (separate vLLM engines): `submit`, `collect`.
+        rollout_engine: the rollout engine (separate vLLM engines): `submit`, `collect`; for
+            multi-turn episodes an `align.episodes.submit.EpisodeSubmitter` over it, whose
+            results are `EpisodeBatch`es.
         depth: `rollout.async_steps`, the staleness bound k >= 1.
         timeout_s: `rollout.timeout_s`, the longest wait for one rollout.
     """
@@ -92,11 +94,16 @@ class RolloutPipeline:
     def state(self) -> list[dict[str, Any]]:
         """The rollouts not yet trained on, as JSON (in flight ones are waited for)."""
         self.drain((0.0, 0.0))
-        return [{"step": step, "version": version, "tokens": g.tokens, "logprobs": g.logprobs}
+        return [{"step": step, "version": version,
+                 **({"tokens": g.tokens, "logprobs": g.logprobs} if isinstance(g, Generation)
+                    else g.to_state())}
                 for step, (version, g) in sorted(self.ready.items())]
 
     def load(self, state: list[dict[str, Any]]) -> None:
+        from align.episodes.submit import EpisodeBatch
+
         self.in_flight.clear()
         self.ready = {item["step"]: (item["version"],
-                                     Generation(item["tokens"], item["logprobs"]))
+                                     EpisodeBatch.from_state(item) if "episodes" in item
+                                     else Generation(item["tokens"], item["logprobs"]))
                       for item in state}

@@ -95,7 +95,9 @@ class ExperienceMaker:
             alg.estimator, scores, mask, group_size=cfg.rollout.n_samples_per_prompt,
             kl=kl if self.kl_in_reward else None, kl_coef=self.kl.coef, values=values,
             gamma=alg.gamma, lam=alg.lam, scale_by_std=alg.scale_by_std,
-            whiten_advantages=alg.whiten_advantages)
+            whiten_advantages=alg.whiten_advantages,
+            valid=None if rollout.valid is None else torch.tensor(rollout.valid),
+            token_rewards=rollout.token_rewards)
         if values is not None:
             tensors.update(old_values=values, returns=returns)
         tensors["advantages"] = adv

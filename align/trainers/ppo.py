@@ -26,15 +26,16 @@ import numpy as np
 import torch
 
 from align.config import EMBEDDED, PPOConfig
-from align.data.prompts import reward_columns
 from align.distributed import PolicyWorker, WorkerGroup
-from align.reward_columns import COMPLETION_IDS_COLUMN
+from align.episodes.rewards import with_environment_reward
+from align.episodes.submit import environment_spec
 from align.rollout.factory import policy_gpu_share
 from align.tasks import load_task
 from align.trainers.base import Trainer
 from align.trainers.batches import StepSchedule
+from align.trainers.completion_logs import completion_rows
 from align.trainers.dispatch import can_split
-from align.trainers.evaluation import generate_ids, write_eval_samples
+from align.trainers.evaluation import write_eval_samples
 from align.trainers.experience import ExperienceMaker
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_update import PPOUpdate
@@ -43,22 +44,6 @@ from align.trainers.rollout import Rollout
 from align.trainers.rollout_producer import RolloutProducer
 from align.trainers.stage_data import load_prompt_examples
 from reward_models.builtin import exact_match
-from reward_models.protocol import TRUNCATED_COLUMN
-
-COMPLETIONS_LOGGED = 8  # samples per completions table
-
-
-def completion_rows(rollout: Rollout, scores: Any, gold: Any) -> list[dict[str, Any]]:
-    """The first samples of a rollout with their rewards, for a completions table."""
-    rows = []
-    for i in range(min(COMPLETIONS_LOGGED, rollout.size)):
-        row = {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
-               "reward": scores.total[i]}
-        row.update({f"rewards/{name}": values[i] for name, values in scores.per_reward.items()})
-        if gold is not None:
-            row["reward/gold"] = gold.total[i]
-        rows.append(row)
-    return rows
 
 
 class PPOTrainer(Trainer[PPOConfig]):
@@ -94,7 +79,9 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.eval_prompts = data.held_out[: cfg.eval.max_samples or None]
         # Held-out accuracy: the task's evaluator, or exact match with an `answer` column.
         self.task = load_task(cfg.task) if cfg.data.train == EMBEDDED else None
-        self.rewards = CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.rewards])
+        self.rewards = with_environment_reward(
+            [dataclasses.asdict(r) for r in cfg.rewards], environment_spec(cfg),
+            cfg.environment.reward_weight)
         self.gold = (CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.gold_rewards])
                      if cfg.gold_rewards else None)
         self.schedule = StepSchedule(len(self.prompts), cfg.rollout.prompts_per_step,
@@ -227,14 +214,8 @@ class PPOTrainer(Trainer[PPOConfig]):
             return {}
         cfg = self.cfg.eval
         self.rollouts.sync_once()
-        prompts = [p.text for p in self.eval_prompts]
-        ids = generate_ids(self.rollouts.rollout_engine, self.tokenizer, prompts,
-                           cfg.max_new_tokens, cfg.batch_size)
-        texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-        eos = set(self.rollouts.eos_ids)
-        truncated = [not i or i[-1] not in eos for i in ids]
-        columns = reward_columns(self.eval_prompts)
-        columns.update({TRUNCATED_COLUMN: truncated, COMPLETION_IDS_COLUMN: ids})
+        prompts, texts, columns = self.rollouts.held_out(self.eval_prompts, cfg.max_new_tokens,
+                                                         cfg.batch_size)
         metrics = {"eval/reward": float(np.mean(self.rewards(prompts, texts, **columns)))}
         if self.gold is not None:
             metrics["eval/gold"] = float(np.mean(self.gold(prompts, texts, **columns)))

@@ -35,6 +35,12 @@ class Rollout:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, T-1) per-token data
     pad_id: int = 0  # fills the end of packed rows
     engine_logprobs: torch.Tensor | None = None  # (N, T-1) the engine's sampling log-probs
+    # Multi-turn episodes (align.episodes.assemble): which samples count (False: an
+    # infrastructure failure, out of its group's baseline), per-turn rewards (N, T-1) on each
+    # turn's last token, and the episodes themselves (for logs). None: all count, none.
+    valid: list[bool] | None = None
+    token_rewards: torch.Tensor | None = None
+    episodes: list[Any] | None = None
 
     @property
     def size(self) -> int:

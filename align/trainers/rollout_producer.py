@@ -11,8 +11,9 @@ them. With `rollout.async_steps` the first round was submitted iterations ahead
 (`align.trainers.sync_probe`); otherwise every rollout's own gap to the trainer is checked
 (`checked_gap`) once the trainer has its old log-probs.
 
-A producer of multi-turn episodes would replace the round (`_sample_round`): what it returns
-is the same `ScoredRollout`.
+Every round is played by the episode runner (`align.episodes`): without an `environment`, a
+one-turn episode per sample, which is the plain rollout; with one, multi-turn episodes with
+tools, whose infrastructure failures and drift are checked here (`episode_checks`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import numpy as np
 import ray
 
 from align.config import PPOConfig
-from align.data.prompts import PromptExample
+from align.data.prompts import PromptExample, reward_columns
 from align.data.tables import take
 from align.distributed import WorkerGroup
+from align.episodes.assemble import episode_metrics, episodes_rollout
+from align.episodes.checks import episode_checks
+from align.episodes.runner import EpisodeRunner
+from align.episodes.submit import EpisodeSubmitter, environment_spec
 from align.packed_forward import Packing
 from align.reward_columns import COMPLETION_IDS_COLUMN
 from align.rollout import Sampling
@@ -36,7 +41,7 @@ from align.rollout.verify import GAP_KEYS, check_logprob_gap, max_logprob_diff
 from align.trainers.async_rollouts import RolloutPipeline
 from align.trainers.batches import StepSchedule
 from align.trainers.dynamic_sampling import ScoredRollout, sample_until_full
-from align.trainers.rollout import assemble_rollout, completion_ids, repeated_ids
+from align.trainers.rollout import completion_ids, repeated_ids
 from align.trainers.sync_probe import SyncProbe
 from reward_models.protocol import TRUNCATED_COLUMN
 
@@ -62,6 +67,8 @@ class RolloutProducer:
         self.sync_probe: SyncProbe | None = None  # with it: each version's sync is checked
         self.max_staleness = 0
         self.eos_ids = eos_token_ids(cfg.model, tokenizer)
+        self.runner = EpisodeRunner(tokenizer, self.eos_ids, cfg.environment,
+                                    environment_spec(cfg), cfg.data.max_length)
 
     # ---------------------------------------------------------------- the engine
 
@@ -84,8 +91,9 @@ class RolloutProducer:
         self.max_logprob_diff = max_logprob_diff(cfg.rollout.vllm.max_logprob_diff,
                                                  cfg.model.dtype, on_gpu)
         if cfg.rollout.async_steps:
-            self.pipeline = RolloutPipeline(self.rollout_engine, cfg.rollout.async_steps,
-                                            cfg.rollout.timeout_s)
+            self.pipeline = RolloutPipeline(
+                EpisodeSubmitter(self.runner, self.rollout_engine) if self.runner.multi_turn
+                else self.rollout_engine, cfg.rollout.async_steps, cfg.rollout.timeout_s)
             self.sync_probe = SyncProbe(
                 self.rollout_engine, policy, self.tokenizer, self.eos_ids,
                 cfg.trainer.micro_batch_size, packing, cfg.rollout.n_samples_per_prompt,
@@ -157,17 +165,22 @@ class RolloutProducer:
         sampling, `prompts_per_step` more drawn by a seed of (seed, step, round)."""
         ro = self.cfg.rollout
         examples, sampling = self._request(step, round_)
+        repeated = [e for e in examples for _ in range(ro.n_samples_per_prompt)]
         t0, staleness = time.perf_counter(), 0
         if self.pipeline is not None and round_ == 0:  # sampled ahead, while earlier updates ran
-            generation, staleness, waited = self.pipeline.take(step)
+            result, staleness, waited = self.pipeline.take(step)
             self.max_staleness = max(self.max_staleness, staleness)
             timing.update({"rollout/staleness": staleness,
                            "rollout/staleness_max": self.max_staleness, "time/wait": waited})
+            episodes = (result.episodes if self.runner.multi_turn
+                        else self.runner.from_generation(repeated, result))
         else:
-            generation = self.rollout_engine.generate(
-                repeated_ids(examples, ro.n_samples_per_prompt), sampling)
-        rollout = assemble_rollout(self.tokenizer, examples, ro.n_samples_per_prompt,
-                                   generation, self.eos_ids)
+            episodes = self.runner.run(self.rollout_engine, repeated, sampling)
+        rollout = episodes_rollout(self.tokenizer, examples, ro.n_samples_per_prompt, episodes,
+                                   self.eos_ids, self.runner.multi_turn)
+        if self.runner.multi_turn:
+            timing.update(episode_metrics(episodes))
+            episode_checks(episodes, self.cfg.environment, self.runner.spec.name, step)
         t1 = time.perf_counter()
         # Token ids reach the rewards as TRL passes them (overlong_penalty counts them), and so
         # does which completions never ended (a reward model scores those without EOS).
@@ -197,9 +210,39 @@ class RolloutProducer:
                             logprobs=True)
         return take(self.prompts, indices), sampling
 
-    def _first_round(self, step: int) -> tuple[list[list[int]], Sampling]:
+    def _first_round(self, step: int) -> tuple[list[Any], Sampling]:
+        """What the pipeline submits: prompt ids, or for episodes the repeated examples."""
         examples, sampling = self._request(step, 0)
-        return repeated_ids(examples, self.cfg.rollout.n_samples_per_prompt), sampling
+        n = self.cfg.rollout.n_samples_per_prompt
+        if self.runner.multi_turn:
+            return [e for e in examples for _ in range(n)], sampling
+        return repeated_ids(examples, n), sampling
+
+    # ---------------------------------------------------------------- held-out prompts
+
+    def held_out(self, examples: list[PromptExample], max_new_tokens: int, batch_size: int
+                 ) -> tuple[list[str], list[str], dict[str, list[Any]]]:
+        """Greedy completions of held-out prompts: (prompt texts, completion texts, the reward
+        columns of both). Multi-turn: each prompt's greedy episode; its completion text is the
+        last model turn's."""
+        from align.trainers.evaluation import generate_ids
+
+        self.sync_once()
+        sampling = Sampling(max_new_tokens=max_new_tokens, greedy=True)
+        if self.runner.multi_turn:
+            episodes = self.runner.run(self.rollout_engine, examples, sampling)
+            rollout = episodes_rollout(self.tokenizer, examples, 1, episodes, self.eos_ids, True)
+            columns = {COMPLETION_IDS_COLUMN: completion_ids(rollout), **rollout.columns,
+                       TRUNCATED_COLUMN: rollout.truncated}
+            return rollout.prompts, rollout.completions, columns
+        prompts = [p.text for p in examples]
+        ids = generate_ids(self.rollout_engine, self.tokenizer, prompts, max_new_tokens,
+                           batch_size)
+        eos = set(self.eos_ids)
+        columns = reward_columns(examples)
+        columns.update({TRUNCATED_COLUMN: [not i or i[-1] not in eos for i in ids],
+                        COMPLETION_IDS_COLUMN: ids})
+        return prompts, [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids], columns
 
     # ---------------------------------------------------------------- checkpoints
 

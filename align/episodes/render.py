@@ -1,0 +1,104 @@
+"""Chat-template pieces of an episode: the prompt, the environment's turns, and the drift check.
+
+Only environment turns are tokenised here; the model's turns are the engine's tokens, never
+re-encoded. An environment turn's tokens are what the template adds after an assistant turn
+that ended with EOS: render a short fixed conversation `[user, assistant, *new messages]` with
+the generation prompt, find the EOS that closes the assistant turn, and tokenise what follows
+it (template tokens between turns included). Its tokens therefore follow the model's EOS as the
+template puts them, whatever the template does to earlier turns.
+
+The drift check renders the finished conversation as a user would
+(`apply_chat_template(messages, tools=...)`) and compares it with the stream trained on: the
+stream must be a prefix of the rendering (the rendering may close the last turn after it). A
+template that rewrites history (one that drops earlier reasoning) shows up as drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from align.episodes.episode import MODEL, Drift, Episode
+
+_MARKER = "probe-7c41e"  # the probe assistant turn's content, found again in the rendering
+_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARKER}]
+DRIFT_CONTEXT = 8  # tokens shown on each side of a drift
+
+
+class ChatRenderer:
+    """Renders an episode's prompt and environment turns with the tokenizer's chat template.
+
+    Args:
+        tokenizer: the policy's tokenizer (its chat template).
+        tools: JSON schemas passed as `tools=` (None or []: none).
+        eos_ids: ids a model turn ends with.
+    """
+
+    def __init__(self, tokenizer: Any, tools: list[dict] | None, eos_ids: list[int]) -> None:
+        self.tokenizer, self.tools, self.eos = tokenizer, tools or None, set(eos_ids)
+        self.eos_texts = [tokenizer.decode([i]) for i in eos_ids]
+
+    def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=self.tools, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt as the model is asked: its messages, the tools, the generation prompt."""
+        return self._ids(messages, True)
+
+    def env_turn_ids(self, messages: list[dict]) -> list[int]:
+        """The tokens that follow a model turn's EOS for environment `messages` (tool results
+        or observations), up to and including the next generation prompt."""
+        probe = [_PROBE[0], {**_PROBE[1], **({"tool_calls": _dummy_calls(messages)}
+                                             if _tool_names(messages) else {})}]
+        text = self.tokenizer.apply_chat_template(
+            probe + messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
+        after = text.index(_MARKER) + len(_MARKER)
+        ends = [(text.find(eos, after), eos) for eos in self.eos_texts]
+        ends = [(at, eos) for at, eos in ends if at >= 0]
+        if not ends:
+            raise ValueError("the chat template does not close an assistant turn with the "
+                             f"EOS token ({', '.join(self.eos_texts)}) the model ends its turns "
+                             "with; episodes need one that does")
+        at, eos = min(ends)
+        return self.tokenizer(text[at + len(eos):], add_special_tokens=False).input_ids
+
+    def drift(self, episode: Episode) -> Drift | None:
+        """Where the conversation as a user renders it departs from the trained stream."""
+        rendered = self._ids(episode.messages, False)
+        stream = episode.prompt_ids + episode.ids
+        limit = min(len(stream), len(rendered))
+        index = next((i for i in range(limit) if stream[i] != rendered[i]), None)
+        if index is None:
+            if len(stream) <= len(rendered):
+                return None
+            index = len(rendered)
+        return Drift(index, _turn_at(episode, index),
+                     stream[index: index + DRIFT_CONTEXT],
+                     rendered[index: index + DRIFT_CONTEXT])
+
+
+def _turn_at(episode: Episode, index: int) -> int:
+    """The model turn (1-based) whose tokens, or the environment turn after which, hold
+    stream position `index`; 0 for the prompt."""
+    at, turn = len(episode.prompt_ids), 0
+    if index < at:
+        return 0
+    for segment in episode.segments:
+        turn += segment.kind == MODEL
+        at += len(segment.ids)
+        if index < at:
+            return turn
+    return max(turn, 1)
+
+
+def _tool_names(messages: list[dict]) -> list[str]:
+    return [m["name"] for m in messages if m.get("role") == "tool" and m.get("name")]
+
+
+def _dummy_calls(messages: list[dict]) -> list[dict]:
+    """Tool calls for the probe's assistant turn, named as the tool messages that answer them
+    (some templates take a tool turn's header from the call it answers)."""
+    return [{"type": "function", "function": {"name": name, "arguments": {}}}
+            for name in _tool_names(messages)]
