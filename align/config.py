@@ -458,11 +458,14 @@ class PPOConfig(RunConfig):
             from align.episodes.environment import load_environment
 
             env = load_environment(self.environment)
-        if not self.rewards and not (env and env.has_reward and self.environment.reward_weight):
+        env_rewards = env is not None and (
+            env.protocol == "turns" or (env.has_reward and self.environment.reward_weight))
+        if not self.rewards and not env_rewards:
             raise ConfigError("rewards: give at least one reward, e.g. "
                               "rewards=[{spec: reward_models.builtin:exact_match}], or an "
                               "environment.spec class with a get_reward() method (and a "
-                              "non-zero environment.reward_weight)")
+                              "non-zero environment.reward_weight), or a TurnEnvironment "
+                              "(its per-turn rewards)")
         for i, entry in enumerate([*self.rewards, *self.gold_rewards]):
             if not entry.spec:
                 raise ConfigError(f"rewards[{i}].spec is empty")

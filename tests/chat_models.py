@@ -86,11 +86,22 @@ def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32,
     raise ValueError(arch)
 
 
-def save_chat_model(arch: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny random causal LM of `arch` and its ChatML tokenizer, saved in `folder`."""
+def save_chat_model(arch: str, folder: Path, seed: int = 0, eos_scale: float = 0.0) -> Path:
+    """A tiny random causal LM of `arch` and its ChatML tokenizer, saved in `folder`.
+
+    `eos_scale` > 0 points the output row of EOS along the mean final hidden state, scaled to
+    that norm, so turns end after a few tokens (about 0.3 mean probability per token at 6)
+    instead of almost never: what multi-turn episodes of a random model need."""
     tokenizer = chatml_tokenizer(arch)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(chat_config(arch, tokenizer))
+    if eos_scale:
+        with torch.no_grad():
+            ids = torch.randint(0, ASCII_IDS, (16, 40))
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+            direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
+            model.get_output_embeddings().weight[tokenizer.eos_token_id] = (
+                eos_scale * direction / direction.norm())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

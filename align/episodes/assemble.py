@@ -114,6 +114,8 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
         "episodes/infra_failures": float(sum(e.infra_error is not None for e in episodes)),
         "episodes/env_token_share": (sum(e.env_tokens() for e in kept) / tokens
                                      if tokens else 0.0),
+        "episodes/turn_reward": float(np.mean([sum(s.reward for s in e.segments)
+                                               for e in kept])) if kept else 0.0,
         "episodes/drift_rate": (sum(e.drift is not None for e in kept) / len(kept)
                                 if kept else 0.0),
     }

@@ -82,3 +82,19 @@ class Guess(TurnEnvironment):
         if guess == self.target:
             return Step(None, reward=1.0, done=True)
         return Step("higher" if guess < self.target else "lower", reward=-0.1)
+
+
+def ascii_share(text: str) -> float:
+    return sum(" " <= ch <= "~" for ch in text) / max(len(text), 1)
+
+
+class Chatter(TurnEnvironment):
+    """Three turns of chat: each of the model's turns is rewarded by its share of printable
+    ASCII characters (a per-turn reward), the user says "more" in between."""
+
+    def reset(self, **row) -> None:
+        self.turn = 0
+
+    def step(self, action: str) -> Step:
+        self.turn += 1
+        return Step("more", reward=ascii_share(action), done=self.turn == 3)

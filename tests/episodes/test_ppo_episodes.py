@@ -1,0 +1,67 @@
+"""`align ppo` with an environment, end to end: a tiny Qwen2 chat model with Qwen2.5's template
+plays three-turn chats (a TurnEnvironment whose per-turn reward is a turn's share of printable
+ASCII) with GRPO and LoRA on two workers, and learns; the episode metrics are logged, and
+whole episodes are written to the completions log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.config import PPOConfig, load_config
+from align.tracking import read_metrics
+from align.trainers.ppo import PPOTrainer
+from tests.chat_models import save_chat_model, trl_template
+from tests.conftest import CPU_FP32, full_only
+
+pytestmark = pytest.mark.slow
+QUESTIONS = ["What is red?", "Name a fruit.", "Say hello.", "Count to three."]
+
+
+def run_episodes(tmp_path: Path, *overrides: str) -> Path:
+    base = save_chat_model("qwen2", tmp_path / "base", eos_scale=6.0)
+    template = tmp_path / "qwen2_5.jinja"
+    template.write_text(trl_template("qwen2_5"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n"
+                               for q in QUESTIONS))
+    run = tmp_path / "run"
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={run}", f"model.name_or_path={base}", f"model.chat_template={template}",
+        *CPU_FP32, "model.lora.enabled=true", "distributed.num_workers=2",
+        "trainer.scheduler=constant", "trainer.log_every=1", "trainer.lr=5e-2",
+        "trainer.max_steps=8", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
+        "trainer.log_completions_every=4", "data.max_length=160", f"data.train={prompts}",
+        "eval.max_samples=0", "algorithm.estimator=grpo", "algorithm.kl_coef=0",
+        "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
+        "rollout.max_new_tokens=8", "environment.spec=tests.episodes.envs:Chatter",
+        "environment.max_turns=3", "environment.max_episode_tokens=128", *overrides])
+    PPOTrainer(cfg, show_progress=False).fit()
+    return run
+
+
+def check_learned(run: Path) -> list[dict]:
+    metrics = [m for m in read_metrics(run / "metrics.jsonl") if "reward" in m]
+    rewards = [m["episodes/turn_reward"] for m in metrics]
+    assert all(r == r for r in rewards)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)
+    assert max(m["episodes/turns_mean"] for m in metrics) > 1.5
+    assert all(m["episodes/env_token_share"] > 0 for m in metrics)
+    assert all("episodes/drift_rate" in m and m["episodes/infra_failures"] == 0
+               for m in metrics)
+    return metrics
+
+
+def test_grpo_learns_over_multi_turn_episodes_on_the_hf_engine(tmp_path, ray_local):
+    run = check_learned(run_episodes(tmp_path, "rollout.engine=hf")) and tmp_path / "run"
+    logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    episode = logged[-1]["rows"][0] if "rows" in logged[-1] else logged[-1]
+    assert "[user] more" in json.dumps(episode) and "turn_rewards" in json.dumps(episode)
+
+
+@full_only
+def test_grpo_learns_over_multi_turn_episodes_on_vllm(tmp_path, ray_local):
+    check_learned(run_episodes(tmp_path, "rollout.engine=vllm", "distributed.zero_stage=3"))
