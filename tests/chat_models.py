@@ -70,15 +70,15 @@ def trl_template(name: str) -> str:
 
 
 def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32,
-                init_std: float = INIT_STD):
+                init_std: float = INIT_STD, heads: int = 4):
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None,
            "initializer_range": init_std}
     if arch == "llama":
-        return LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+        return LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
                            intermediate_size=2 * width, max_position_embeddings=256, **ids)
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+        return Qwen2Config(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
                            num_key_value_heads=2, intermediate_size=2 * width,
                            max_position_embeddings=256, **ids)
     if arch == "gpt2":
@@ -86,15 +86,17 @@ def chat_config(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32,
     raise ValueError(arch)
 
 
-def save_chat_model(arch: str, folder: Path, seed: int = 0, eos_scale: float = 0.0) -> Path:
+def save_chat_model(arch: str, folder: Path, seed: int = 0, eos_scale: float = 0.0,
+                    width: int = 32, heads: int = 4) -> Path:
     """A tiny random causal LM of `arch` and its ChatML tokenizer, saved in `folder`.
 
     `eos_scale` > 0 points the output row of EOS along the mean final hidden state, scaled to
     that norm, so turns end after a few tokens (about 0.3 mean probability per token at 6)
-    instead of almost never: what multi-turn episodes of a random model need."""
+    instead of almost never: what multi-turn episodes of a random model need. vLLM's CPU
+    attention needs heads of 32 dimensions or more (`width=64, heads=2`)."""
     tokenizer = chatml_tokenizer(arch)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(chat_config(arch, tokenizer))
+    model = AutoModelForCausalLM.from_config(chat_config(arch, tokenizer, width, heads=heads))
     if eos_scale:
         with torch.no_grad():
             ids = torch.randint(0, ASCII_IDS, (16, 40))

@@ -73,7 +73,7 @@ def sample_until_full(sample: Callable[[int], ScoredRollout], target_groups: int
     first_reward = 0.0
     for rounds in range(max_rounds + 1):
         scored = sample(rounds)
-        totals = scored.scores.total
+        totals = episode_returns(scored)
         if rounds == 0:
             first_reward = sum(totals) / max(len(totals), 1)
         groups = varied_groups(totals, group_size)
@@ -115,7 +115,11 @@ def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
                       truncated=[r.truncated[i] for i in rows],
                       engine_logprobs=(None if r.engine_logprobs is None
                                        else r.engine_logprobs[index]),
-                      pad_id=r.pad_id)
+                      pad_id=r.pad_id,
+                      valid=None if r.valid is None else [r.valid[i] for i in rows],
+                      token_rewards=(None if r.token_rewards is None
+                                     else r.token_rewards[index]),
+                      episodes=None if r.episodes is None else [r.episodes[i] for i in rows])
     return ScoredRollout(rollout, _take_scores(scored.scores, rows),
                          None if scored.gold is None else _take_scores(scored.gold, rows),
                          None if scored.staleness is None else [scored.staleness[i] for i in rows])
@@ -139,11 +143,35 @@ def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
                       batch=batch, lengths=[x for p in parts for x in p.rollout.lengths],
                       truncated=[x for p in parts for x in p.rollout.truncated],
                       engine_logprobs=_concat_logprobs([p.rollout for p in parts], width - 1),
-                      pad_id=first.pad_id)
+                      pad_id=first.pad_id,
+                      valid=(None if all(p.rollout.valid is None for p in parts) else
+                             [x for p in parts for x in (p.rollout.valid
+                                                         or [True] * p.rollout.size)]),
+                      token_rewards=_concat_token_rewards([p.rollout for p in parts], width - 1),
+                      episodes=(None if any(p.rollout.episodes is None for p in parts)
+                                else [x for p in parts for x in p.rollout.episodes]))
     gold = None if parts[0].gold is None else _concat_scores([p.gold for p in parts])
     staleness = (None if all(p.staleness is None for p in parts) else
                  [x for p in parts for x in (p.staleness or [0] * p.rollout.size)])
     return ScoredRollout(rollout, _concat_scores([p.scores for p in parts]), gold, staleness)
+
+
+def episode_returns(scored: ScoredRollout) -> list[float]:
+    """Each sample's return: its reward, plus its turns' rewards for multi-turn episodes."""
+    turns = scored.rollout.token_rewards
+    if turns is None:
+        return list(scored.scores.total)
+    return [t + float(x) for t, x in zip(scored.scores.total, turns.sum(-1))]
+
+
+def _concat_token_rewards(rollouts: list[Rollout], width: int) -> torch.Tensor | None:
+    """The rounds' (n, T-1) per-turn rewards (0 where a round has none), stacked."""
+    if all(r.token_rewards is None for r in rollouts):
+        return None
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(r.token_rewards, (0, width - r.token_rewards.shape[1]))
+                      if r.token_rewards is not None else torch.zeros(r.size, width)
+                      for r in rollouts])
 
 
 def _concat_logprobs(rollouts: list[Rollout], width: int) -> torch.Tensor | None:

@@ -20,26 +20,33 @@ pytestmark = pytest.mark.slow
 QUESTIONS = ["What is red?", "Name a fruit.", "Say hello.", "Count to three."]
 
 
-def run_episodes(tmp_path: Path, *overrides: str) -> Path:
-    base = save_chat_model("qwen2", tmp_path / "base", eos_scale=6.0)
+def episode_config(tmp_path: Path, *overrides: str, width: int = 32,
+                   heads: int = 4) -> PPOConfig:
+    """GRPO with LoRA on two workers over three-turn chats of a tiny Qwen2 chat model."""
+    base = tmp_path / "base"
+    if not base.exists():
+        save_chat_model("qwen2", base, eos_scale=6.0, width=width, heads=heads)
     template = tmp_path / "qwen2_5.jinja"
     template.write_text(trl_template("qwen2_5"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n"
                                for q in QUESTIONS))
-    run = tmp_path / "run"
-    cfg = load_config(PPOConfig, None, [
-        f"output_dir={run}", f"model.name_or_path={base}", f"model.chat_template={template}",
-        *CPU_FP32, "model.lora.enabled=true", "distributed.num_workers=2",
-        "trainer.scheduler=constant", "trainer.log_every=1", "trainer.lr=5e-2",
-        "trainer.max_steps=8", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
-        "trainer.log_completions_every=4", "data.max_length=160", f"data.train={prompts}",
-        "eval.max_samples=0", "algorithm.estimator=grpo", "algorithm.kl_coef=0",
-        "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
+    return load_config(PPOConfig, None, [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={base}",
+        f"model.chat_template={template}", *CPU_FP32, "model.lora.enabled=true",
+        "distributed.num_workers=2", "trainer.scheduler=constant", "trainer.log_every=1",
+        "trainer.lr=5e-2", "trainer.max_steps=8", "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=8", "trainer.log_completions_every=4", "data.max_length=160",
+        f"data.train={prompts}", "eval.max_samples=0", "algorithm.estimator=grpo",
+        "algorithm.kl_coef=0", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
         "rollout.max_new_tokens=8", "environment.spec=tests.episodes.envs:Chatter",
         "environment.max_turns=3", "environment.max_episode_tokens=128", *overrides])
+
+
+def run_episodes(tmp_path: Path, *overrides: str, width: int = 32, heads: int = 4) -> Path:
+    cfg = episode_config(tmp_path, *overrides, width=width, heads=heads)
     PPOTrainer(cfg, show_progress=False).fit()
-    return run
+    return Path(cfg.output_dir)
 
 
 def check_learned(run: Path) -> list[dict]:
@@ -56,7 +63,8 @@ def check_learned(run: Path) -> list[dict]:
 
 
 def test_grpo_learns_over_multi_turn_episodes_on_the_hf_engine(tmp_path, ray_local):
-    run = check_learned(run_episodes(tmp_path, "rollout.engine=hf")) and tmp_path / "run"
+    run = run_episodes(tmp_path, "rollout.engine=hf")
+    check_learned(run)
     logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     episode = logged[-1]["rows"][0] if "rows" in logged[-1] else logged[-1]
     assert "[user] more" in json.dumps(episode) and "turn_rewards" in json.dumps(episode)
@@ -64,4 +72,36 @@ def test_grpo_learns_over_multi_turn_episodes_on_the_hf_engine(tmp_path, ray_loc
 
 @full_only
 def test_grpo_learns_over_multi_turn_episodes_on_vllm(tmp_path, ray_local):
-    check_learned(run_episodes(tmp_path, "rollout.engine=vllm", "distributed.zero_stage=3"))
+    check_learned(run_episodes(tmp_path, "rollout.engine=vllm", "distributed.zero_stage=3",
+                               width=64, heads=2))
+
+
+@full_only
+def test_async_episodes_killed_after_a_checkpoint_resume_exactly(tmp_path, ray_local):
+    """Separate vLLM engines play the next iteration's episodes while the policy trains; the
+    episodes in flight at the checkpoint are saved with it, so the resumed run trains on the
+    very same episodes as an uninterrupted one."""
+    from tests.test_resume import assert_same_metrics, comparable, interrupted_then_resumed
+
+    def config():
+        return episode_config(tmp_path, "rollout.engine=vllm", "rollout.vllm.colocate=false",
+                              "rollout.async_steps=1", "trainer.max_steps=4",
+                              "trainer.save_every=2", width=64, heads=2)
+
+    straight = tmp_path / "straight"
+    cfg = config()
+    cfg.output_dir = str(straight)
+    PPOTrainer(cfg, show_progress=False).fit()
+    resumed = interrupted_then_resumed("ppo", config(), tmp_path, "kill-after-checkpoint:2")
+    assert_same_metrics(comparable(straight), comparable(resumed))
+    steps = [m for m in read_metrics(resumed / "metrics.jsonl") if "episodes/turns_mean" in m]
+    assert [m["rollout/staleness"] for m in steps] == [0, 1, 1, 1]
+
+
+@full_only
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "reinforce_pp"])
+def test_every_estimator_trains_on_episodes(tmp_path, ray_local, estimator):
+    """The critic's values, RLOO's leave-one-out and REINFORCE++'s returns over multi-turn
+    rows: the loss stays finite and the per-turn reward rises."""
+    check_learned(run_episodes(tmp_path, "rollout.engine=hf", f"algorithm.estimator={estimator}",
+                               "distributed.zero_stage=3"))
