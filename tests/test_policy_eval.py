@@ -22,6 +22,7 @@ from align.rollout.base import Generation
 from reward_models.builtin import clean_completion
 from tests.chat_models import chatml_tokenizer, save_chat_model, trl_template
 from tests.conftest import tiny_config
+from tests.episodes import envs
 
 EXACT = "reward_models.builtin:exact_match"
 
@@ -231,7 +232,7 @@ def test_eval_with_an_environment_through_the_cli(tmp_path, loads):
 def test_k_samples_per_prompt_over_multi_turn_episodes(tmp_path, loads):
     model = save_chat_model("qwen2", tmp_path / "model", eos_scale=6.0)
     out = tmp_path / "eval.json"
-    assert main(["eval", str(model), chat_rows(tmp_path, answers=True), "--reward", EXACT,
+    assert main(["eval", str(model), chat_rows(tmp_path, answers=True),
                  "--environment", "tests.episodes.envs:Chatter", "-k", "3",
                  "--max-tokens-per-turn", "8", "--max-turns", "3", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -239,7 +240,14 @@ def test_k_samples_per_prompt_over_multi_turn_episodes(tmp_path, loads):
     assert [s["prompt_index"] for s in samples] == [0, 0, 0, 1, 1, 1]
     assert [s["sample"] for s in samples] == [0, 1, 2, 0, 1, 2]
     assert any(len({s["completion"] for s in samples[p:p + 3]}) > 1 for p in (0, 3))
-    assert report["rewards"]["exact_match"]["scored"] == 6
+    # No --reward: the TurnEnvironment's return is the reward, its per-turn rewards summed
+    # over the turns it answered (a turn cut without EOS ends the episode unanswered).
+    returns = []
+    for sample in samples:
+        turns = [m["content"] for m in sample["episode"]["messages"] if m["role"] == "assistant"]
+        answered = turns[:-1] if sample["episode"]["truncated"] else turns
+        returns.append(sum(envs.ascii_share(text) for text in answered))
+    assert report["rewards"]["Chatter"]["mean@3"] == pytest.approx(sum(returns) / 6)
     assert list(report["pass_at_k"]) == ["judged_by", "n", "pass@1", "pass@2", "pass@3"]
     # Chatter answers every turn that ends: episodes went on past one turn, one model load
     assert max(s["episode"]["turns"] for s in samples) >= 2 and loads[0] == 1
