@@ -11,8 +11,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.errors import AlignError, ConfigError, OutputDirError
+
+if TYPE_CHECKING:
+    from align.policy_sampling import EvalSettings
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
@@ -49,17 +53,35 @@ def _run_eval_rm(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from align.policy_eval import EvalSettings, evaluate_policy, format_eval_report, samples_path
+    from align.policy_eval import evaluate_policy, format_eval_report, samples_path
 
-    settings = EvalSettings(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            batch_size=args.batch_size, max_samples=args.max_samples,
-                            max_length=args.max_length, engine=args.engine, split=args.split)
-    report = evaluate_policy(args.model, args.data, args.reward or [], args.baseline, settings,
-                             args.output)
+    report = evaluate_policy(args.model, args.data, args.reward or [], args.baseline,
+                             _eval_settings(args), args.output)
     print(format_eval_report(report))
     print(f"written to {args.output} and {samples_path(Path(args.output))}")
     return 0
+
+
+def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """`align eval`'s options as EvalSettings; episode budgets only with an environment."""
+    from align.config import EnvironmentConfig
+    from align.policy_sampling import ENVIRONMENT_OPTIONS, EvalSettings
+
+    env = EnvironmentConfig(spec=args.environment, tools=args.tool or [])
+    for name in ("max_turns", "max_tokens_per_turn", "max_episode_tokens"):
+        value = getattr(args, name)
+        if value is not None and not env.enabled:
+            raise ConfigError(f"{ENVIRONMENT_OPTIONS[name]} sets a budget of episodes: give "
+                              "--environment SPEC or --tool SPEC too")
+        if value is not None:
+            setattr(env, name, value)
+    return EvalSettings(max_new_tokens=args.max_new_tokens,
+                        greedy=not args.sample and args.samples_per_prompt == 1,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                        batch_size=args.batch_size, max_samples=args.max_samples,
+                        max_length=args.max_length, engine=args.engine, split=args.split,
+                        samples_per_prompt=args.samples_per_prompt,
+                        chat_template=args.chat_template, environment=env)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -157,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=_positive_int, default=1024,
                    help="longest prompt accepted, in tokens")
     v.add_argument("--split", default="train", help="split of a folder or hub dataset")
+    v.add_argument("-k", "--samples-per-prompt", type=int, default=1, metavar="K",
+                   help="samples of every prompt (above 1: sampling); reports mean@K and "
+                        "pass@k for k = 1, 2, 4, ... K")
+    v.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, instead of MODEL's")
+    v.add_argument("--environment", default=None, metavar="SPEC",
+                   help="environment class, FILE.py:Class or module:Class: each sample is a "
+                        "multi-turn episode (docs/eval.md)")
+    v.add_argument("--tool", action="append", metavar="SPEC",
+                   help="a tool function, FILE.py:fn or module:fn (repeatable)")
+    v.add_argument("--max-turns", type=int, default=None,
+                   help="model turns per episode (default 8)")
+    v.add_argument("--max-tokens-per-turn", type=int, default=None,
+                   help="new tokens of one model turn (default: --max-new-tokens)")
+    v.add_argument("--max-episode-tokens", type=int, default=None,
+                   help="tokens after the prompt, model and tool turns (default 1024)")
     v.set_defaults(handler=_run_eval)
     r = sub.add_parser("report", help="report.md with plots for one or more run folders")
     r.add_argument("runs", nargs="+", help="run folders (the output_dir of a stage)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,14 +172,15 @@ class EpisodeEnv:
                                f"{type(err).__name__}: {err}") from err
 
 
-def load_environment(cfg: Any, key: str = "environment",
+def load_environment(cfg: Any, key: str | Mapping[str, str] = "environment",
                      base_dir: str | Path | None = None) -> EnvironmentSpec | None:
     """Load and check ``cfg``'s environment class and tool functions.
 
     Args:
         cfg: The ``environment`` section of a PPO config (``align.config.EnvironmentConfig``;
             not imported here, as ``align.config`` calls this from its checks).
-        key: Where ``cfg`` sits in the config, for messages.
+        key: Where ``cfg`` sits in the config, for messages; or, for a command line, the
+            option that sets each field (``{"spec": "--environment", ...}``).
         base_dir: Folder that relative file paths resolve against (default: the current
             directory, as for reward functions).
 
@@ -196,16 +197,16 @@ def load_environment(cfg: Any, key: str = "environment",
     base = Path(base_dir if base_dir is not None else Path.cwd()).expanduser().resolve()
     env_class, tools, origin = None, [], {}
     if cfg.spec:
-        where = f"{key}.spec {cfg.spec!r}"
+        where = f"{_name(key, 'spec')} {cfg.spec!r}"
         env_class = load_object(cfg.spec, base, where, kind="class")
         tools = _class_tools(env_class, where)
-        origin = {tool.name: f"{key}.spec (method {tool.method}())" for tool in tools}
+        origin = {tool.name: f"{_name(key, 'spec')} (method {tool.method}())" for tool in tools}
         if issubclass(env_class, TurnEnvironment) and cfg.tools:
-            raise ConfigError(f"{key}.tools: {env_class.__name__} is a TurnEnvironment, which "
-                              "reads the model's text, not tool calls; drop the tools or use "
-                              "an environment class in TRL's form")
+            raise ConfigError(f"{_name(key, 'tools')}: {env_class.__name__} is a "
+                              "TurnEnvironment, which reads the model's text, not tool calls; "
+                              "drop the tools or use an environment class in TRL's form")
     for i, target in enumerate(cfg.tools):
-        where = f"{key}.tools[{i}] {target!r}"
+        where = f"{_name(key, 'tools', i)} {target!r}"
         tool = _function_tool(load_object(target, base, where), where)
         if tool.name in origin:
             raise ConfigError(f"{where}: a tool named {tool.name!r} is already given by "
@@ -216,7 +217,7 @@ def load_environment(cfg: Any, key: str = "environment",
     return EnvironmentSpec(env_class, tools)
 
 
-def check_bounds(cfg: Any, key: str = "environment") -> None:
+def check_bounds(cfg: Any, key: str | Mapping[str, str] = "environment") -> None:
     """Refuse budgets, timeouts and fractions of an ``EnvironmentConfig`` that cannot work,
     naming the key."""
     at_least_one = {"max_turns": cfg.max_turns, "max_episode_tokens": cfg.max_episode_tokens,
@@ -226,19 +227,29 @@ def check_bounds(cfg: Any, key: str = "environment") -> None:
         at_least_one["max_tokens_per_turn"] = cfg.max_tokens_per_turn
     for name, value in at_least_one.items():
         if value < 1:
-            raise ConfigError(f"{key}.{name} must be at least 1; got {value}")
+            raise ConfigError(f"{_name(key, name)} must be at least 1; got {value}")
     for name in ("tool_timeout_s", "episode_timeout_s"):
         value = getattr(cfg, name)
         if not 0 < value < math.inf:
-            raise ConfigError(f"{key}.{name} must be a positive number of seconds; got {value}")
+            raise ConfigError(f"{_name(key, name)} must be a positive number of seconds; got "
+                              f"{value}")
     if not 0 <= cfg.max_infra_failure_fraction <= 1:
-        raise ConfigError(f"{key}.max_infra_failure_fraction must lie in [0, 1]; got "
+        raise ConfigError(f"{_name(key, 'max_infra_failure_fraction')} must lie in [0, 1]; got "
                           f"{cfg.max_infra_failure_fraction}")
     if not math.isfinite(cfg.reward_weight):
-        raise ConfigError(f"{key}.reward_weight must be finite; got {cfg.reward_weight}")
+        raise ConfigError(f"{_name(key, 'reward_weight')} must be finite; got {cfg.reward_weight}")
 
 
-def check_tool_template(tokenizer: Any, spec: EnvironmentSpec | None) -> None:
+def _name(key: str | Mapping[str, str], field: str, index: int | None = None) -> str:
+    """How a message names ``field``: ``key.field`` (``key.tools[index]``) in a config, or
+    the command-line option that ``key`` maps it to."""
+    if isinstance(key, str):
+        return f"{key}.{field}" + ("" if index is None else f"[{index}]")
+    return key.get(field, f"environment.{field}")
+
+
+def check_tool_template(tokenizer: Any, spec: EnvironmentSpec | None,
+                        key: str = "model.chat_template") -> None:
     """Refuse a chat template that cannot render tool calls when the environment has tools.
 
     The template must render a ``user -> assistant (tool_calls) -> tool`` conversation with the
@@ -246,8 +257,12 @@ def check_tool_template(tokenizer: Any, spec: EnvironmentSpec | None) -> None:
     (``trl.chat_template_utils.supports_tool_calling``). Nothing is checked for the ``turns``
     protocol or an environment without tools.
 
+    Args:
+        key: The setting that chose the template, named in the message (``--chat-template``
+            on the command line).
+
     Raises:
-        ConfigError: Naming ``model.chat_template``.
+        ConfigError: Naming ``key``.
     """
     if spec is None or spec.protocol == "turns" or not spec.schemas:
         return
@@ -256,15 +271,14 @@ def check_tool_template(tokenizer: Any, spec: EnvironmentSpec | None) -> None:
     try:
         supported = supports_tool_calling(tokenizer)
     except Exception as err:  # a template that fails in another way: say how
-        raise ConfigError(f"model.chat_template: rendering a tool-calling conversation failed "
+        raise ConfigError(f"{key}: rendering a tool-calling conversation failed "
                           f"({type(err).__name__}: {err})") from err
     if not supported:
         raise ConfigError(
-            f"model.chat_template: environment {spec.name} gives the model tools, but the chat "
-            "template cannot render a tool-calling conversation (user -> assistant with "
-            "tool_calls -> tool: the call's name, arguments and the tool's answer must all "
-            "appear); set model.chat_template to one that renders tool_calls and tool "
-            "messages, such as Qwen2.5's")
+            f"{key}: environment {spec.name} gives the model tools, but the chat template "
+            "cannot render a tool-calling conversation (user -> assistant with tool_calls -> "
+            "tool: the call's name, arguments and the tool's answer must all appear); set "
+            f"{key} to one that renders tool_calls and tool messages, such as Qwen2.5's")
 
 
 def _class_tools(env_class: type, where: str) -> list[Tool]:

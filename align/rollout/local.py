@@ -1,9 +1,13 @@
-"""Generation in this process, without Ray: what `align eval` uses for a saved model folder.
+"""A rollout engine in this process, without Ray: what `align eval` and mining generate with.
+
+`LocalEngine` loads a saved model folder once and then answers `generate(prompts, sampling)`
+like the training engines (align.rollout.base), so single-turn evaluation and multi-turn
+episodes (align.episodes.runner, one call per turn) share it.
 
 `hf`: the model's own `generate` through `hf_sample` (the same sampler as the rollouts: exactly
 the asked-for temperature and top-p, the model's EOS ids, nothing from its generation config).
-`vllm`: the rollout engine's `VLLMEngineActor` run in this process, its weights loaded from the
-model (a peft adapter merged into its base first).
+`vllm`: the rollout engine's `VLLMEngineActor` run in this process, started once, its weights
+loaded from the model (a peft adapter merged into its base first).
 """
 
 from __future__ import annotations
@@ -11,38 +15,75 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from types import TracebackType
 from typing import Any
 
 import torch
 
 from align.config import ModelConfig
 from align.model_loading import config_source, load_model
-from align.rollout.base import Sampling
+from align.rollout.base import Generation, Sampling
 from align.rollout.eos import eos_token_ids
 
 
-def generate_local(model_cfg: ModelConfig, tokenizer: Any, prompts: list[list[int]],
-                   sampling: Sampling, engine: str, batch_size: int = 64,
-                   max_model_len: int = 1024) -> list[list[int]]:
-    """Completion token ids (EOS kept where generation stopped) of every prompt, in order."""
-    model, base_cfg = load_for_generation(model_cfg, tokenizer)
-    eos = eos_token_ids(base_cfg, tokenizer)
-    if engine == "vllm":
-        return _vllm(model, prompts, sampling, eos, max_model_len)
-    from align.rollout.hf_sampling import hf_sample
+class LocalEngine:
+    """A saved model generating in this process; use it as a context manager (or `close`).
 
-    out: list[list[int]] = []
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = Sampling(**{**sampling.to_dict(), "seed": None if sampling.seed is None
-                                else sampling.seed + start})
-            if chunk.seed is not None:
-                torch.manual_seed(chunk.seed)
-            tokens, _ = hf_sample(model, prompts[start:start + batch_size], chunk, eos,
-                                  tokenizer.pad_token_id, device)
-            out.extend(tokens)
-    return out
+    Args:
+        model_cfg: the folder (or hub name) and dtype.
+        tokenizer: its tokenizer (pad id; EOS ids with the model's config).
+        engine: `hf` or `vllm`.
+        batch_size: prompts per `hf` generate call (vLLM schedules its own batches).
+        max_model_len: the longest prompt + completion the `vllm` engine must hold.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer: Any, engine: str = "hf",
+                 batch_size: int = 64, max_model_len: int = 1024) -> None:
+        self.name, self.batch_size, self.pad_id = engine, batch_size, tokenizer.pad_token_id
+        model, base_cfg = load_for_generation(model_cfg, tokenizer)
+        self.eos_ids = eos_token_ids(base_cfg, tokenizer)
+        self.model: torch.nn.Module | None = model
+        self.vllm: Any = None
+        if engine == "vllm":
+            self.vllm = _start_vllm(model, self.eos_ids, max_model_len)
+            self.model = None  # vLLM holds its own copy of the weights
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+        """Completions (EOS kept where generation stopped) of every prompt, in order; with
+        `sampling.logprobs`, the log-prob of each sampled token."""
+        if self.vllm is not None:
+            tokens, logprobs = self.vllm.generate(prompts, sampling.to_dict())
+            return Generation(tokens, logprobs)
+        from align.rollout.hf_sampling import hf_sample
+
+        tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = dataclasses.replace(
+                    sampling, seed=None if sampling.seed is None else sampling.seed + start)
+                if chunk.seed is not None:
+                    torch.manual_seed(chunk.seed)
+                out, lps = hf_sample(self.model, prompts[start:start + self.batch_size], chunk,
+                                     self.eos_ids, self.pad_id, device)
+                tokens.extend(out)
+                logprobs.extend(lps or [])
+        return Generation(tokens, logprobs if sampling.logprobs else None)
+
+    def close(self) -> None:
+        """Release the model (and the vLLM engine); safe to call twice."""
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
+        self.model = None
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
 
 
 def load_for_generation(model_cfg: ModelConfig, tokenizer: Any
@@ -54,8 +95,8 @@ def load_for_generation(model_cfg: ModelConfig, tokenizer: Any
     return load_model(model_cfg, tokenizer).eval(), source
 
 
-def _vllm(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
-          eos: list[int], max_model_len: int) -> list[list[int]]:
+def _start_vllm(model: torch.nn.Module, eos: list[int], max_model_len: int) -> Any:
+    """A `VLLMEngineActor` in this process holding `model`'s weights."""
     from align.rollout.vllm_actor import VLLMEngineActor, engine_env
 
     on_gpu = torch.cuda.is_available()
@@ -68,7 +109,7 @@ def _vllm(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
     try:
         engine.load_weights([(k, v.detach().cpu()) for k, v in model.state_dict().items()])
         engine.finish_sync()
-        tokens, _ = engine.generate(prompts, sampling.to_dict())
-        return tokens
-    finally:
+    except BaseException:
         engine.close()
+        raise
+    return engine

@@ -8,7 +8,7 @@ completions:
 1. sample `samples_per_prompt` completions from `mining.policy` (any model folder, e.g. the SFT
    checkpoint PPO starts from, or a list of them: a policy already optimised against an
    earlier reward model shows the mistakes that one rewarded) for `num_prompts` training
-   prompts (`align.policy_eval`'s generation, `hf` or `vllm`);
+   prompts (`align.policy_sampling`'s generation, `hf` or `vllm`);
 2. label every sample with `mining.reward` (any reward spec; a verifier such as exact match);
 3. for each prompt whose samples got different scores, pair its most frequent best-scored
    completion (chosen) with up to `pairs_per_prompt` distinct lower-scored ones (rejected),
@@ -80,7 +80,7 @@ def mine(settings: MiningSettings, rows: list[dict], source: str, max_length: in
     """
     from align.config import ModelConfig
     from align.model_loading import load_tokenizer
-    from align.policy_eval import EvalSettings, generate
+    from align.policy_sampling import EvalSettings, generate
     from reward_models import CombinedReward
 
     rows = rows[:settings.num_prompts or None]

@@ -98,3 +98,13 @@ class Chatter(TurnEnvironment):
     def step(self, action: str) -> Step:
         self.turn += 1
         return Step("more", reward=ascii_share(action), done=self.turn == 3)
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers (a plain tool function).
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a * b
