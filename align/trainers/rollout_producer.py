@@ -33,7 +33,7 @@ from align.episodes.checks import episode_checks
 from align.episodes.runner import EpisodeRunner
 from align.episodes.submit import EpisodeSubmitter, environment_spec
 from align.packed_forward import Packing
-from align.reward_columns import COMPLETION_IDS_COLUMN
+from align.reward_columns import COMPLETION_IDS_COLUMN, ENVIRONMENT_REWARD_COLUMN
 from align.rollout import Sampling
 from align.rollout.eos import eos_token_ids
 from align.rollout.factory import build_engine, separate_engine
@@ -228,12 +228,18 @@ class RolloutProducer:
         from align.trainers.evaluation import generate_ids
 
         self.sync_once()
-        sampling = Sampling(max_new_tokens=max_new_tokens, greedy=True)
+        sampling = Sampling(max_new_tokens=max_new_tokens, greedy=True,
+                            logprobs=self.runner.multi_turn)  # episodes carry them throughout
         if self.runner.multi_turn:
             episodes = self.runner.run(self.rollout_engine, examples, sampling)
             rollout = episodes_rollout(self.tokenizer, examples, 1, episodes, self.eos_ids, True)
             columns = {COMPLETION_IDS_COLUMN: completion_ids(rollout), **rollout.columns,
                        TRUNCATED_COLUMN: rollout.truncated}
+            # held out, an episode's return: its environment reward plus its turns' rewards
+            columns[ENVIRONMENT_REWARD_COLUMN] = [
+                None if e.env_reward is None and not e.turn_rewards()
+                else (e.env_reward or 0.0) + sum(r for _, r in e.turn_rewards())
+                for e in episodes]
             return rollout.prompts, rollout.completions, columns
         prompts = [p.text for p in examples]
         ids = generate_ids(self.rollout_engine, self.tokenizer, prompts, max_new_tokens,

@@ -63,8 +63,11 @@ def check_learned(run: Path) -> list[dict]:
 
 
 def test_grpo_learns_over_multi_turn_episodes_on_the_hf_engine(tmp_path, ray_local):
-    run = run_episodes(tmp_path, "rollout.engine=hf")
+    run = run_episodes(tmp_path, "rollout.engine=hf", f"data.eval={tmp_path / 'prompts.jsonl'}",
+                       "eval.max_samples=4")
     check_learned(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/samples"] == 4 and summary["eval/reward"] > 0  # played as episodes
     logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     episode = logged[-1]["rows"][0] if "rows" in logged[-1] else logged[-1]
     assert "[user] more" in json.dumps(episode) and "turn_rewards" in json.dumps(episode)
