@@ -250,7 +250,35 @@ def test_environment_failures_name_the_method(files, tmp_path):
         env.step("x")
 
 
-def bad_inputs(d: Path) -> dict[str, tuple[dict, str]]:
+def test_environments_that_break_their_contract(tmp_path):
+    (tmp_path / "sloppy.py").write_text(textwrap.dedent('''
+        from align.episodes import TurnEnvironment
+
+        class Fragile:
+            def __init__(self):
+                raise OSError("no sandbox left")
+
+            def reset(self, **kwargs):
+                return None
+
+        class Sloppy(TurnEnvironment):
+            def reset(self, **row):
+                return 5
+
+            def step(self, action):
+                return "done"
+    '''))
+    fragile = load_environment(env_config(spec=f"{tmp_path}/sloppy.py:Fragile"))
+    with pytest.raises(EpisodeError, match=r"Fragile\(\) raised OSError: no sandbox left"):
+        fragile.new()
+    sloppy = load_environment(env_config(spec=f"{tmp_path}/sloppy.py:Sloppy")).new()
+    with pytest.raises(EpisodeError, match=r"reset\(\) returned a value of type int"):
+        sloppy.reset({})
+    with pytest.raises(EpisodeError, match=r"step\(\) returned a value of type str; expected"):
+        sloppy.step("x")
+
+
+def write_bad_files(d: Path) -> None:
     (d / "bad.py").write_text(textwrap.dedent('''
         class NoReset:
             def act(self, x: int) -> int:
@@ -297,9 +325,13 @@ def bad_inputs(d: Path) -> dict[str, tuple[dict, str]]:
             def reset(self, **row):
                 return None
     '''))
+
+
+def bad_inputs(d: Path) -> dict[str, tuple[dict, str]]:
+    """Case name -> (environment fields, text the message must hold)."""
     env, tools = f"{d}/envs.py:CounterEnv", f"{d}/tools.py"
     return {
-        "missing file": ({"spec": f"{d}/absent.py:Env"}, "environment.spec"),
+        "missing file": ({"spec": f"{d}/absent.py:Env"}, "absent.py does not exist"),
         "missing module": ({"spec": "no_such_module_here:Env"}, "no module named"),
         "missing class": ({"spec": f"{d}/envs.py:CountEnv"}, "has no class 'CountEnv'"),
         "not a class": ({"spec": f"{d}/bad.py:not_a_class"}, "not a class"),
@@ -341,13 +373,15 @@ def bad_inputs(d: Path) -> dict[str, tuple[dict, str]]:
     }
 
 
-def test_bad_inputs_name_the_key(files):
-    for name, (fields, needle) in bad_inputs(files).items():
-        with pytest.raises(ConfigError) as caught:
-            load_environment(env_config(**fields))
-        message = str(caught.value)
-        assert needle in message, f"case '{name}': {message}"
-        assert message.startswith("environment."), f"case '{name}': {message}"
+@pytest.mark.parametrize("case", list(bad_inputs(Path("/d"))))
+def test_bad_inputs_name_the_key(files, case):
+    write_bad_files(files)
+    fields, needle = bad_inputs(files)[case]
+    with pytest.raises(ConfigError) as caught:
+        load_environment(env_config(**fields))
+    message = str(caught.value)
+    assert needle in message, message
+    assert message.startswith("environment."), message
 
 
 def test_a_template_that_cannot_render_tool_calls(files):

@@ -122,7 +122,7 @@ class EpisodeEnv:
         value = self._call("reset", **row)
         if value is None or isinstance(value, str) or _is_messages(value):
             return value
-        raise EpisodeError(f"environment {self.spec.name}: reset() returned a "
+        raise EpisodeError(f"environment {self.spec.name}: reset() returned a value of type "
                            f"{type(value).__name__}; expected None, text, or a list of "
                            "messages ({'role': ..., 'content': ...})")
 
@@ -147,7 +147,7 @@ class EpisodeEnv:
                             "TurnEnvironment subclasses")
         value = self._call("step", action)
         if not isinstance(value, Step):
-            raise EpisodeError(f"environment {self.spec.name}: step() returned a "
+            raise EpisodeError(f"environment {self.spec.name}: step() returned a value of type "
                                f"{type(value).__name__}; expected align.episodes.Step")
         return value
 
