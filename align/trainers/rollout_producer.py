@@ -30,6 +30,7 @@ from align.data.tables import take
 from align.distributed import WorkerGroup
 from align.episodes.assemble import episode_metrics, episodes_rollout
 from align.episodes.checks import episode_checks
+from align.episodes.environment import check_tool_template
 from align.episodes.runner import EpisodeRunner
 from align.episodes.submit import EpisodeSubmitter, environment_spec
 from align.packed_forward import Packing
@@ -67,8 +68,10 @@ class RolloutProducer:
         self.sync_probe: SyncProbe | None = None  # with it: each version's sync is checked
         self.max_staleness = 0
         self.eos_ids = eos_token_ids(cfg.model, tokenizer)
-        self.runner = EpisodeRunner(tokenizer, self.eos_ids, cfg.environment,
-                                    environment_spec(cfg), cfg.data.max_length)
+        spec = environment_spec(cfg)
+        check_tool_template(tokenizer, spec)  # before any actor starts
+        self.runner = EpisodeRunner(tokenizer, self.eos_ids, cfg.environment, spec,
+                                    cfg.data.max_length)
 
     # ---------------------------------------------------------------- the engine
 
