@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align import sandbox
 from align.config import EMBEDDED, PPOConfig
 from align.data.prompts import reward_columns
 from align.distributed import PolicyWorker, WorkerGroup
@@ -94,6 +95,10 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.eval_prompts = data.held_out[: cfg.eval.max_samples or None]
         # Held-out accuracy: the task's evaluator, or exact match with an `answer` column.
         self.task = load_task(cfg.task) if cfg.data.train == EMBEDDED else None
+        sandbox.configure(cfg.sandbox)
+        if sandbox.named_in([r.spec for r in (*cfg.rewards, *cfg.gold_rewards)]
+                            + cfg.environment.tools):
+            sandbox.default_sandbox()  # checks its settings now, before any actor starts
         self.rewards = CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.rewards])
         self.gold = (CombinedReward.from_specs([dataclasses.asdict(r) for r in cfg.gold_rewards])
                      if cfg.gold_rewards else None)
@@ -211,6 +216,7 @@ class PPOTrainer(Trainer[PPOConfig]):
                    **{k: v for k, v in stats.items() if k.startswith("rewards/")
                       and k.endswith("/mean")},
                    **scores.extra,  # shaped values, ensemble spread
+                   **sandbox.take_metrics(),  # code run since the last step (code_tests, tools)
                    "kl_coef": self.kl.coef,
                    "completions/mean_length": float(np.mean(rollout.lengths)),
                    "completions/clipped_ratio": float(np.mean(rollout.truncated))}
