@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -130,6 +131,21 @@ class JsonPost:
         if size > limit:
             raise self.error(f"POST {self.url}: response exceeds max_response_bytes={limit}")
         return b"".join(chunks)
+
+
+def bearer_header(token_env: str | None, error: type[AlignError], where: str) -> dict[str, str]:
+    """``{"Authorization": "Bearer <token>"}`` with the token read from the environment
+    variable ``token_env`` names (kept out of configs, which runs copy); {} for None.
+
+    Raises:
+        error: When the variable is not set, the message starting with ``where``.
+    """
+    if token_env is None:
+        return {}
+    token = os.environ.get(token_env)
+    if not token:
+        raise error(f"{where}: token_env names {token_env}, which is not set in the environment")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def excerpt(data: bytes) -> str:

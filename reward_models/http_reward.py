@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from align.errors import ConfigError, RewardError
-from align.http_json import JsonPost
+from align.http_json import JsonPost, bearer_header
 from reward_models.style_adapters import openrlhf_arguments
 
 _MiB = 1024 * 1024
@@ -94,7 +93,8 @@ class HttpReward:
         body = _encode(self._body(prompts, completions, columns))
         post = JsonPost(self.url, self.timeout_s, self.max_tries, self.backoff_s,
                         self.max_response_bytes, self.headers, RewardError)
-        return self._rewards_from(post(body, self._token_header()))
+        headers = bearer_header(self.token_env, RewardError, f"POST {self.url}")
+        return self._rewards_from(post(body, headers))
 
     def _body(self, prompts: list[Any], completions: list[Any],
               columns: dict[str, Any]) -> dict[str, Any]:
@@ -110,15 +110,6 @@ class HttpReward:
                         "already applied) or the align protocol, which takes message lists")
         queries, prompts, labels = openrlhf_arguments(prompts, completions, columns)
         return {"query": queries, "prompts": prompts, "labels": labels}
-
-    def _token_header(self) -> dict[str, str]:
-        if self.token_env is None:
-            return {}
-        token = os.environ.get(self.token_env)
-        if not token:
-            raise RewardError(f"POST {self.url}: token_env names {self.token_env}, which is "
-                              "not set in the environment")
-        return {"Authorization": f"Bearer {token}"}
 
     def _rewards_from(self, answer: Any) -> list[Any]:
         if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):

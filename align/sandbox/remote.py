@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 from collections.abc import Mapping
 
 from align.config import SandboxLimits
-from align.http_json import JsonPost
+from align.http_json import JsonPost, bearer_header
 from align.sandbox.local import MAIN, program_files
 from align.sandbox.result import ExecutionResult, SandboxError, classify_stop
 
@@ -77,17 +76,9 @@ class HttpExecutor:
         post = JsonPost(self.url, limits.timeout_s + HTTP_SLACK_S, self.max_tries,
                         self.backoff_s, MAX_ANSWER_BYTES, error=SandboxError)
         start = time.monotonic()
-        answer = post(json.dumps(body).encode(), self._token_header())
+        headers = bearer_header(self.token_env, SandboxError, "sandbox")
+        answer = post(json.dumps(body).encode(), headers)
         return self._result(answer, limits, time.monotonic() - start)
-
-    def _token_header(self) -> dict[str, str]:
-        if self.token_env is None:
-            return {}
-        token = os.environ.get(self.token_env)
-        if not token:
-            raise SandboxError(f"sandbox.token_env names {self.token_env}, which is not set "
-                               "in the environment")
-        return {"Authorization": f"Bearer {token}"}
 
     def _result(self, answer: object, limits: SandboxLimits, seconds: float) -> ExecutionResult:
         if not isinstance(answer, dict) or "status" not in answer:
