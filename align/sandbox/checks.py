@@ -12,14 +12,10 @@ import dataclasses
 import math
 import os
 import shutil
-from typing import TYPE_CHECKING
 
 from align.config import SandboxConfig, SandboxLimits
 from align.errors import ConfigError
-from align.sandbox.result import SandboxError
-
-if TYPE_CHECKING:
-    from align.sandbox.sandbox import Sandbox
+from align.sandbox.result import Executor, SandboxError
 
 PROBE = "import sys\nsys.stdout.write('ok')\n"
 _MINIMUM = {"timeout_s": 0.0, "cpu_time_s": 1, "memory_mb": 1, "file_size_mb": 1, "disk_mb": 1,
@@ -55,20 +51,19 @@ def check_values(config: SandboxConfig) -> None:
                           "http with a SandboxFusion service")
 
 
-def check_start(sandbox: Sandbox) -> None:
-    """Run a one-line program through ``sandbox`` with its limits.
+def check_start(config: SandboxConfig, executor: Executor) -> None:
+    """Run a one-line program through ``executor`` under ``config``'s limits.
 
     Raises:
-        ConfigError: When the sandbox cannot run it, naming the setting to change.
+        ConfigError: When it cannot run, naming the setting to change.
     """
-    config = sandbox.config
     try:
-        result = sandbox.executor.run(PROBE, limits=config.limits)
+        result = executor.run(PROBE, limits=config.limits)
     except SandboxError as err:
         raise ConfigError(_unavailable(config, err)) from err
     if result.ok and result.stdout == "ok":
         return
-    culprit = _limit_to_blame(sandbox, config.limits)
+    culprit = _limit_to_blame(executor, config.limits)
     detail = (result.stderr.strip().splitlines() or [f"exit status {result.exit_code}"])[-1]
     if result.stopped_by:
         detail = f"stopped by {result.stopped_by}: {detail}"
@@ -95,7 +90,7 @@ def _unavailable(config: SandboxConfig, err: SandboxError) -> str:
     return f"sandbox: the local sandbox does not work here ({text}); check sandbox.python"
 
 
-def _limit_to_blame(sandbox: Sandbox, limits: SandboxLimits) -> str | None:
+def _limit_to_blame(executor: Executor, limits: SandboxLimits) -> str | None:
     """The first limit whose default (where higher) alone lets the probe run."""
     defaults = SandboxLimits()
     for field in dataclasses.fields(SandboxLimits):
@@ -104,7 +99,7 @@ def _limit_to_blame(sandbox: Sandbox, limits: SandboxLimits) -> str | None:
             continue
         relaxed = dataclasses.replace(limits, **{field.name: default})
         try:
-            result = sandbox.executor.run(PROBE, limits=relaxed)
+            result = executor.run(PROBE, limits=relaxed)
         except SandboxError:
             return None
         if result.ok and result.stdout == "ok":

@@ -177,7 +177,9 @@ def _write_files(spec: dict) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as file:
             file.write(base64.b64decode(content))
-        os.chown(path, owner, owner)
+    for folder, _, names in os.walk(workdir):
+        for path in (folder, *(os.path.join(folder, n) for n in names)):
+            os.chown(path, owner, owner)
 
 
 def _hide(folder: str, keep: dict[str, int]) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -92,7 +93,7 @@ class LocalExecutor:
     def __init__(self, python: str | None = None, allow_network: bool = False,
                  hide_paths: tuple[str, ...] | list[str] = ("~",),
                  env: Mapping[str, str] | None = None) -> None:
-        self.python = python or sys.executable
+        self.python = shutil.which(python) or python if python else sys.executable
         self.allow_network = allow_network
         self.as_root = os.geteuid() == 0
         self.keep = interpreter_folders(self.python)
@@ -236,7 +237,8 @@ class _Execution:
         self.streams = {"stdout": _Stream(limits.max_output_bytes),
                         "stderr": _Stream(limits.max_output_bytes)}
         self.status = bytearray()
-        self.killed_for: str | None = None
+        self.killed_for: str | None = None  # the limit the sandbox killed the code for
+        self.killed_at: float | None = None
 
     def run(self) -> ExecutionResult:
         spec_r, spec_w = os.pipe()
@@ -278,18 +280,16 @@ class _Execution:
             selector.register(fd, selectors.EVENT_WRITE)
         for fd in readers:
             selector.register(fd, selectors.EVENT_READ)
-        killed_at = None
         try:
             while readers:
                 now = time.monotonic()
-                if now >= deadline and self.killed_for is None and b'"exit"' not in self.status:
-                    self._kill(process, "wall_time")
-                if self.killed_for is not None:
-                    killed_at = killed_at or now
-                    if now - killed_at > _KILL_GRACE_S:
-                        raise SandboxError("the sandbox's processes outlived SIGKILL for "
-                                           f"{_KILL_GRACE_S} s")
-                wait = max(deadline - now, 0.0) if self.killed_for is None else 0.0
+                if now >= deadline and self.killed_at is None:
+                    # an exit already reported is the code's own, whatever holds a pipe open
+                    self._kill(process, None if b'"exit"' in self.status else "wall_time")
+                if self.killed_at is not None and now - self.killed_at > _KILL_GRACE_S:
+                    raise SandboxError("the sandbox's pipes stayed open "
+                                       f"{_KILL_GRACE_S:g} s after SIGKILL")
+                wait = deadline - now if self.killed_at is None else 0.0
                 for key, _ in selector.select(max(wait, 0.05)):
                     if key.fd in writers:
                         if writers[key.fd].send(key.fd):
@@ -309,12 +309,12 @@ class _Execution:
             return False
         if name == "status":
             self.status += chunk
-        elif self.streams[name].add(chunk) and self.killed_for is None:
+        elif self.streams[name].add(chunk) and self.killed_at is None:
             self._kill(process, "output")
         return True
 
-    def _kill(self, process: subprocess.Popen, reason: str) -> None:
-        self.killed_for = reason
+    def _kill(self, process: subprocess.Popen, reason: str | None) -> None:
+        self.killed_for, self.killed_at = reason, time.monotonic()
         _kill_group(process)
 
     def _result(self, seconds: float) -> ExecutionResult:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
+from align.config import SandboxLimits
 from align.errors import InfrastructureError
 
 STOP_REASONS = ("wall_time", "cpu_time", "memory", "file_size", "disk", "open_files",
@@ -52,6 +55,17 @@ class ExecutionResult:
     def ok(self) -> bool:
         """Whether the code ran to its end and exited 0."""
         return self.exit_code == 0 and self.stopped_by is None
+
+
+class Executor(Protocol):
+    """A backend: runs a program once, contained (``LocalExecutor``, ``HttpExecutor``)."""
+
+    def run(self, code: str | None = None, *, files: Mapping[str, str | bytes] | None = None,
+            stdin: str | bytes = b"", limits: SandboxLimits | None = None,
+            entry: str = "main.py") -> ExecutionResult:
+        """Run ``code`` (as ``entry``) or ``files[entry]``; raise SandboxError on the sandbox's
+        own failure."""
+        ...
 
 
 # The exception line Python prints last when a limit refused something; the last match in the

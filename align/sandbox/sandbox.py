@@ -18,7 +18,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from align.config import SandboxConfig, SandboxLimits
 from align.config_loading import from_dict
@@ -27,22 +26,11 @@ from align.sandbox.checks import check_start, check_values
 from align.sandbox.counts import COUNTS
 from align.sandbox.local import MAIN, LocalExecutor
 from align.sandbox.remote import HttpExecutor
-from align.sandbox.result import ExecutionResult, SandboxError
+from align.sandbox.result import ExecutionResult, Executor, SandboxError
 
 ENV_VAR = "ALIGN_SANDBOX"
 # Config entries that run code in the default sandbox: a run naming one checks it at start-up.
 ENTRY_POINTS = ("reward_models.builtin:code_tests", "align.sandbox.tools:")
-
-
-class Executor(Protocol):
-    """What a backend offers: run a program once, contained."""
-
-    def run(self, code: str | None = None, *, files: Mapping[str, str | bytes] | None = None,
-            stdin: str | bytes = b"", limits: SandboxLimits | None = None,
-            entry: str = MAIN) -> ExecutionResult:
-        """Run ``code`` (as main.py) or ``files[entry]``; raise SandboxError on the sandbox's
-        own failure."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -158,7 +146,7 @@ def default_sandbox() -> Sandbox:
         if _default is None:
             config = _configured or settings_from_environment()
             sandbox = Sandbox(config)
-            check_start(sandbox)
+            check_start(config, sandbox.executor)
             _default = sandbox
         return _default
 
