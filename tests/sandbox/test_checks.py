@@ -26,7 +26,8 @@ pytestmark = needs_namespaces
 ])
 def test_a_limit_python_cannot_start_under_is_named(limits, key):
     with pytest.raises(ConfigError, match=f"{key} is below what Python needs to start"):
-        check_start(Sandbox(SandboxConfig(limits=limits)))
+        config = SandboxConfig(limits=limits)
+        check_start(config, Sandbox(config).executor)
 
 
 @pytest.mark.parametrize(("config", "needle"), [

@@ -9,17 +9,10 @@ import time
 import pytest
 
 from align.errors import RewardError
-from align.sandbox import (
-    Sandbox,
-    SandboxConfig,
-    SandboxError,
-    SandboxLimits,
-    configure,
-    take_metrics,
-)
+from align.sandbox import Sandbox, SandboxConfig, SandboxLimits, configure, take_metrics
 from align.sandbox.code_tests import extract_code
 from reward_models import load_reward
-from tests.sandbox.conftest import needs_namespaces
+from tests.sandbox.conftest import Unavailable, needs_namespaces
 
 pytestmark = needs_namespaces
 ADD = "```python\ndef add(a, b):\n    return a + b\n```"
@@ -34,7 +27,7 @@ def score(completions, tests, **kwargs):
 
 @pytest.fixture(autouse=True)
 def quick_limits():
-    configure(SandboxConfig(limits=SandboxLimits(timeout_s=3, cpu_time_s=2)))
+    configure(SandboxConfig(limits=SandboxLimits(timeout_s=1.5, cpu_time_s=1)))
 
 
 def test_assert_lists_score_the_fraction_passed():
@@ -75,7 +68,7 @@ def test_chat_completions_and_rows_without_tests():
 def test_ways_to_fake_a_pass_score_zero(cheat):
     started = time.monotonic()
     assert score([f"```python\n{cheat}\n```"], [ADD_TESTS]) == [0.0]
-    assert time.monotonic() - started < 3 + 2
+    assert time.monotonic() - started < 1.5 + 1.5  # the deadline and a margin
 
 
 def test_executions_run_concurrently_up_to_the_cap():
@@ -89,15 +82,10 @@ def test_executions_run_concurrently_up_to_the_cap():
     assert metrics["sandbox/executions"] == 8 and metrics["sandbox/ok"] == 8
 
 
-class Unavailable:
-    def run(self, *args, **kwargs):
-        raise SandboxError("service down")
-
-
 def test_a_sandbox_failure_stops_the_run(monkeypatch):
     monkeypatch.setattr("align.sandbox.default_sandbox",
                         lambda: Sandbox(executor=Unavailable()))
-    with pytest.raises(RewardError, match="code_tests.*SandboxError: service down"):
+    with pytest.raises(RewardError, match="code_tests.*SandboxError: the sandbox is unavail"):
         score([ADD], [ADD_TESTS])
 
 

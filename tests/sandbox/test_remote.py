@@ -36,7 +36,7 @@ class FakeSandboxFusion(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(body)
+        type(self).requests.append({**body, "authorization": self.headers["Authorization"]})
         if self.path != "/run_code":
             return self._send(404, {"detail": "Not Found"})
         if self.script:
@@ -96,7 +96,7 @@ def test_a_time_limit_and_a_memory_error_are_named(service):
     executor = HttpExecutor(service)
     slow = executor.run("import time\ntime.sleep(30)", limits=SandboxLimits(timeout_s=1))
     assert slow.timed_out and slow.exit_code == -9
-    hog = executor.run("x = bytearray(20 * 2**30)")
+    hog = executor.run("import mmap\nx = mmap.mmap(-1, 20 * 2**30)")
     assert hog.stopped_by == "memory"
 
 
@@ -130,6 +130,15 @@ def test_a_500_fails_at_once(service):
 
 
 def test_a_url_that_does_not_answer_names_the_key():
-    sandbox = Sandbox(SandboxConfig(backend="http", url="http://127.0.0.1:9", max_tries=1))
+    config = SandboxConfig(backend="http", url="http://127.0.0.1:9", max_tries=1)
     with pytest.raises(ConfigError, match=r"sandbox\.url: .*127\.0\.0\.1:9 does not answer"):
-        check_start(sandbox)
+        check_start(config, Sandbox(config).executor)
+
+
+def test_a_bearer_token_comes_from_the_environment(service, monkeypatch):
+    monkeypatch.setenv("SANDBOX_TOKEN", "s3cret")
+    HttpExecutor(service, token_env="SANDBOX_TOKEN").run("print(1)")
+    assert FakeSandboxFusion.requests[-1]["authorization"] == "Bearer s3cret"
+    monkeypatch.delenv("SANDBOX_TOKEN")
+    with pytest.raises(SandboxError, match="token_env names SANDBOX_TOKEN, which is not set"):
+        HttpExecutor(service, token_env="SANDBOX_TOKEN").run("print(1)")

@@ -14,7 +14,7 @@ import pytest
 
 from align.sandbox import LocalExecutor, SandboxLimits
 from tests.sandbox.conftest import MARK, processes_marked
-from tests.sandbox.test_local import assert_clean
+from tests.sandbox.test_local import BOUNDED_FORK_BOMB, assert_clean
 
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
@@ -75,18 +75,7 @@ print(os.getuid())
 def test_a_fork_bomb_gets_the_process_limit(nobody):
     executor, mark = nobody
     limits = SandboxLimits(processes=8)
-    result = executor.run("""
-import os, time
-forks = 0
-try:
-    while forks < 300:
-        if os.fork() == 0:
-            time.sleep(60)
-            os._exit(0)
-        forks += 1
-finally:
-    print(forks, flush=True)
-""", limits=limits)
+    result = executor.run(BOUNDED_FORK_BOMB, limits=limits)
     assert int(result.stdout) < limits.processes
     assert result.stopped_by == "processes"
     assert_clean(mark)
