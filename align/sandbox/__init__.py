@@ -18,9 +18,8 @@ from align.config import SandboxConfig, SandboxLimits
 from align.sandbox.counts import take_metrics
 from align.sandbox.local import LocalExecutor
 from align.sandbox.remote import HttpExecutor
-from align.sandbox.result import STOP_REASONS, ExecutionResult, SandboxError
+from align.sandbox.result import STOP_REASONS, ExecutionResult, Executor, SandboxError
 from align.sandbox.sandbox import (
-    Executor,
     Job,
     Sandbox,
     configure,

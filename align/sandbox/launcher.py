@@ -6,17 +6,18 @@ It reads the execution's spec (JSON) from SPEC_FD and builds, in this order:
 1. a PID namespace (with a user namespace first when not root), whose first process, `init`,
    stays outside the code's reach: when init ends, the kernel kills every process left in the
    namespace, so nothing the code started can outlive the execution;
-2. in init: mount, network (unless the spec allows the network), IPC and UTS namespaces; a
-   tmpfs of ``disk_mb`` on /tmp (also seen at /var/tmp, /dev/shm and /run/lock) holding the
-   working folder and the spec's files; a fresh /proc; each hidden folder replaced by an empty
-   tmpfs with only the interpreter's own folders bound back; every other mount read-only;
+2. in init: mount, network (unless the spec allows the network), IPC and UTS namespaces;
+   every mount of the host read-only; a tmpfs of ``disk_mb`` on /tmp (also seen at /var/tmp,
+   /dev/shm and /run/lock) holding the working folder and the spec's files; a fresh /proc;
+   each hidden folder replaced by an empty tmpfs with only the interpreter's own folders bound
+   back, read-only;
 3. the code's process: rlimits, then an unprivileged identity (as root: a uid of its own, so
    RLIMIT_NPROC counts only this execution's processes; in a user namespace: no capabilities),
    no new privileges, death with init, then ``execve`` of the interpreter.
 
-It reports on STATUS_FD, one JSON object a line: ``{"pid": N}`` (init, as the caller sees it),
-``{"error": TEXT}`` when any step of the set-up fails (the sandbox's failure, never the
-code's), and ``{"exit": STATUS, "cpu_s": S, "max_rss_kb": K}`` when the code's process ends.
+It reports on STATUS_FD, one JSON object a line: ``{"error": TEXT}`` when any step of the
+set-up fails (the sandbox's failure, never the code's), and ``{"exit": STATUS, "cpu_s": S}``
+when the code's process ends.
 
 It imports only the standard library: it runs under the code's interpreter, which need not
 have align installed.
@@ -98,8 +99,7 @@ def main() -> None:
         _report(status_fd, error=f"{type(err).__name__}: {err}")
         sys.exit(1)
     if init == 0:
-        _run_init(spec, status_fd, os.getppid())
-    _report(status_fd, pid=init)
+        _run_init(spec, status_fd)
     os.waitpid(init, 0)
 
 
@@ -115,12 +115,14 @@ def _enter_user_and_pid_namespaces(spec: dict) -> None:
             file.write(text)
 
 
-def _run_init(spec: dict, status_fd: int, launcher: int) -> None:
-    """PID 1 of the namespace: builds the file system view, starts the code, reaps."""
+def _run_init(spec: dict, status_fd: int) -> None:
+    """PID 1 of the namespace: builds the file system view, starts the code, reaps.
+
+    It dies with the launcher (its parent-death signal), and, being in the launcher's process
+    group, with the group's kill, which covers a launcher killed before the signal was set.
+    """
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != launcher:
-            os._exit(1)
         _unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
         if not spec["allow_network"]:
             try:
@@ -141,8 +143,7 @@ def _run_init(spec: dict, status_fd: int, launcher: int) -> None:
         except ChildProcessError:
             os._exit(0)
         if pid == code:
-            _report(status_fd, exit=status, cpu_s=usage.ru_utime + usage.ru_stime,
-                    max_rss_kb=usage.ru_maxrss)
+            _report(status_fd, exit=status, cpu_s=usage.ru_utime + usage.ru_stime)
             os._exit(0)  # the kernel now kills whatever the code left behind
 
 

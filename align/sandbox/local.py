@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.config import SandboxLimits
+from align.sandbox.launcher import SHARED_TMP, TMP
 from align.sandbox.result import ExecutionResult, SandboxError, classify_stop
 
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
-WORKDIR = "/tmp/work"  # the code's working folder inside the sandbox (and its HOME)
+WORKDIR = f"{TMP}/work"  # the code's working folder inside the sandbox (and its HOME)
 MAIN = "main.py"  # the file ``code`` is written to
 # As root, each execution runs as a uid of its own from this range (no user has one), so the
 # kernel's per-uid process count is the execution's alone.
@@ -98,6 +99,7 @@ class LocalExecutor:
         self.as_root = os.geteuid() == 0
         self.keep = interpreter_folders(self.python)
         hide = [str(Path(p).expanduser().resolve()) for p in hide_paths]
+        hide = [p for p in hide if not _within(p, [TMP, *SHARED_TMP])]  # private already
         if self.as_root:  # the code's own uid could not pass these to reach its interpreter
             hide += [closed_folder(path) for path in self.keep]
         self.hide = outermost(sorted({p for p in hide if p and os.path.isdir(p)}), self.keep)
@@ -201,10 +203,13 @@ def interpreter_folders(python: str) -> list[str]:
 def outermost(hide: list[str], keep: list[str]) -> list[str]:
     """The hidden folders that no other hides, or that lie in a kept folder (which the
     launcher binds back before it hides them)."""
-    def inside(path: str, folders: list[str]) -> bool:
-        return any(path != f and path.startswith(f.rstrip("/") + "/") for f in folders)
+    return [p for p in hide if not _within(p, hide, strictly=True) or _within(p, keep)]
 
-    return [p for p in hide if not inside(p, hide) or inside(p, keep) or p in keep]
+
+def _within(path: str, folders: list[str], strictly: bool = False) -> bool:
+    """Whether ``path`` is one of ``folders`` (unless ``strictly``) or lies below one."""
+    return any(path.startswith(f.rstrip("/") + "/") or (path == f and not strictly)
+               for f in folders)
 
 
 def closed_folder(path: str) -> str:
@@ -323,9 +328,10 @@ class _Execution:
         ended = next((m for m in messages if "exit" in m), None)
         if errors:
             raise SandboxError(f"the local sandbox could not run the code: {errors[0]}")
-        if ended is None and self.killed_for is None:
-            raise SandboxError("the local sandbox's launcher ended without a report")
         out, err = self.streams["stdout"], self.streams["stderr"]
+        if ended is None and self.killed_for is None:
+            raise SandboxError("the local sandbox's launcher ended without a report: "
+                               f"{err.text()[-300:]!r}")
         if ended is not None:
             exit_code = os.waitstatus_to_exitcode(ended["exit"])
         else:
