@@ -68,7 +68,7 @@ def test_chat_completions_and_rows_without_tests():
 def test_ways_to_fake_a_pass_score_zero(cheat):
     started = time.monotonic()
     assert score([f"```python\n{cheat}\n```"], [ADD_TESTS]) == [0.0]
-    assert time.monotonic() - started < 1.5 + 1.5  # the deadline and a margin
+    assert time.monotonic() - started < 1.5 + 2.5  # the deadline, start-up and a margin
 
 
 def test_executions_run_concurrently_up_to_the_cap():
@@ -77,7 +77,7 @@ def test_executions_run_concurrently_up_to_the_cap():
     take_metrics()
     started = time.monotonic()
     assert score([sleeper] * 8, [{"inputs": [""], "outputs": ["1"]}] * 8) == [1.0] * 8
-    assert time.monotonic() - started < 4  # one at a time would take 8 s
+    assert time.monotonic() - started < 6  # one at a time would take 8 s
     metrics = take_metrics()
     assert metrics["sandbox/executions"] == 8 and metrics["sandbox/ok"] == 8
 
