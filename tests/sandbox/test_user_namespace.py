@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import socket
+import subprocess
 import uuid
 
 import pytest
@@ -40,14 +41,21 @@ class AsNobody(LocalExecutor):
         return {"user": NOBODY.pw_uid, "group": NOBODY.pw_gid, "extra_groups": []}
 
 
-def _probe() -> str | None:
+def _refused() -> str | None:
+    """Why this machine cannot run the mode (None: it can), asked of the kernel directly as
+    `nobody`, so that a broken sandbox fails these tests rather than skipping them."""
     if os.geteuid() != 0 or NOBODY is None or SYSTEM_PYTHON is None:
         return "needs root, a `nobody` user and /usr/bin/python3"
-    result = AsNobody().run("pass")
-    return None if result.ok else result.stderr
+    flags = 0x10000000 | 0x20000000 | 0x40000000 | 0x00020000  # user, PID, network, mount
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-S", "-c", "import ctypes, os; libc = ctypes.CDLL(None, "
+         f"use_errno=True); os._exit(0 if libc.unshare({flags}) == 0 else ctypes.get_errno())"],
+        user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[], cwd="/", timeout=60)
+    return None if probe.returncode == 0 else f"unshare failed (errno {probe.returncode})"
 
 
-pytestmark = pytest.mark.skipif(_probe() is not None, reason="no user namespace here")
+_REFUSED = _refused()
+pytestmark = pytest.mark.skipif(_REFUSED is not None, reason=f"no user namespace: {_REFUSED}")
 
 
 @pytest.fixture()
