@@ -405,6 +405,37 @@ class EnvironmentConfig:
 
 
 @dataclass
+class SandboxLimits:
+    """What one execution of model-written code may use (align.sandbox, docs/sandbox.md)."""
+
+    timeout_s: float = 10.0  # wall clock; past it every process of the execution is killed
+    cpu_time_s: int = 10  # CPU seconds per process (RLIMIT_CPU)
+    memory_mb: int = 1024  # address space per process (RLIMIT_AS)
+    file_size_mb: int = 16  # largest file the code may write (RLIMIT_FSIZE)
+    disk_mb: int = 64  # local: the private working folder and /tmp together (a tmpfs)
+    open_files: int = 64  # file descriptors per process (RLIMIT_NOFILE)
+    processes: int = 16  # local: processes and threads at once (RLIMIT_NPROC, per execution)
+    max_output_bytes: int = 65536  # stdout and stderr each; more stops the code (cut, flagged)
+
+
+@dataclass
+class SandboxConfig:
+    """Where model-written code runs: the python tool and reward_models.builtin:code_tests."""
+
+    backend: Literal["local", "http"] = "local"  # local: namespaces + rlimits; http: a service
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    max_concurrent: int = 8  # executions at once in one process (code_tests, tools)
+    allow_network: bool = False  # local: true runs without a network namespace (code reaches it)
+    python: str | None = None  # local: interpreter of the code; None: the one running align
+    hide_paths: list[str] = field(default_factory=lambda: ["~"])  # local: seen empty (~: home)
+    env: dict[str, str] = field(default_factory=dict)  # more variables; none are inherited
+    url: str | None = None  # http: a SandboxFusion service (POST {url}/run_code)
+    max_tries: int = 3  # http: attempts in all (connection errors, 429, 502, 503, 504)
+    backoff_s: float = 0.5  # http: wait before the 2nd attempt; doubles for each further one
+    token_env: str | None = None  # http: environment variable holding a bearer token
+
+
+@dataclass
 class AlgorithmConfig:
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"  # advantage estimator
     gamma: float = 1.0  # discount (gae, reinforce_pp)
@@ -450,6 +481,7 @@ class PPOConfig(RunConfig):
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # model-written code runs here
 
     def check(self) -> None:
         ro, alg = self.rollout, self.algorithm

@@ -76,6 +76,11 @@ def did_you_mean(word: str, options: list[str], otherwise: str = "", prefix: str
     return f"; did you mean '{prefix}{close[0]}'?" if close else otherwise
 
 
+class InfrastructureError(AlignError):
+    """The machinery around user or model code failed, not the code itself (a sandbox that
+    cannot start, a service that does not answer): counted apart from the code's own errors."""
+
+
 class CheckpointError(AlignError):
     """A checkpoint cannot be loaded safely: it needs code to load, or it is unreadable."""
 

@@ -13,6 +13,7 @@ Parameters are set per config entry with ``kwargs``::
     - {spec: reward_models.builtin:format_reward, kwargs: {max_digits: 3}}
     - {spec: reward_models.builtin:length_penalty, kwargs: {target_chars: 4, per_char: 0.05}}
     - {spec: reward_models.builtin:overlong_penalty, kwargs: {max_length: 6, soft_buffer: 2}}
+    - {spec: reward_models.builtin:code_tests, kwargs: {all_or_nothing: true}}
 """
 
 from __future__ import annotations
@@ -189,6 +190,40 @@ def math_answer(
         given = final_answer(clean_completion(completion))
         results.append(float(given is not None and same_answer(given, reference)))
     return results
+
+
+def code_tests(
+    prompts: list[str], completions: list[Any], tests: list[Any], all_or_nothing: bool = False,
+    **columns: Any
+) -> list[float | None]:
+    """The fraction of a row's tests that the completion's code passes, run in the sandbox.
+
+    The code is the completion's last fenced block (or, with no opening fence, the text up
+    to the first closing one, else all of it). ``tests`` holds assert statements (a list of
+    strings, or one string of Python), stdin/stdout cases (``{"inputs": [...], "outputs":
+    [...]}``, as a mapping or a JSON string, or a list of ``{"input", "output"}``), or call
+    cases (that mapping with ``fn_name``); ``align.sandbox.code_tests`` says how each is judged.
+    Every execution of the batch runs in the process's sandbox (``sandbox`` in the config,
+    docs/sandbox.md), ``sandbox.max_concurrent`` at once; its counts are logged as
+    ``sandbox/*``. A failure of the sandbox itself (not of the code) stops the run rather than
+    score the batch unfairly.
+
+    Args:
+        prompts: Unused (part of the protocol).
+        completions: Generated completions (strings, or chat messages).
+        tests: Each row's tests (map a differently named column with ``data.columns``, e.g.
+            ``{tests: test_list}``); None or empty gives None.
+        all_or_nothing: 1.0 only when every test passes, else 0.0.
+        **columns: Other columns, ignored.
+
+    Returns:
+        One value in [0, 1] (or None) per sample.
+    """
+    from align.sandbox import default_sandbox
+    from align.sandbox.code_tests import extract_code, score_rows
+
+    codes = [extract_code(clean_completion(c)) for c in completions]
+    return score_rows(default_sandbox(), codes, list(tests), all_or_nothing)
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

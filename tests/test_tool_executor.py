@@ -174,3 +174,14 @@ def test_bad_settings_are_refused():
         ToolExecutor(max_concurrent=0, timeout_s=1)
     with pytest.raises(ValueError, match="timeout_s"):
         ToolExecutor(max_concurrent=1, timeout_s=0)
+
+
+def test_a_tool_whose_machinery_fails_is_an_infrastructure_failure():
+    """A sandbox that cannot start (an InfrastructureError) is not the model's mistake."""
+    from align.errors import InfrastructureError
+
+    def broken_sandbox(code: str) -> str:
+        raise InfrastructureError("the sandbox could not start")
+
+    result = ToolExecutor(2, 5.0).run([(broken_sandbox, {"code": "1"}, False)])[0]
+    assert result.infra and not result.error and "could not start" in result.error_text

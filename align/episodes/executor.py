@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from align.errors import InfrastructureError
+
 _LOOP: asyncio.AbstractEventLoop | None = None
 _LOOP_LOCK = threading.Lock()
 
@@ -136,6 +138,10 @@ class ToolExecutor:
                 return ToolResult(f"Error: TimeoutError: {reason}", error=False, infra=True,
                                   seconds=time.perf_counter() - start, error_text=reason)
             value = future.result()
+        except InfrastructureError as err:  # what runs the tool failed (a sandbox): not the model's
+            text = f"Error: {type(err).__name__}: {err}"
+            return ToolResult(text, error=False, infra=True,
+                              seconds=time.perf_counter() - start, error_text=text)
         except BaseException as err:  # the tool's own exception: its text goes back to the model
             text = f"Error: {type(err).__name__}: {err}"
             return ToolResult(text, error=True, infra=False,

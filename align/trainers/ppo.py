@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align import sandbox
 from align.config import EMBEDDED, PPOConfig
 from align.distributed import PolicyWorker, WorkerGroup
 from align.episodes.rewards import with_environment_reward
@@ -79,6 +80,7 @@ class PPOTrainer(Trainer[PPOConfig]):
         self.eval_prompts = data.held_out[: cfg.eval.max_samples or None]
         # Held-out accuracy: the task's evaluator, or exact match with an `answer` column.
         self.task = load_task(cfg.task) if cfg.data.train == EMBEDDED else None
+        sandbox.start_for_run(cfg)  # its settings checked now, before any actor starts
         self.rewards = with_environment_reward(
             [dataclasses.asdict(r) for r in cfg.rewards], environment_spec(cfg),
             cfg.environment.reward_weight)
@@ -198,6 +200,7 @@ class PPOTrainer(Trainer[PPOConfig]):
                    **{k: v for k, v in stats.items() if k.startswith("rewards/")
                       and k.endswith("/mean")},
                    **scores.extra,  # shaped values, ensemble spread
+                   **sandbox.take_metrics(),  # code run since the last step (code_tests, tools)
                    "kl_coef": self.kl.coef,
                    "completions/mean_length": float(np.mean(rollout.lengths)),
                    "completions/clipped_ratio": float(np.mean(rollout.truncated))}
