@@ -272,3 +272,18 @@ def test_chatml_reports_no_drift_over_a_multi_turn_chat():
     episodes = play.run(ScriptedEngine(tok, lambda text: next(guesses)), [example(target=3)],
                         SAMPLING)
     assert episodes[0].turns == 3 and episodes[0].drift is None
+
+
+def test_the_python_tool_runs_model_code_in_the_sandbox_within_an_episode():
+    tok = tokenizer()
+    cfg = EnvironmentConfig(tools=["align.sandbox.tools:python"], max_turns=3,
+                            tool_timeout_s=30.0)
+    play = EpisodeRunner(tok, [tok.eos_token_id], cfg, load_environment(cfg), 4096)
+    code = '{"code": "import os; print(6 * 7, os.environ.get(\\"HF_TOKEN\\"))"}'
+
+    def script(text):
+        return "done" if "<tool_response>" in text else CALL % ("python", code)
+
+    episode = play.run(ScriptedEngine(tok, script), [example()], SAMPLING)[0]
+    assert episode.infra_error is None and episode.tool_calls == 1
+    assert "42 None" in tok.decode(episode.segments[1].ids)  # ran, and saw no secret
