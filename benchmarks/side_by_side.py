@@ -174,8 +174,9 @@ def _tree_rss(pid: int) -> int:
 
 
 def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[str, float]:
-    """Run one tool in a fresh `python script --child tool`; returns its samples/s and the
-    peak RSS (MB) of its process tree."""
+    """Run one tool in a fresh `python script --child tool`; returns the JSON line it printed
+    last (its samples/s and whatever else the script reports) and the peak RSS (MB) of its
+    process tree."""
     cmd = [sys.executable, script, "--child", tool, "--spec", json.dumps(asdict(spec))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
@@ -198,7 +199,7 @@ def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[s
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{tool} {spec.stage} run failed (exit {proc.returncode}):\n"
                            f"{stderr[-3000:]}")
-    return {"samples_per_s": json.loads(lines[-1])["samples_per_s"], "peak_rss_mb": peak / 2**20}
+    return {**json.loads(lines[-1]), "peak_rss_mb": peak / 2**20}
 
 
 def compare(script: str, stage: str, model: str, write_data: Callable[[Path, int], Path],

@@ -18,7 +18,8 @@ BENCH = ROOT / "benchmarks"
 LINE_KEYS = {"stage", "model", "align_samples_per_s", "trl_samples_per_s", "ratio",
              "align_peak_rss_mb", "trl_peak_rss_mb"}
 
-# About 200 s on 2 cores (each script run starts its own processes): CI runs it
+# About 200 s on 2 cores (each script run starts its own processes), and 270 s more for the
+# tool-calling comparison (its SFT warm-up, then one run of each trainer): CI runs it
 # (`.ci/run` sets ALIGN_TEST_FULL=1), `make test` leaves it out to stay within 15 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("ALIGN_TEST_FULL") != "1", reason="ALIGN_TEST_FULL=1 runs it")]
@@ -73,3 +74,13 @@ def test_zero_memory_partitions_optimizer_state_over_two_workers(ray_local):
     assert (one["workers"], two["workers"]) == (1, 2)
     assert two["optimizer_mb"] < 0.6 * one["optimizer_mb"]  # moments and master split in two
     assert two["parameters_mb"] == one["parameters_mb"]  # ZeRO-2 keeps whole parameters
+
+
+def test_agentic_vs_trl_plays_tool_calling_episodes_on_both_sides(ray_local):
+    (line,) = _run("agentic_vs_trl.py", "--quick", timeout=600)
+    for tool in ("align", "trl"):
+        assert line[f"{tool}_episodes_per_s"] > 0 and line[f"{tool}_completions_per_s"] > 0
+        # the warm-up taught tool calls: episodes run past their first turn on both sides
+        assert line[f"{tool}_turns_per_episode"] > 1 and line[f"{tool}_tool_calls_per_episode"] > 0
+        assert 0 <= line[f"{tool}_reward_last"] <= 1
+    assert line["ratio"] == round(line["align_episodes_per_s"] / line["trl_episodes_per_s"], 3)

@@ -1,6 +1,6 @@
 """The episode runner: every rollout of a round, played turn by turn on the rollout engine.
 
-All live episodes of a round generate their next turn in one engine call (one per distinct
+All live episodes of a round generate their next turn in one engine call (each cut at its own
 token budget), then every tool call of that turn, across episodes, runs concurrently on the
 `ToolExecutor`; the results are tokenised through the chat template and appended after the
 sampled tokens. A round with no environment is the one-turn case: one call, no tools, and the
@@ -27,7 +27,7 @@ from align.episodes.episode import ENV, MODEL, Episode, Segment
 from align.episodes.render import ChatRenderer
 from align.rollout.base import Sampling
 
-TURN_SEED_STRIDE = 1_000_033  # sampling seed offset per turn (and per budget group below it)
+TURN_SEED_STRIDE = 1_000_033  # sampling seed offset per turn
 TRUNCATION_NOTE = "\n[output truncated]"
 
 
@@ -132,29 +132,38 @@ class EpisodeRunner:
 
     def _generate(self, engine: Any, live: list[Episode], sampling: Sampling,
                   turn: int) -> None:
-        """Sample every live episode's next turn, one engine call per token budget."""
+        """Sample every live episode's next turn in one engine call.
+
+        Each episode has its own token budget (the turn's, or what is left of the episode's);
+        the call gets the largest and each turn is cut at its own. The first k tokens of a
+        sample are distributed alike whatever the call's limit, so the cut turn is a sample
+        under its own budget; one call per distinct budget instead would run the decoding
+        loop once per group, and budgets differ from the second turn on."""
         per_turn = self.cfg.max_tokens_per_turn or sampling.max_new_tokens
-        groups: dict[int, list[Episode]] = defaultdict(list)
+        acting: list[tuple[Episode, int]] = []
         for episode in live:
             budget = min(per_turn, self.cfg.max_episode_tokens - len(episode.ids))
             if budget <= 0:
                 episode.truncated = episode.done = True
             else:
-                groups[budget].append(episode)
-        for number, (budget, group) in enumerate(sorted(groups.items())):
-            seed = (None if sampling.seed is None
-                    else sampling.seed + TURN_SEED_STRIDE * turn + number)
-            call = Sampling(**{**sampling.to_dict(), "max_new_tokens": budget, "seed": seed})
-            generation = engine.generate([e.prompt_ids + e.ids for e in group], call)
-            logprobs = generation.logprobs or [None] * len(group)
-            for episode, tokens, lps in zip(group, generation.tokens, logprobs):
-                episode.segments.append(Segment(MODEL, list(tokens), lps))
-                ended = bool(tokens) and tokens[-1] in self.eos
-                body = tokens[:-1] if ended else tokens
-                episode.messages.append({"role": "assistant",
-                                         "content": self.tokenizer.decode(body)})
-                if not ended:
-                    episode.truncated = episode.done = True
+                acting.append((episode, budget))
+        if not acting:
+            return
+        seed = None if sampling.seed is None else sampling.seed + TURN_SEED_STRIDE * turn
+        call = Sampling(**{**sampling.to_dict(), "seed": seed,
+                           "max_new_tokens": max(budget for _, budget in acting)})
+        generation = engine.generate([e.prompt_ids + e.ids for e, _ in acting], call)
+        logprobs = generation.logprobs or [None] * len(acting)
+        for (episode, budget), tokens, lps in zip(acting, generation.tokens, logprobs):
+            tokens = list(tokens[:budget])
+            episode.segments.append(Segment(MODEL, tokens, None if lps is None
+                                            else list(lps[:budget])))
+            ended = bool(tokens) and tokens[-1] in self.eos
+            body = tokens[:-1] if ended else tokens
+            episode.messages.append({"role": "assistant",
+                                     "content": self.tokenizer.decode(body)})
+            if not ended:
+                episode.truncated = episode.done = True
 
     def _respond(self, acting: list[Episode], turn: int) -> None:
         """The environment's answer to every episode that just ended a turn with EOS."""

@@ -230,6 +230,27 @@ def test_budgets_end_episodes_truncated():
     assert len(tok(episode.messages[-2]["content"]).input_ids) < 40
 
 
+def test_a_turn_is_one_engine_call_and_each_episode_is_cut_at_its_own_budget():
+    tok = tokenizer()
+
+    def script(text):  # a longer call (and tool output) for one episode, then a long answer
+        if "<tool_response>" in text:
+            return "y" * 300
+        return CALL % ("add", '{"a": 123456789, "b": 1}' if "big" in text else '{"a": 1, "b": 1}')
+
+    play, _ = runner(tok, max_episode_tokens=200)
+    engine = ScriptedEngine(tok, script)
+    small, big = play.run(engine, [example("Add small."), example("Add big.")], SAMPLING)
+    assert [n for n, _ in engine.calls] == [2, 2]  # both episodes in each turn's one call
+    # the call's limit is the largest budget left: the episode with the shorter first turn's
+    assert engine.calls[1][1] == 200 - sum(len(s.ids) for s in small.segments[:2])
+    for episode in (small, big):  # the second turn ran out of the episode's tokens
+        model_turn = episode.segments[-1]
+        assert episode.truncated and len(episode.ids) == 200 and episode.turns == 2
+        assert len(model_turn.ids) == len(model_turn.logprobs) < 300
+    assert len(big.segments[-1].ids) < len(small.segments[-1].ids)
+
+
 def test_turn_rewards_sit_on_the_last_token_of_their_turn():
     tok = tokenizer()
     play, _ = runner(tok, spec="tests.episodes.envs:Guess", max_turns=4)
