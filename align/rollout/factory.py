@@ -68,8 +68,11 @@ def build_engine(cfg: PPOConfig, tokenizer: Any, policy: WorkerGroup | None) -> 
     from align.rollout.vllm_engine import VLLMEngine
 
     budget = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    if cfg.environment.enabled:  # an episode's turns follow its prompt in one context
-        budget = max(budget, cfg.environment.max_episode_tokens)
+    if cfg.environment.enabled:  # an episode's turns follow its prompt in one context; a
+        # turn's call may run a turn's tokens past an episode's own budget (then cut)
+        env = cfg.environment
+        budget = max(budget, env.max_episode_tokens
+                     + (env.max_tokens_per_turn or cfg.rollout.max_new_tokens))
     max_len = cfg.rollout.vllm.max_model_len or cfg.data.max_length + budget
     engine = VLLMEngine(cfg.model, cfg.rollout.vllm, max_len, eos_token_ids(cfg.model, tokenizer),
                         tokenizer, cfg.trainer.seed,
