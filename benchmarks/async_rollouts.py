@@ -33,6 +33,8 @@ def run(mode: str, model: str | None, iterations: int, out: Path, seed: int) -> 
     overrides = [f"output_dir={out}", "overwrite=true", f"trainer.max_steps={iterations}",
                  "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
                  "eval.max_samples=0", "rollout.engine=vllm", "rollout.vllm.colocate=false",
+                 # the figures in benchmarks/README.md were measured at 32 prompts x 8
+                 "rollout.prompts_per_step=32", "trainer.global_batch_size=256",
                  f"trainer.seed={seed}"]
     overrides.append(f"model.name_or_path={model}" if model else "model.name_or_path=embedded")
     if mode == "async":
