@@ -53,6 +53,7 @@ class EmbeddedModelConfig:
     # late, seed-dependent drop of the loss (docs/decisions.md)
     initializer_range: float = 0.02  # std of the initial weights
     seed: int = 0  # initialisation seed, so every rank and rerun builds the same weights
+    chat_format: Literal["plain", "chatml"] = "plain"  # chatml: ChatML, Qwen2.5 tool calls
 
 
 @dataclass
