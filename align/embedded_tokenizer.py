@@ -11,10 +11,15 @@ format chosen by `model.embedded.chat_format`.
   are single added tokens that are not special, so decoding with `skip_special_tokens` keeps
   them and a tool call survives into the text a parser reads.
 
-Every other character is one token per byte, so the system turn holds the tools' JSON and
-nothing more (Qwen2.5 adds two paragraphs of instructions there). An assistant message is
-rendered from its raw text `content` byte for byte, and one with structured `tool_calls` (and
-empty content) renders as the same text the model would have written for them.
+Every other character is one token per byte, so the system turn is short: one line of compact
+JSON per tool, `{"name":...,"description":...,"parameters":{"a":"integer",...}}`, and nothing
+else. Qwen2.5 writes each tool's whole JSON schema there, after two paragraphs of
+instructions: for the embedded tool task that is 315 byte-tokens of schema against 100 here,
+and with it the small model had not begun to copy a tool call's arguments from the question
+after 6,400 demonstrations, where with this line it copies them after a few thousand
+(docs/decisions.md). An assistant message is rendered from its raw text `content` byte for
+byte, and one with structured `tool_calls` (and empty content) renders as the same text the
+model would have written for them.
 """
 
 from __future__ import annotations
@@ -36,14 +41,23 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 # Qwen2.5's template (trl/chat_templates/qwen2_5.jinja) with its default system prompt and
-# tool instructions left out, and a call's `arguments` written as given when already JSON text.
+# tool instructions left out, each tool as one line (name, description, parameter types), and
+# a call's `arguments` written as given when already JSON text.
 CHATML_TOOL_TEMPLATE = (
     "{%- set has_system = messages and messages[0].role == 'system' %}"
     "{%- if tools or has_system %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if has_system %}{{- messages[0].content }}{%- if tools %}{{- '\\n\\n' }}{%- endif %}"
     "{%- endif %}"
-    "{%- if tools %}{{- '<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}"
+    "{%- if tools %}{{- '<tools>' }}{%- for tool in tools %}"
+    "{%- set f = tool.function if tool.function is defined else tool %}"
+    "{{- '\\n{\"name\":' }}{{- f.name | tojson }}"
+    "{%- if f.description %}{{- ',\"description\":' }}{{- f.description | tojson }}{%- endif %}"
+    "{{- ',\"parameters\":{' }}"
+    "{%- for name, spec in ((f.parameters or {}).properties or {}).items() %}"
+    "{%- if not loop.first %}{{- ',' }}{%- endif %}"
+    "{{- name | tojson }}{{- ':' }}{{- (spec.type or 'any') | tojson }}"
+    "{%- endfor %}{{- '}}' }}"
     "{%- endfor %}{{- '\\n</tools>' }}{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
