@@ -46,7 +46,7 @@ def trained_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[str
 def test_tool_results_and_schemas_carry_no_labels_and_tool_calls_do(tok):
     (example,), _ = tokenize_sft([{"messages": MESSAGES, "tools": [SCHEMA]}], tok, 512)
     text = tok.decode(example.input_ids)
-    assert '"description": "first factor"' in text  # the schema reached the template
+    assert '"description":"Multiply two integers."' in text  # the tools reached the template
     assert trained_runs(tok, example.input_ids, example.labels) == [
         CALL_TEXT + "<|im_end|>\n", "408<|im_end|>\n"]
     response = tok.encode("<tool_response>\n408\n</tool_response>", add_special_tokens=False)
