@@ -53,6 +53,7 @@ class EmbeddedModelConfig:
     # late, seed-dependent drop of the loss (docs/decisions.md)
     initializer_range: float = 0.02  # std of the initial weights
     seed: int = 0  # initialisation seed, so every rank and rerun builds the same weights
+    chat_format: Literal["plain", "chatml"] = "plain"  # chatml: ChatML, Qwen2.5 tool calls
 
 
 @dataclass
@@ -94,12 +95,13 @@ class DataConfig:
 class TaskConfig:
     """The built-in task used when data.train is `embedded` (see align.tasks)."""
 
-    name: str = "arithmetic"  # a key of align.tasks.TASKS (`Q: 23+58=` -> ` 81`)
+    name: str = "arithmetic"  # a key of align.tasks.TASKS: arithmetic, products (tool use)
     seed: int = 1234  # generator seed (operand split, noise draws)
     num_train: int = 20000  # SFT demonstrations
     num_pairs: int = 20000  # preference pairs (reward model, DPO) from the training operands
     num_eval: int = 500  # held-out prompts for exact-match accuracy
     carry_drop_prob: float = 0.65  # chance a demonstration drops the carry (imperfect labels)
+    tool_skip_prob: float = 0.75  # products: chance a demonstration estimates x * 10k, no tool
     # `demonstrator`: dropped carry, else off by 1-3; `symmetric`: tens off by one either way
     pair_errors: Literal["demonstrator", "symmetric"] = "demonstrator"  # rejected answers' errors
 

@@ -1,7 +1,8 @@
 """Loading models and tokenizers: a Hugging Face folder or hub name, or the embedded small Llama.
 
 The embedded default needs no download: a byte-level tokenizer (ByT5's, which builds from no
-files) and a Llama built from `model.embedded`. A peft adapter folder (a LoRA run's `final/`)
+files; `align.embedded_tokenizer` gives it its chat format) and a Llama built from
+`model.embedded`. A peft adapter folder (a LoRA run's `final/`)
 loads as its base model with the adapter merged in, so any stage's `final/` can start the
 next. LoRA wrapping (peft) is here too, so every stage gets the same model whatever it trains.
 """
@@ -19,24 +20,17 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    ByT5Tokenizer,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from align.config import EMBEDDED, LoraConfig, ModelConfig
+from align.embedded_tokenizer import embedded_tokenizer
 from align.errors import ConfigError, ModelError
 from align.hub import require_hub
 
 ModelKind = Literal["causal_lm", "sequence_classification"]
-
-# A minimal chat format for the byte-level tokenizer, so `{messages}` rows work offline too.
-EMBEDDED_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_ADAPTER_DEPTH = 32  # adapters over adapters, each stage's final/ over the one before
@@ -87,8 +81,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer named by `model.tokenizer` (default: the model's), with a pad token."""
     name = cfg.tokenizer or cfg.name_or_path
     if is_embedded(name):
-        tok = ByT5Tokenizer()
-        tok.chat_template = EMBEDDED_CHAT_TEMPLATE
+        tok = embedded_tokenizer(cfg.embedded.chat_format)
     else:
         _check_model_source(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
         try:

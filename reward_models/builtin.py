@@ -5,8 +5,8 @@ completions `` 81``, integer answers 0..198 in the column ``answer``); ``math_an
 the final answer of a worked solution against a math dataset's reference answer. A completion
 is cleaned before it is judged: text from the first end-of-sequence marker on (``</s>``,
 ``<|endoftext|>``, ...) is dropped, then surrounding whitespace. Chat-format completions (a
-list of messages, as TRL passes in conversational mode) are judged by the last message's
-content.
+list of messages, as TRL passes in conversational mode) are judged by the content of the last
+assistant message: in a tool-using episode, the model's final answer, never a tool's output.
 
 Parameters are set per config entry with ``kwargs``::
 
@@ -35,13 +35,16 @@ def clean_completion(completion: Any) -> str:
     """The text a rule judges: EOS marker and everything after it removed, then stripped.
 
     Args:
-        completion: A string, or a list of chat messages (the last one's ``content`` is used).
+        completion: A string, or a list of chat messages (the ``content`` of the last one
+            whose role is ``assistant`` is used, or of the last one when none has a role;
+            none at all when only other roles spoke).
 
     Returns:
         The cleaned text.
     """
     if isinstance(completion, list):
-        completion = completion[-1]["content"] if completion else ""
+        spoken = [m for m in completion if m.get("role", "assistant") == "assistant"]
+        completion = (spoken[-1].get("content") or "") if spoken else ""
     elif isinstance(completion, dict):
         completion = completion["content"]
     text = str(completion)

@@ -54,10 +54,12 @@ def local_source_identity(source: str) -> list | None:
 
 def tokenizer_identity(tokenizer: Any) -> str:
     """A hash of what decides the tokenizer's ids: its vocabulary and merges (the whole
-    serialised fast tokenizer, or a slow one's vocabulary), special tokens and chat template."""
+    serialised fast tokenizer, or a slow one's vocabulary and added tokens with the flags that
+    change how text around them splits), special tokens and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(
-        sorted(tokenizer.get_vocab().items()))
+        [sorted(tokenizer.get_vocab().items()),
+         sorted((i, repr(t)) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())])
     return digest([type(tokenizer).__name__, hashlib.sha256(body.encode()).hexdigest(),
                    getattr(tokenizer, "chat_template", None), tokenizer.special_tokens_map,
                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id])

@@ -6,10 +6,16 @@ for an assistant message `i`, the text of `messages[:i]` with the generation pro
 of the text of `messages[:i + 1]`, and the difference is the assistant's turn (its content and
 whatever the template emits to close the turn). This needs no `{% generation %}` markers in the
 template, so it works with templates as the model authors shipped them.
+
+A row may offer tools, as TRL's datasets do: a `tools` column holding a list of JSON schemas
+(or that list as JSON text), passed to the template as `apply_chat_template(..., tools=...)`.
+Assistant messages may carry structured `tool_calls` (their content then may be empty or
+missing), and `tool` messages the tools' results; only assistant turns are ever trained.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from align.errors import DataError
@@ -52,7 +58,15 @@ def check_messages(value: Any, source: str, row: int, column: str) -> list[dict]
                 row=row,
                 column=column,
             )
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list)
+                                      and all(isinstance(c, dict) for c in calls)):
+            raise DataError(f"message {index} has 'tool_calls' that are not a list of "
+                            f"{{type, function: {{name, arguments}}}} objects",
+                            source=source, row=row, column=column)
         for key in ("role", "content"):
+            if key == "content" and calls and message.get(key) is None:
+                continue  # a tool-calling turn may have no text
             if not isinstance(message.get(key), str):
                 raise DataError(
                     f"message {index} needs a string '{key}', got "
@@ -64,6 +78,28 @@ def check_messages(value: Any, source: str, row: int, column: str) -> list[dict]
     return value
 
 
+def check_tools(value: Any, source: str, row: int) -> list[dict] | None:
+    """A row's `tools` cell: None (no tools), or a list of JSON schemas, given as such or as
+    JSON text (as TRL reads it).
+
+    Raises:
+        DataError: text that is not JSON, or a value that is not a list of objects.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"tools given as text must be JSON: {err}", source=source,
+                            row=row, column="tools") from None
+    if not (isinstance(value, list) and all(isinstance(tool, dict) for tool in value)):
+        raise DataError(f"expected a list of tool schemas ({{type: function, function: {{name, "
+                        f"description, parameters}}}}), got {type(value).__name__}",
+                        source=source, row=row, column="tools")
+    return value
+
+
 def render(
     tokenizer: Any,
     messages: list[dict],
@@ -71,15 +107,17 @@ def render(
     source: str,
     row: int,
     column: str,
+    tools: list[dict] | None = None,
 ) -> str:
-    """Text of `messages` under the tokenizer's chat template ("" for no messages)."""
+    """Text of `messages` (offered `tools`) under the tokenizer's chat template ("" for no
+    messages)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(NO_TEMPLATE, source=source, row=row, column=column)
     if not messages:
         return ""
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as err:  # templates raise on data they refuse (roles out of order, ...)
         raise DataError(
@@ -91,36 +129,39 @@ def render(
 
 
 def split_completion(
-    tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int, column: str
+    tokenizer: Any, prompt: list[dict], completion: list[dict], source: str, row: int,
+    column: str, tools: list[dict] | None = None,
 ) -> tuple[str, str]:
     """Render a conversational prompt/completion pair into (prompt text, completion text).
 
     The prompt is rendered with the generation prompt; the completion text is what rendering
     prompt + completion adds after it.
     """
-    prompt_text = render(tokenizer, prompt, True, source, row, column)
-    full_text = render(tokenizer, prompt + completion, False, source, row, column)
+    prompt_text = render(tokenizer, prompt, True, source, row, column, tools)
+    full_text = render(tokenizer, prompt + completion, False, source, row, column, tools)
     if not full_text.startswith(prompt_text):
         raise DataError(_NOT_INCREMENTAL, source=source, row=row, column=column)
     return prompt_text, full_text[len(prompt_text) :]
 
 
 def assistant_segments(
-    tokenizer: Any, messages: list[dict], source: str, row: int, column: str
+    tokenizer: Any, messages: list[dict], source: str, row: int, column: str,
+    tools: list[dict] | None = None,
 ) -> list[tuple[str, bool]]:
-    """Cut a rendered conversation into consecutive (text, is_assistant_turn) pieces.
+    """Cut a rendered conversation into consecutive (text, is_assistant_turn) pieces; tool
+    turns, like user turns, are not assistant turns.
 
     The pieces joined give the text of the whole conversation.
     """
-    full_text = render(tokenizer, messages, False, source, row, column)
+    full_text = render(tokenizer, messages, False, source, row, column, tools)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of full_text already assigned to a segment
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:index], True, source, row, column)
+        before = render(tokenizer, messages[:index], True, source, row, column, tools)
         through = full_text if index == len(messages) - 1 else render(
-            tokenizer, messages[: index + 1], False, source, row, column)
+            tokenizer, messages[: index + 1], False, source, row, column, tools)
         if not (
             len(before) >= done and through.startswith(before) and full_text.startswith(through)
         ):

@@ -8,7 +8,10 @@ Row shapes follow TRL's conventions:
   rendered with the chat template's generation prompt and the completion is what rendering
   prompt + completion adds; no EOS is appended (the template closes the turn), as in TRL.
 - `{messages}`: rendered with the chat template; with completion-only loss only the assistant
-  turns are trained (see `align.data.conversations` for how they are located).
+  turns are trained (see `align.data.conversations` for how they are located), never tool or
+  user turns.
+- Conversational rows may carry a `tools` column (a list of JSON schemas, or that list as JSON
+  text), which the chat template receives as `tools=`, as in TRL.
 - `{text}`: every token and EOS are trained.
 
 A row longer than `max_length` is truncated from the right. A row whose prompt alone reaches
@@ -21,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from align.data.conversations import assistant_segments, check_messages, render, split_completion
+from align.data.conversations import (
+    assistant_segments,
+    check_messages,
+    check_tools,
+    render,
+    split_completion,
+)
 from align.data.text import encode_many, eos_token_id, require_text, with_eos
 from align.data.unusable import KEPT, UnusableRow, prompt_too_long, skip_or_raise
 from align.errors import DataError
@@ -149,7 +158,9 @@ def _pieces(
             f"expected a dict of columns, got {type(row).__name__}", source=source, row=number
         )
     if "messages" in row:
-        return _messages_pieces(row["messages"], tokenizer, completion_only_loss, source, number)
+        tools = check_tools(row.get("tools"), source, number)
+        return _messages_pieces(row["messages"], tokenizer, completion_only_loss, source, number,
+                                tools)
     if "prompt" in row or "completion" in row:
         for column in ("prompt", "completion"):
             if column not in row:
@@ -157,7 +168,7 @@ def _pieces(
                     f"missing column; {SHAPES}", source=source, row=number, column=column
                 )
         return _prompt_completion_pieces(
-            row["prompt"], row["completion"], tokenizer, source, number
+            row["prompt"], row["completion"], tokenizer, source, number, row.get("tools")
         ), "prompt"
     if "text" in row:
         return [(require_text(row["text"], source, number, "text"), True, True)], None
@@ -165,7 +176,7 @@ def _pieces(
 
 
 def _prompt_completion_pieces(
-    prompt: Any, completion: Any, tokenizer: Any, source: str, number: int
+    prompt: Any, completion: Any, tokenizer: Any, source: str, number: int, tools: Any = None
 ) -> list[Piece]:
     if isinstance(prompt, list):
         prompt = check_messages(prompt, source, number, "prompt")
@@ -179,7 +190,8 @@ def _prompt_completion_pieces(
             )
         completion = check_messages(completion, source, number, "completion")
         prompt_text, completion_text = split_completion(
-            tokenizer, prompt, completion, source, number, "completion"
+            tokenizer, prompt, completion, source, number, "completion",
+            check_tools(tools, source, number),
         )
         return [(prompt_text, False, False), (completion_text, True, False)]
     prompt = require_text(prompt, source, number, "prompt", allow_empty=True)
@@ -188,12 +200,13 @@ def _prompt_completion_pieces(
 
 
 def _messages_pieces(
-    messages: Any, tokenizer: Any, completion_only_loss: bool, source: str, number: int
+    messages: Any, tokenizer: Any, completion_only_loss: bool, source: str, number: int,
+    tools: list[dict] | None = None,
 ) -> tuple[list[Piece], str | None]:
     messages = check_messages(messages, source, number, "messages")
     if not completion_only_loss:
         # Full-sequence loss needs no turn boundaries: one piece, truncated if too long.
-        return [(render(tokenizer, messages, False, source, number, "messages"), True,
+        return [(render(tokenizer, messages, False, source, number, "messages", tools), True,
                  False)], None
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(
@@ -202,7 +215,7 @@ def _messages_pieces(
             row=number,
             column="messages",
         )
-    pieces = assistant_segments(tokenizer, messages, source, number, "messages")
+    pieces = assistant_segments(tokenizer, messages, source, number, "messages", tools)
     return [(text, trained, False) for text, trained in pieces], "messages"
 
 

@@ -10,8 +10,9 @@ from align.config import TaskConfig
 from align.errors import ConfigError
 from align.tasks.arithmetic import ArithmeticTask
 from align.tasks.base import RowKind, Task, TaskRows
+from align.tasks.products import ProductsTask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask}
+TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "products": ProductsTask}
 
 
 def load_task(cfg: TaskConfig) -> Task:

@@ -27,14 +27,21 @@ class TaskRows:
 
 class Task(ABC):
     """A verifiable task. Row shapes follow the data conventions of every stage:
-    SFT `{prompt, completion}`, preference `{prompt, chosen, rejected}`, RL and held-out
-    `{prompt, answer}` (the `answer` column reaches reward functions)."""
+    SFT `{prompt, completion}` or `{messages}` (with a `tools` column where tools are offered),
+    preference `{prompt, chosen, rejected}`, RL and held-out `{prompt, answer}` (the `answer`
+    column reaches reward functions)."""
 
     name: str = "task"
 
     @abstractmethod
     def sft_rows(self) -> list[dict]:
-        """Training demonstrations `{prompt, completion}`."""
+        """Training demonstrations, in a shape SFT accepts (`align.data.sft`)."""
+
+    def held_out_sft_rows(self) -> list[dict]:
+        """Held-out demonstrations: each held-out prompt with its correct completion
+        (`reference_completion` of its answer), `{prompt, completion}`."""
+        return [{"prompt": r["prompt"], "completion": self.reference_completion(r["answer"])}
+                for r in self.held_out_rows()]
 
     @abstractmethod
     def preference_rows(self) -> list[dict]:
@@ -70,9 +77,7 @@ class Task(ABC):
         """The training and held-out rows of one stage kind."""
         train_name, held_name = f"embedded:{self.name}", f"embedded:{self.name}(held-out)"
         if kind == "sft":
-            held = [{"prompt": r["prompt"], "completion": self.reference_completion(r["answer"])}
-                    for r in self.held_out_rows()]
-            return TaskRows(self.sft_rows(), held, train_name, held_name)
+            return TaskRows(self.sft_rows(), self.held_out_sft_rows(), train_name, held_name)
         if kind == "preference":
             return TaskRows(self.preference_rows(), self.held_out_preference_rows(),
                             train_name, held_name)

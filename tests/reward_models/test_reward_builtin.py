@@ -56,6 +56,12 @@ def test_length_penalty_defaults_and_kwargs_spec():
 def test_clean_completion():
     assert builtin.clean_completion(" 42 <|endoftext|>junk") == "42"
     assert builtin.clean_completion([]) == ""
+    # an episode is judged by the model's last turn, never by a tool's output after it
+    episode = [{"role": "assistant", "content": "<tool_call>...</tool_call>"},
+               {"role": "tool", "name": "multiply", "content": "408"}]
+    assert builtin.clean_completion(episode) == "<tool_call>...</tool_call>"
+    assert builtin.clean_completion([*episode, {"role": "assistant", "content": " 408"}]) == "408"
+    assert builtin.clean_completion(episode[1:]) == ""
 
 
 @pytest.mark.parametrize(("completion", "reference", "expected"), [
