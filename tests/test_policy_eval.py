@@ -150,7 +150,7 @@ def test_pass_at_k_of_episodes_matches_the_hand_count():
     infrastructure failure: no reward, not correct). Right answers per prompt: 1, 0, 2, 0."""
     tok = chatml_tokenizer("qwen2")
     tok.chat_template = trl_template("qwen2_5")
-    settings = EvalSettings(greedy=False, samples_per_prompt=3, max_length=4096,
+    settings = EvalSettings(greedy=False, samples_per_prompt=3, max_length=4096, max_new_tokens=256,
                             environment=EnvironmentConfig(spec="tests.episodes.envs:Crashing"))
     spec = load_eval_environment(settings)
     rows = [{"prompt": [{"role": "user", "content": f"What is {q}?"}], "answer": a,
