@@ -159,6 +159,11 @@ def _build_file_system(spec: dict) -> None:
     for folder in SHARED_TMP:
         if os.path.isdir(folder):
             _mount(TMP, folder, None, MS_BIND)
+    for path, fd in keep.items():  # an interpreter that lives in /tmp (a venv there) stays
+        if any(path == t or path.startswith(t + "/") for t in (TMP, *SHARED_TMP)):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            _read_only(path, "")
     _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for folder in spec["hide"]:
         _hide(folder, {path: fd for path, fd in keep.items()

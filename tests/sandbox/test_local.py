@@ -241,3 +241,19 @@ def test_paths_that_leave_the_folder_are_refused(marked):
     with pytest.raises(ValueError, match="relative"):
         executor.run("pass", files={"../escape.py": "x"})
     assert os.path.exists("/tmp")
+
+
+def test_an_interpreter_that_lives_in_tmp_still_runs(tmp_path_factory):
+    """/tmp is private to the code; a venv under the host's /tmp is bound back into it."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from align.sandbox import Sandbox
+    from align.sandbox.local import LocalExecutor
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="sandbox-venv-"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    result = Sandbox(executor=LocalExecutor(python=str(folder / "bin" / "python"))).run(
+        "print(6 * 7)")
+    assert result.ok and result.stdout.strip() == "42", result
