@@ -28,8 +28,6 @@ print(open("mine.txt").read(), sorted(os.listdir(".")), sorted(os.listdir("/tmp"
 """
 
 
-@pytest.mark.parametrize("count", [pytest.param(32, id="32"),
-                                   pytest.param(200, id="200", marks=full_only)])
 # What the code's private /tmp holds: its working folder, and the top folder of an interpreter
 # that lives under the host's /tmp (bound back, read-only), as a venv of a checkout there does.
 PRIVATE_TMP = sorted({"work", *(Path(p).relative_to("/tmp").parts[0]
@@ -37,6 +35,8 @@ PRIVATE_TMP = sorted({"work", *(Path(p).relative_to("/tmp").parts[0]
                                 if p.startswith("/tmp/"))})
 
 
+@pytest.mark.parametrize("count", [pytest.param(32, id="32"),
+                                   pytest.param(200, id="200", marks=full_only)])
 def test_concurrent_executions_stay_apart(count, capsys):
     mark = uuid.uuid4().hex
     sandbox = Sandbox(SandboxConfig(max_concurrent=8),
