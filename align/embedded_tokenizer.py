@@ -15,11 +15,10 @@ Every other character is one token per byte, so the system turn is short: one li
 JSON per tool, `{"name":...,"description":...,"parameters":{"a":"integer",...}}`, and nothing
 else. Qwen2.5 writes each tool's whole JSON schema there, after two paragraphs of
 instructions: for the embedded tool task that is 315 byte-tokens of schema against 100 here,
-and with it the small model had not begun to copy a tool call's arguments from the question
-after 6,400 demonstrations, where with this line it copies them after a few thousand
-(docs/decisions.md). An assistant message is rendered from its raw text `content` byte for
-byte, and one with structured `tool_calls` (and empty content) renders as the same text the
-model would have written for them.
+and with it the small model learnt to copy a call's arguments from the question far more
+slowly, at twice the cost per step (docs/decisions.md). An assistant message is rendered
+from its raw text `content` byte for byte, and one with structured `tool_calls` (and empty
+content) renders as the same text the model would have written for them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from tests.conftest import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 LINE_KEYS = {"stage", "model", "align_samples_per_s", "trl_samples_per_s", "ratio",
@@ -84,3 +86,14 @@ def test_agentic_vs_trl_plays_tool_calling_episodes_on_both_sides(ray_local):
         assert line[f"{tool}_turns_per_episode"] > 1 and line[f"{tool}_tool_calls_per_episode"] > 0
         assert 0 <= line[f"{tool}_reward_last"] <= 1
     assert line["ratio"] == round(line["align_episodes_per_s"] / line["trl_episodes_per_s"], 3)
+
+
+def test_tools_sft_trains_then_scores_each_run(ray_local, tmp_path):
+    tiny = [f"model.embedded.{k}={v}" for k, v in TINY.items()]
+    (line,) = _run("tools_sft.py", "--seeds", "0", "--threads", "1", "--num", "4",
+                   "--output-dir", str(tmp_path), *tiny, "trainer.max_steps=2",
+                   "task.num_train=32", "task.num_eval=8", "trainer.eval_every=0",
+                   "trainer.save_every=0")
+    assert (line["seed"], line["threads"]) == (0, 1)
+    assert all(0.0 <= line[k] <= 1.0 for k in ("tool_call", "copy", "episode", "p_tool_easy"))
+    assert (tmp_path / "seed0-threads1" / "checks.json").is_file()

@@ -97,8 +97,10 @@ def test_every_shipped_config_validates(path):
     load_stage_config(stage, path)
 
 
-# Configs for real models: one folder per model, a file per stage, each sized for GPUs.
-MODEL_FOLDERS = sorted({p.parent for p in CONFIG_FILES if p.parent.name != "arithmetic"})
+# Configs for real models: one folder per model, a file per stage, each sized for GPUs; the
+# embedded model's tasks have folders of their own.
+EMBEDDED_FOLDERS = {"arithmetic", "tools"}
+MODEL_FOLDERS = sorted({p.parent for p in CONFIG_FILES if p.parent.name not in EMBEDDED_FOLDERS})
 MODEL_CONFIGS = [p for p in CONFIG_FILES if p.parent in MODEL_FOLDERS]
 NODE_GPUS = 8  # the configs are written for one 8-GPU node (docs/gpu.md: 1 and 16 GPUs)
 

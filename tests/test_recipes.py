@@ -61,6 +61,28 @@ def test_full_pipeline_recipe_wires_each_stage_to_the_last(tmp_path, monkeypatch
     assert "PPO(RM)  held-out exact match  50.0%" in out
 
 
+def test_tools_recipe_wires_sft_into_multi_turn_grpo(tmp_path, monkeypatch, capsys):
+    import align.recipe
+
+    trained = []
+
+    def record(stage, cfg, show_progress):
+        trained.append((stage, cfg))
+        return {"stage": stage, "eval/loss": 0.25, "eval/accuracy": 0.5}
+
+    monkeypatch.setattr(align.recipe, "run_stage", record)
+    out = run_recipe("tools.py", tmp_path, "grpo:environment.max_turns=2", capsys=capsys)
+    (_, sft), (_, grpo) = trained
+    assert [stage for stage, _ in trained] == ["sft", "ppo"]
+    assert sft.task.name == grpo.task.name == "products"
+    assert sft.model.embedded.chat_format == "chatml"
+    assert grpo.model.name_or_path == str(tmp_path / "sft" / "final")
+    assert grpo.environment.spec == "align.tasks.calculator:Calculator"
+    assert grpo.environment.max_turns == 2  # a scoped override reaches its run alone
+    assert grpo.rewards[0].spec == "reward_models.builtin:exact_match"
+    assert "GRPO  held-out exact match               50.0%" in out
+
+
 def test_dpo_from_sft_recipe(tmp_path, ray_local, capsys):
     out = run_recipe("dpo_from_sft.py", tmp_path, capsys=capsys)
     assert summary_exists(tmp_path / "sft") and summary_exists(tmp_path / "dpo")

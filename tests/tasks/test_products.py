@@ -75,6 +75,7 @@ def test_rows_have_each_stages_shape_and_answers_are_judged_exactly():
                {"role": "assistant", "content": str(a * b)}]
     assert task.is_correct(episode, row["answer"])
     assert not task.is_correct(episode[:1], row["answer"])
+    assert not task.is_correct(episode[:2], row["answer"])  # the tool's output is no answer
     assert stage_evaluator(cfg).__func__ is products.ProductsTask.is_correct
     assert "products" in TASKS
     with pytest.raises(ConfigError, match="task.name=products has SFT and RL rows only"):
