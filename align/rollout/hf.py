@@ -26,13 +26,19 @@ class HFEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
         size = self.group.size
-        per_rank = shard_evenly(list(range(len(prompts))), size,
-                                self.batch_size or -(-len(prompts) // size))
+        if not prompts:
+            return Generation([], [] if sampling.logprobs else None)
+        # Fewer prompts than ranks (the last episodes of a turn): the idle ranks repeat the
+        # last prompt, since every rank must take part, and their samples are dropped.
+        padded = len(prompts) + max(0, size - len(prompts))
+        per_rank = shard_evenly(list(range(padded)), size,
+                                self.batch_size or -(-padded // size))
         tokens: dict[int, list[int]] = {}
         logprobs: dict[int, list[float]] = {}
         # Every rank runs the same number of calls (ZeRO-3 gathers weights collectively).
         for chunk in range(len(per_rank[0])):
-            shards = [[prompts[i] for i in rank[chunk]] for rank in per_rank]
+            shards = [[prompts[min(i, len(prompts) - 1)] for i in rank[chunk]]
+                      for rank in per_rank]
             seed = None if sampling.seed is None else sampling.seed + 7919 * chunk
             call = Sampling(**{**sampling.to_dict(), "seed": seed})
             results = self.group.call_each("generate", [(s, call) for s in shards])
@@ -40,7 +46,7 @@ class HFEngine:
                 tokens.update(zip(rank[chunk], result.tokens))
                 if result.logprobs is not None:
                     logprobs.update(zip(rank[chunk], result.logprobs))
-        order = range(len(prompts))
+        order = range(len(prompts))  # a padded index (>= len(prompts)) is never read
         return Generation([tokens[i] for i in order],
                           [logprobs[i] for i in order] if sampling.logprobs else None)
 

@@ -102,9 +102,13 @@ def test_async_episodes_killed_after_a_checkpoint_resume_exactly(tmp_path, ray_l
 
 
 @full_only
-@pytest.mark.parametrize("estimator", ["gae", "rloo", "reinforce_pp"])
-def test_every_estimator_trains_on_episodes(tmp_path, ray_local, estimator):
+@pytest.mark.parametrize(("estimator", "tuned"), [
+    # The critic starts from nothing: a smaller step and 12 iterations (margins 0.3-0.5 over
+    # seeds 0, 1, 4, against 0.1 or less at lr 5e-2 and 8 iterations).
+    ("gae", ("trainer.lr=2e-2", "trainer.max_steps=12")), ("rloo", ()), ("reinforce_pp", ())])
+def test_every_estimator_trains_on_episodes(tmp_path, ray_local, estimator, tuned):
     """The critic's values, RLOO's leave-one-out and REINFORCE++'s returns over multi-turn
-    rows: the loss stays finite and the per-turn reward rises."""
+    rows under ZeRO-2 (each episode's turns are sampled by as many `generate` calls, some with
+    fewer episodes than workers): the loss stays finite and the per-turn reward rises."""
     check_learned(run_episodes(tmp_path, "rollout.engine=hf", f"algorithm.estimator={estimator}",
-                               "distributed.zero_stage=3"))
+                               "distributed.zero_stage=2", *tuned))
