@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, full_only
 
 pytestmark = pytest.mark.slow
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -83,6 +83,7 @@ def test_tools_recipe_wires_sft_into_multi_turn_grpo(tmp_path, monkeypatch, caps
     assert "GRPO  held-out exact match               50.0%" in out
 
 
+@full_only
 def test_dpo_from_sft_recipe(tmp_path, ray_local, capsys):
     out = run_recipe("dpo_from_sft.py", tmp_path, capsys=capsys)
     assert summary_exists(tmp_path / "sft") and summary_exists(tmp_path / "dpo")
@@ -97,6 +98,7 @@ def test_grpo_custom_reward_recipe(tmp_path, ray_local, capsys):
     assert "trained on digit_credit" in out
 
 
+@full_only
 def test_reward_model_service_recipe(tmp_path, ray_local, capsys):
     out = run_recipe("reward_model_service.py", tmp_path,
                      "ppo_http:rollout.prompts_per_step=4", capsys=capsys)

@@ -15,7 +15,7 @@ from align.errors import TrainingError
 from align.tasks.arithmetic import is_correct
 from align.tracking import read_metrics
 from align.trainers.ppo import PPOTrainer
-from tests.conftest import tiny_ppo_config
+from tests.conftest import full_only, tiny_ppo_config
 from tests.trainers.test_ppo import REWARD_FILE
 
 pytest.importorskip("vllm")
@@ -66,6 +66,7 @@ def check_run(run: Path, summary: dict, reloaded: torch.nn.Module) -> list[str]:
     return texts
 
 
+@full_only
 def test_lora_one_worker_separate_engine(tmp_path, ray_local, vllm_model_dir):
     from peft import PeftModel
 
@@ -97,6 +98,7 @@ def test_zero3_two_workers_two_engines_in_buckets(tmp_path, ray_local):
     check_run(run, summary, AutoModelForCausalLM.from_pretrained(run / "final"))
 
 
+@full_only
 def test_a_sync_that_never_arrives_fails_at_iteration_1(tmp_path, ray_local, monkeypatch):
     from align.rollout.vllm_engine import VLLMEngine
 

@@ -21,7 +21,7 @@ from align.losses import dpo_loss, nll_loss, preference_metrics, simpo_loss
 from align.tasks import arithmetic
 from align.tracking import read_metrics
 from align.trainers.dpo import DPOTrainer, completion_logps, reference_cache_path
-from tests.conftest import tiny_dpo_config
+from tests.conftest import full_only, tiny_dpo_config
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +147,7 @@ def test_zero3_lora_reference_is_the_base_model(tmp_path, ray_local, tiny_model_
     assert abs(summary["eval/logps/chosen"] - expected[:, 0].mean().item()) > 1e-3
 
 
+@full_only
 def test_precomputed_reference_matches_live_one_and_is_reused(tmp_path, ray_local):
     common = ("trainer.max_steps=3", "eval.exact_match=false",
               f"dpo.reference_cache_dir={tmp_path / 'cache'}")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from align.losses import PreferenceLogps, kto_kl_baseline, nll_loss, preference_loss
 from align.tracking import read_metrics
 from align.trainers.dpo import DPOTrainer
-from tests.conftest import tiny_dpo_config
+from tests.conftest import full_only, tiny_dpo_config
 from tests.trainers.test_dpo import curve, mean, plain_logps
 
 pytestmark = pytest.mark.slow
@@ -95,6 +95,7 @@ def test_kto_metrics_equal_losses_on_plain_transformers(tmp_path, ray_local, tin
     assert expected["kl"] > 1e-4 and abs(expected["rewards/margins"]) > 1e-4
 
 
+@full_only
 def test_kto_precomputed_and_live_reference_agree(tmp_path, ray_local):
     common = ("dpo.loss_type=kto", "trainer.max_steps=3", "eval.exact_match=false",
               f"dpo.reference_cache_dir={tmp_path / 'cache'}")
