@@ -118,4 +118,6 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
                                                for e in kept])) if kept else 0.0,
         "episodes/drift_rate": (sum(e.drift is not None for e in kept) / len(kept)
                                 if kept else 0.0),
+        "episodes/reencode_rate": (sum(e.reencodes for e in kept) / len(kept)
+                                   if kept else 0.0),
     }

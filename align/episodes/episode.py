@@ -56,6 +56,7 @@ class Episode:
     env: Any = None  # the episode's environment instance (for rewards); not saved
     done: bool = False
     prompt_messages: int = 0  # how many of `messages` are the prompt (reset text included)
+    reencodes: bool = False  # a model turn's tokens are not the encoding of its text
 
     @property
     def ids(self) -> list[int]:
@@ -115,7 +116,8 @@ class Episode:
                 "tool_errors": self.tool_errors, "tool_seconds": self.tool_seconds,
                 "tool_outputs_cut": self.tool_outputs_cut, "infra_error": self.infra_error,
                 "drift": None if self.drift is None else vars(self.drift),
-                "env_reward": self.env_reward, "prompt_messages": self.prompt_messages}
+                "env_reward": self.env_reward, "prompt_messages": self.prompt_messages,
+                "reencodes": self.reencodes}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Episode:
@@ -125,7 +127,8 @@ class Episode:
                    state["tool_calls"], state["tool_errors"], state["tool_seconds"],
                    state["tool_outputs_cut"], state["infra_error"], drift,
                    state["env_reward"], done=True,
-                   prompt_messages=state["prompt_messages"])
+                   prompt_messages=state["prompt_messages"],
+                   reencodes=state.get("reencodes", False))
 
 
 class InvariantError(AssertionError):

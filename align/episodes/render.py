@@ -10,7 +10,11 @@ template puts them, whatever the template does to earlier turns.
 The drift check renders the finished conversation as a user would
 (`apply_chat_template(messages, tools=...)`) and compares it with the stream trained on: the
 stream must be a prefix of the rendering (the rendering may close the last turn after it). A
-template that rewrites history (one that drops earlier reasoning) shows up as drift.
+template that rewrites history (one that drops earlier reasoning) shows up as drift. The model's
+turns are compared as the text they decode to, encoded again: a sampled token sequence that is
+not the canonical encoding of its own text (a lone byte of a multi-byte character, pieces a
+tokenizer would have merged) is no fault of the template, and is counted apart
+(`reencodes`): it is trained as sampled, which a pipeline that re-tokenises text would not do.
 """
 
 from __future__ import annotations
@@ -64,30 +68,46 @@ class ChatRenderer:
         at, eos = min(ends)
         return self.tokenizer(text[at + len(eos):], add_special_tokens=False).input_ids
 
+    def reencoded(self, ids: list[int]) -> list[int]:
+        """A model turn's tokens as its text encodes: the body decoded and encoded again, the
+        closing EOS kept."""
+        ended = bool(ids) and ids[-1] in self.eos
+        body = ids[:-1] if ended else ids
+        text = self.tokenizer.decode(body)
+        return self.tokenizer(text, add_special_tokens=False).input_ids + ids[len(body):]
+
+    def reencodes(self, episode: Episode) -> bool:
+        """Whether some model turn's sampled tokens differ from the encoding of their text."""
+        return any(s.kind == MODEL and self.reencoded(s.ids) != s.ids for s in episode.segments)
+
     def drift(self, episode: Episode) -> Drift | None:
-        """Where the conversation as a user renders it departs from the trained stream."""
+        """Where the conversation as a user renders it departs from the trained stream (the
+        model's turns taken as their text encodes)."""
         rendered = self._ids(episode.messages, False)
-        stream = episode.prompt_ids + episode.ids
+        lengths = [len(self.reencoded(s.ids)) if s.kind == MODEL else len(s.ids)
+                   for s in episode.segments]
+        stream = episode.prompt_ids + [t for s in episode.segments for t in (
+            self.reencoded(s.ids) if s.kind == MODEL else s.ids)]
         limit = min(len(stream), len(rendered))
         index = next((i for i in range(limit) if stream[i] != rendered[i]), None)
         if index is None:
             if len(stream) <= len(rendered):
                 return None
             index = len(rendered)
-        return Drift(index, _turn_at(episode, index),
+        return Drift(index, _turn_at(episode, index, lengths),
                      stream[index: index + DRIFT_CONTEXT],
                      rendered[index: index + DRIFT_CONTEXT])
 
 
-def _turn_at(episode: Episode, index: int) -> int:
+def _turn_at(episode: Episode, index: int, lengths: list[int]) -> int:
     """The model turn (1-based) whose tokens, or the environment turn after which, hold
-    stream position `index`; 0 for the prompt."""
+    stream position `index` (segments of `lengths` tokens); 0 for the prompt."""
     at, turn = len(episode.prompt_ids), 0
     if index < at:
         return 0
-    for segment in episode.segments:
+    for segment, length in zip(episode.segments, lengths):
         turn += segment.kind == MODEL
-        at += len(segment.ids)
+        at += length
         if index < at:
             return turn
     return max(turn, 1)

@@ -271,6 +271,7 @@ class EpisodeRunner:
             episode.done = True
             if episode.infra_error is None:
                 episode.drift = self.renderer.drift(episode)
+                episode.reencodes = self.renderer.reencodes(episode)
                 scored.append(episode)
         if not self.spec.has_reward or not scored:
             return

@@ -46,7 +46,7 @@ def test_an_episode_in_flight_survives_a_checkpoint_as_json():
     played = episode(Segment(MODEL, [1, 2], [-0.1, -0.2], 0.5), Segment(ENV, [3]),
                      Segment(MODEL, [4], [-0.3]))
     played.tool_calls, played.truncated, played.env_reward = 2, True, 0.75
-    played.drift = Drift(3, 1, [3], [9])
+    played.drift, played.reencodes = Drift(3, 1, [3], [9]), True
     pipeline = RolloutPipeline(None, 1, timeout_s=5)
     pipeline.ready = {4: (3, EpisodeBatch([played]))}
     state = json.loads(json.dumps(pipeline.state()))
@@ -57,4 +57,4 @@ def test_an_episode_in_flight_survives_a_checkpoint_as_json():
     assert version == 3 and back.ids == played.ids and back.mask == played.mask
     assert back.logprobs == played.logprobs and back.turn_rewards() == played.turn_rewards()
     assert (back.tool_calls, back.truncated, back.env_reward) == (2, True, 0.75)
-    assert back.drift == played.drift and back.messages == played.messages
+    assert back.drift == played.drift and back.messages == played.messages and back.reencodes

@@ -124,7 +124,10 @@ def test_the_engines_tokens_are_kept_where_decoding_and_encoding_again_would_cha
 
     episodes = play.run(HalfCharacter(tok, lambda text: "7"), [example()], SAMPLING)
     assert episodes[0].model_ids[0] == odd[0]  # trained on what was sampled ...
-    assert episodes[0].drift is not None  # ... and the re-rendered text says it differs
+    assert episodes[0].reencodes  # ... which its text, encoded again, would not give
+    assert episodes[0].drift is None  # the template renders that text as the model wrote it
+    metrics = episode_metrics(episodes)
+    assert (metrics["episodes/reencode_rate"], metrics["episodes/drift_rate"]) == (1.0, 0.0)
 
 
 def test_one_environment_instance_per_episode():
