@@ -126,6 +126,7 @@ class TrainerConfig:
     epochs: float = 1.0  # passes over the training data when max_steps is 0
     global_batch_size: int = 64  # examples per optimizer step, over all workers
     micro_batch_size: int = 64  # examples per forward pass on one worker
+    logprob_chunk_size: int = 1024  # tokens per LM-head chunk for log-probs; 0: full logits
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 42  # data order and worker RNG seed
     log_every: int = 10  # steps between metrics lines
@@ -560,6 +561,9 @@ def validate_common(config: Any) -> None:
     for name in ("global_batch_size", "micro_batch_size"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"trainer.{name} must be at least 1")
+    if tr.logprob_chunk_size < 0:
+        raise ConfigError(f"trainer.logprob_chunk_size must be >= 0 (0: full logits); got "
+                          f"{tr.logprob_chunk_size}")
     per_step = tr.micro_batch_size * dist.num_workers
     if tr.global_batch_size % per_step:
         raise ConfigError(

@@ -78,7 +78,8 @@ class PPOUpdate:
                     aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                     kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
                     entropy_coef=alg.entropy_coef, tis_cap=importance_cap(cfg),
-                    importance_sampling_level=alg.importance_sampling_level)
+                    importance_sampling_level=alg.importance_sampling_level,
+                    logprob_chunk_size=cfg.trainer.logprob_chunk_size)
 
     @staticmethod
     def _metrics(sums: dict[str, float], minibatches: int, critic: bool) -> dict[str, float]:
