@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from align.data.layout import Entropy
@@ -150,17 +152,31 @@ def _chunked(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
              temperature: float, entropy: Entropy, chunk_size: int
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_score` of head(hidden) over chunks of `chunk_size` rows of hidden (N, H)."""
-    if len(hidden) <= chunk_size or not torch.is_grad_enabled():
+    count = _agreed_count(head, max(1, math.ceil(len(hidden) / chunk_size)), hidden.device)
+    starts = [i * chunk_size for i in range(count)]  # past the end: empty chunks
+    if count == 1 or not torch.is_grad_enabled():
         # One chunk keeps its logits for the backward either way; no gradient keeps none.
         parts = [_score(head(hidden[i:i + chunk_size]), targets[i:i + chunk_size],
-                        temperature, entropy) for i in range(0, max(len(hidden), 1), chunk_size)]
+                        temperature, entropy) for i in starts]
     else:
         parts = [checkpoint(_score_head, head, hidden[i:i + chunk_size],
                             targets[i:i + chunk_size], temperature, entropy,
                             use_reentrant=False, preserve_rng_state=False)
-                 for i in range(0, len(hidden), chunk_size)]
+                 for i in starts]
     logp = torch.cat([p[0] for p in parts])
     return logp, None if entropy == "none" else torch.cat([p[1] for p in parts])
+
+
+def _agreed_count(head: torch.nn.Module, count: int, device: torch.device) -> int:
+    """The most chunks any rank has, where the head's weights are ZeRO-3 partitions: every
+    call of the head gathers them, so every rank must call it as often (its own forward and
+    the backward's recomputation alike); elsewhere `count`."""
+    partitioned = any(hasattr(p, "ds_id") for p in head.parameters())
+    if not (partitioned and dist.is_initialized() and dist.get_world_size() > 1):
+        return count
+    agreed = torch.tensor([count], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed.item())
 
 
 def _score_head(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

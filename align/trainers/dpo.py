@@ -49,6 +49,7 @@ from align.data import (
     collate_preference,
     collate_preference_packed,
     collate_unpaired,
+    example_size,
 )
 from align.data.layout import batch_layout
 from align.data.tables import take
@@ -63,7 +64,7 @@ from align.losses import (
 )
 from align.packed_forward import Packing
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule, shard, shard_evenly
+from align.trainers.batches import MicroBatching, StepSchedule, micro_batching, shard, shard_evenly
 from align.trainers.dispatch import (
     call_infer,
     call_objective,
@@ -271,8 +272,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         def collate(mb: list[int]) -> dict[str, torch.Tensor]:
             return self.collate(take(examples, mb), None if known is None else known[mb])
 
-        batches = collated_shards(indices, self.group, self.cfg.trainer.micro_batch_size,
-                                  collate, evenly)
+        batches = collated_shards(indices, self.group, self._micro(examples), collate, evenly)
         if known is None and not self.reference_free:
             results = call_infer(self.group, reference_logps, batches, reference=True,
                                  **self.chunking)
@@ -280,6 +280,11 @@ class DPOTrainer(Trainer[DPOConfig]):
                 for batch, logps in zip(rank_batches, rank_logps):
                     batch["reference_logps"] = logps
         return batches
+
+    def _micro(self, examples: Any) -> MicroBatching:
+        """How micro-batches of indices into `examples` are cut (`trainer.micro_batch_size`
+        or `trainer.max_tokens_per_micro_batch`)."""
+        return micro_batching(self.cfg.trainer, lambda i: example_size(examples[i]))
 
     def _unpaired(self, examples: list[UnpairedExample],
                   sides: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -320,7 +325,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         examples, known = (self.train, self.reference["train"]) if split == "train" else (
             self.eval, self.reference["eval"])
         split_fn = shard_evenly if evenly else shard
-        parts = split_fn(indices, self.group.size, self.cfg.trainer.micro_batch_size)
+        parts = split_fn(indices, self.group.size, self._micro(examples))
         order = [i for rank in parts for mb in rank for i in mb]
         batches = [[self._unpaired([examples[i] for i in mb], ("kl",)) for mb in rank]
                    for rank in parts]
@@ -376,7 +381,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         for mb, logps in infer_in_chunks(
                 self.group, reference_logps, len(examples),
                 lambda idx: self._both_columns(take(examples, idx)),
-                self.cfg.trainer.micro_batch_size, reference=reference, **self.chunking):
+                self._micro(examples), reference=reference, **self.chunking):
             out[mb] = torch.stack(logps.chunk(2), dim=1)
         return out
 

@@ -24,6 +24,7 @@ import torch
 from align.advantages import compute_advantages, kl_penalty, kl_placement
 from align.config import PPOConfig
 from align.rollout.verify import GAP_KEYS, logprob_gap
+from align.trainers.batches import micro_batching
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import response_mask, token_logprobs, token_values
 from align.trainers.roles import Role
@@ -72,7 +73,7 @@ class ExperienceMaker:
         (GAP_KEYS) where they are known now; {} where the update computes them (`from_update`).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
-        micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
+        micro, temp = micro_batching(cfg.trainer, rollout.size_of), cfg.rollout.temperature
         chunk = cfg.trainer.logprob_chunk_size
         mask = response_mask(rollout.batch)
         tensors, known = {}, {}
