@@ -5,6 +5,7 @@ logits are not its head's falls back to the full logits and says so."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 
@@ -165,6 +166,29 @@ def test_sft_loss_equals_cross_entropy(models, arch, packed):
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-6)
     assert metrics["tokens"] == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert_same(gradients(model, loss), want_grads)
+
+
+def test_lora_adapter_and_its_reference_view_equal_full_logits(models):
+    """A peft model (the policy with LoRA) and the same model with its adapter off (its
+    reference): the head is found through the wrapper, the adapter's gradient is the same."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(models("qwen2")),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    padded, shared = rollout_batches()["padded"], rollout_batches()["shared"]
+    with torch.no_grad():
+        assert logprob_source(model, shared, CHUNK).hidden is not None  # not the fallback
+    want, _ = _logprobs_and_entropy(model, padded, TEMPERATURE, "none", 0)
+    want_grads = gradients(model, want.sum())
+    got, _ = _logprobs_and_entropy(model, shared, TEMPERATURE, "none", CHUNK)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same(gradients(model, got.sum()), want_grads)
+    with model.disable_adapter(), torch.no_grad():
+        got, _ = _logprobs_and_entropy(model, shared, TEMPERATURE, "none", CHUNK)
+        plain, _ = today_logprobs_and_entropy(model.get_base_model(), padded)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+    assert (got - want).abs().max() > 1e-3  # the adapter was off: other log-probs
 
 
 # ----------------------------------------------------------------------------- memory
