@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from align.config import SFTConfig, TrainerConfig, load_config
+from align.data import PreferenceExample, TokenizedExample, UnpairedExample, example_size
 from align.errors import ConfigError
 from align.trainers.batches import (
     TokenBudget,
@@ -73,6 +74,13 @@ def test_uneven_inference_splits_still_give_every_rank_as_many():
     ranks = shard_evenly(list(range(5)), 2, TokenBudget(100, sizes.__getitem__))
     assert [len(rank) for rank in ranks] == [2, 2]
     assert sorted(i for rank in ranks for mb in rank for i in mb) == list(range(5))
+
+
+def test_an_example_costs_its_sequences_times_its_longest():
+    assert example_size(TokenizedExample([1, 2, 3], [-100, 2, 3])) == (1, 3)
+    assert example_size(PreferenceExample([1, 2], [3], [4, 5, 6])) == (2, 5)
+    assert example_size(UnpairedExample([1, 2], [3, 4], True)) == (1, 4)
+    assert example_size(UnpairedExample([1, 2], [3], False, [4, 5, 6])) == (2, 5)
 
 
 def test_micro_batching_follows_the_config():
