@@ -126,6 +126,8 @@ class TrainerConfig:
     epochs: float = 1.0  # passes over the training data when max_steps is 0
     global_batch_size: int = 64  # examples per optimizer step, over all workers
     micro_batch_size: int = 64  # examples per forward pass on one worker
+    max_tokens_per_micro_batch: int = 0  # tokens per micro-batch instead of micro_batch_size; 0 off
+    logprob_chunk_size: int = 1024  # tokens per LM-head chunk for log-probs; 0: full logits
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 42  # data order and worker RNG seed
     log_every: int = 10  # steps between metrics lines
@@ -560,11 +562,17 @@ def validate_common(config: Any) -> None:
     for name in ("global_batch_size", "micro_batch_size"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"trainer.{name} must be at least 1")
-    per_step = tr.micro_batch_size * dist.num_workers
+    for name in ("logprob_chunk_size", "max_tokens_per_micro_batch"):
+        if getattr(tr, name) < 0:
+            raise ConfigError(f"trainer.{name} must be >= 0 (0: off); got {getattr(tr, name)}")
+    by_tokens = tr.max_tokens_per_micro_batch > 0  # then micro_batch_size plays no part
+    per_step = dist.num_workers * (1 if by_tokens else tr.micro_batch_size)
     if tr.global_batch_size % per_step:
         raise ConfigError(
             f"trainer.global_batch_size={tr.global_batch_size} must be a multiple of "
-            f"trainer.micro_batch_size x distributed.num_workers = {per_step}")
+            + (f"distributed.num_workers = {per_step} (with trainer.max_tokens_per_micro_batch)"
+               if by_tokens else
+               f"trainer.micro_batch_size x distributed.num_workers = {per_step}"))
     if tr.lr <= 0:
         raise ConfigError(f"trainer.lr must be positive; got {tr.lr}")
     if config.data.packing_length is not None and config.data.packing_length < 1:

@@ -64,31 +64,6 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.gather(logp, -1, safe.unsqueeze(-1)).squeeze(-1) * mask
 
 
-def indexed_logprobs(logits: torch.Tensor, positions: torch.Tensor,
-                     targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token under the logits at a given flat position.
-
-    For packed layouts in which one position's logits predict different next tokens for
-    different sequences (a shared prefix: its last token precedes every branch), so the
-    targets cannot be read off the row itself. Only (N, T) values are gathered from the
-    (R * W, V) log-softmax: no per-sequence copy of the logits is made.
-
-    Args:
-        logits: (R, W, V) logits of a packed batch.
-        positions: (N, T) flat position (row * W + column) whose logits predict each target;
-            -1 where there is none.
-        targets: (N, T) target ids or IGNORE_INDEX.
-
-    Returns:
-        (N, T) float32 log p(target) (0 where the position is -1 or the target ignored).
-    """
-    mask = (positions >= 0) & (targets != IGNORE_INDEX)
-    logp = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
-    index = positions.to(logits.device).clamp(min=0)
-    picked = logp[index, targets.to(logits.device).masked_fill(~mask.to(logits.device), 0)]
-    return picked * mask.to(logits.device)
-
-
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
              num_tokens: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy summed over unmasked tokens and divided by `num_tokens`.
@@ -111,6 +86,19 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
     if num_tokens is None:
         num_tokens = float((labels != IGNORE_INDEX).sum().clamp(min=1))
     return total / num_tokens
+
+
+def sft_loss_from_logprobs(token_logps: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    """`sft_loss` from the log-probs of the target tokens: their negated sum / `num_tokens`.
+
+    Args:
+        token_logps: (B, T-1) log p(next token), 0 where no loss is taken.
+        num_tokens: divisor, the token count of the whole global batch (see `sft_loss`).
+
+    Returns:
+        Scalar loss.
+    """
+    return -token_logps.sum() / num_tokens
 
 
 # ---------------------------------------------------------------------------------------------

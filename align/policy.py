@@ -45,8 +45,12 @@ Objective = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 def deepspeed_config(trainer: TrainerConfig, dist_cfg: DistributedConfig, world_size: int,
                      dtype: torch.dtype) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one trainable model."""
-    accumulation = trainer.global_batch_size // (trainer.micro_batch_size * world_size)
+    """The DeepSpeed JSON config for one trainable model. With a token budget the count of
+    micro-batches varies from step to step: `Policy.train_step` marks the last one itself."""
+    micro = trainer.micro_batch_size
+    if trainer.max_tokens_per_micro_batch > 0:
+        micro = trainer.global_batch_size // world_size
+    accumulation = trainer.global_batch_size // (micro * world_size)
     zero: dict[str, Any] = {"stage": dist_cfg.zero_stage}
     # fp32 ZeRO-0 clips in Policy.train_step, measuring the norm in the same pass.
     clipping = 0.0 if clips_in_policy(dist_cfg, dtype) else trainer.grad_clip
@@ -54,7 +58,7 @@ def deepspeed_config(trainer: TrainerConfig, dist_cfg: DistributedConfig, world_
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_batch_size": trainer.global_batch_size,
-        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": clipping,
         "optimizer": {"type": "AdamW", "params": {
@@ -121,6 +125,7 @@ class Policy:
         else:
             self.model = self._frozen(model, dist_cfg)
         self.grad_clip = trainer_cfg.grad_clip
+        self.by_tokens = trainer_cfg.max_tokens_per_micro_batch > 0
         self.clips_itself = trainable and clips_in_policy(dist_cfg, self.dtype)
         # The reference: with LoRA, the same weights with the adapter off (no second copy).
         self.has_reference = reference
@@ -166,16 +171,20 @@ class Policy:
 
         Objectives normalise their loss by the whole global batch, so the rank average and the
         accumulation average DeepSpeed applies are undone here: the update is then identical
-        however the global batch is split over workers and micro-batches.
+        however the global batch is split over workers and micro-batches. With a token budget
+        (`trainer.max_tokens_per_micro_batch`) their count varies by step (the same on every
+        rank), and the last one is marked as the accumulation boundary here.
         """
         ds_engine = self.ds_engine
-        if len(micro_batches) != ds_engine.gradient_accumulation_steps():
+        if not self.by_tokens and len(micro_batches) != ds_engine.gradient_accumulation_steps():
             raise TrainingError(f"expected {ds_engine.gradient_accumulation_steps()} micro-batches "
                                 f"per rank, got {len(micro_batches)}")
         ds_engine.train()
         lr = float(ds_engine.get_lr()[0])  # the rate this step uses (the scheduler moves after)
         totals: dict[str, float] = {}
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            if self.by_tokens:
+                ds_engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             batch = self._on_device(batch)
             if with_reference is not None:
                 batch = {**batch, with_reference[0]: self._reference_output(batch,

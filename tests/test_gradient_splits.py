@@ -1,5 +1,7 @@
 """One optimizer step must not depend on how the global batch is split over workers and
-micro-batches: the same `grad_norm` and the same parameter update, for every stage's objective.
+micro-batches: the same `grad_norm` and the same parameter update, for every stage's objective,
+with micro-batches of a fixed size or cut by a token budget (`trainer.max_tokens_per_micro_batch`,
+whose steps here also take their log-probs through the LM head in chunks).
 
 Each split also runs under a different DeepSpeed set-up (ZeRO 0-3, optimizer offload), so the
 ZeRO-1 and offload paths take real steps here too. Workers are built once per world size and
@@ -22,12 +24,14 @@ from align.data import (
     collate_packed,
     collate_preference,
     collate_preference_packed,
+    example_size,
     tokenize_preference,
     tokenize_sft,
 )
 from align.distributed import PolicyWorker, WorkerGroup
 from align.model_loading import load_model, load_tokenizer
 from align.tasks import arithmetic
+from align.trainers.batches import TokenBudget, shard_by_tokens
 from align.trainers.dispatch import train_objective
 from align.trainers.dpo import chosen_targets, dpo_objective
 from align.trainers.ppo_objectives import (
@@ -50,6 +54,8 @@ GLOBAL_BATCH = 16
 SPLITS = [(1, 16, 0, False), (1, 8, 0, False), (1, 4, 3, False), (2, 4, 0, False),
           (2, 8, 1, False), (2, 4, 2, True)]
 TOLERANCE = 1e-5  # relative
+# Token-budget splits (workers, ZeRO stage, optimizer offload), against SPLITS[0].
+TOKEN_SPLITS = [(1, 0, False), (2, 3, False), (2, 2, True)]
 
 
 class ProbeWorker(PolicyWorker):
@@ -71,6 +77,7 @@ class Case:
     objective: Callable
     collate: Callable[[list[int]], dict[str, torch.Tensor]]  # item indices -> micro-batch
     kwargs: dict[str, Any]
+    size_of: Callable[[int], tuple[int, int]]  # item index -> (sequences, longest's tokens)
 
 
 def model_config() -> ModelConfig:
@@ -87,7 +94,8 @@ def sft_case(tok) -> Case:
                                True)
     return Case("causal_lm", sft_objective,
                 lambda idx: collate_packed([examples[i] for i in idx], None, tok.pad_token_id),
-                {"num_tokens": float(sum(map(target_tokens, examples)))})
+                {"num_tokens": float(sum(map(target_tokens, examples)))},
+                lambda i: example_size(examples[i]))
 
 
 def preference_examples(tok):
@@ -103,7 +111,8 @@ def reward_case(tok) -> Case:
         return batch
 
     return Case("sequence_classification", reward_objective, collate,
-                {"num_pairs": float(GLOBAL_BATCH), "center_coef": 0.01})
+                {"num_pairs": float(GLOBAL_BATCH), "center_coef": 0.01},
+                lambda i: example_size(examples[i]))
 
 
 def dpo_case(tok) -> Case:
@@ -118,7 +127,8 @@ def dpo_case(tok) -> Case:
     settings = DPOSettings(beta=0.5, nll_coef=0.5)
     return Case("causal_lm", dpo_objective, collate,
                 {"settings": settings, "num_pairs": float(GLOBAL_BATCH),
-                 "num_chosen_tokens": float(sum(map(chosen_targets, examples)))})
+                 "num_chosen_tokens": float(sum(map(chosen_targets, examples)))},
+                lambda i: example_size(examples[i]))
 
 
 def rollout_rows(tok) -> dict[str, torch.Tensor]:
@@ -141,7 +151,7 @@ def ppo_case(tok) -> Case:
               "aggregation": "token", "normalizer": float(mask.sum()), "kl_coef": 0.05,
               "kl_estimator": "k3", "entropy_coef": 0.01}
     return Case("causal_lm", ppo_objective, lambda idx: {k: v[idx] for k, v in batch.items()},
-                kwargs)
+                kwargs, lambda i: (1, int(batch["attention_mask"][i].sum())))
 
 
 def critic_case(tok) -> Case:
@@ -154,7 +164,8 @@ def critic_case(tok) -> Case:
     batch.update(old_values=values, returns=values + torch.randn(values.shape, generator=gen))
     kwargs = {"clip_eps": 0.2, "aggregation": "token", "normalizer": float(mask.sum())}
     return Case("sequence_classification", value_objective,
-                lambda idx: {k: v[idx] for k, v in batch.items()}, kwargs)
+                lambda idx: {k: v[idx] for k, v in batch.items()}, kwargs,
+                lambda i: (1, int(batch["attention_mask"][i].sum())))
 
 
 CASES = {"sft": sft_case, "reward": reward_case, "dpo": dpo_case, "ppo_policy": ppo_case,
@@ -173,24 +184,29 @@ def groups():
 
 
 def one_step(groups, case: Case, split: tuple, grad_clip: float, fused_adam: bool = False,
-             compile: bool = False) -> tuple[float, torch.Tensor]:
-    """(grad_norm, flat parameter update) of one optimizer step on the global batch."""
+             compile: bool = False, max_tokens: int = 0,
+             **extra: Any) -> tuple[float, torch.Tensor]:
+    """(grad_norm, flat parameter update) of one optimizer step on the global batch; with
+    `max_tokens`, micro-batches by that token budget (`micro` plays no part); `extra` goes to
+    the objective."""
     workers, micro, zero, offload = split
     group = groups[workers]
     # A large epsilon makes Adam's first step proportional to the gradient: with the usual
     # 1e-8 it is lr * sign(g), blind to the gradient's scale.
     trainer = TrainerConfig(lr=1e-2, adam_eps=1.0, scheduler="constant", grad_clip=grad_clip,
                             global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,
-                            fused_adam=fused_adam, compile=compile)
+                            fused_adam=fused_adam, compile=compile,
+                            max_tokens_per_micro_batch=max_tokens)
     dist = DistributedConfig(num_workers=workers, zero_stage=zero, offload_optimizer=offload)
     group.call("setup", model_config(), trainer, dist, 1, case.kind)
     facts = group.call("engine_facts")[0]
     assert facts == {"zero_stage": zero, "offload": offload,
-                     "accumulation": GLOBAL_BATCH // (workers * micro),
+                     "accumulation": 1 if max_tokens else GLOBAL_BATCH // (workers * micro),
                      "fused": fused_adam, "compiled": compile}, facts
     before = group.call("full_state_dict")[0]
+    batching = TokenBudget(max_tokens, case.size_of) if max_tokens else micro
     result = train_objective(group, case.objective, list(range(GLOBAL_BATCH)), case.collate,
-                             micro, **case.kwargs)
+                             batching, **case.kwargs, **extra)
     after = group.call("full_state_dict")[0]
     update = torch.cat([(after[k].float() - before[k].float()).flatten() for k in sorted(before)])
     return result.shared["grad_norm"], update
@@ -220,6 +236,27 @@ def test_one_step_is_the_same_for_every_split(groups, name):
     assert float(clipped[1].norm()) < float(reference[1].norm())  # the clip acted
     for split in SPLITS[1:]:
         assert_same_step(clipped, one_step(groups, case, split, grad_clip=clip), split)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_token_budget_takes_the_whole_batchs_step(groups, name):
+    """Micro-batches cut by a token budget (a few samples each, uneven, as many on every rank)
+    give the step of one whole batch, under ZeRO 0, 2 (offloaded) and 3; the causal-LM
+    objectives take their log-probs through the LM head in chunks of 4 tokens."""
+    tok = load_tokenizer(model_config())
+    case = CASES[name](tok)
+    budget = 3 * max(rows * tokens for rows, tokens in map(case.size_of, range(GLOBAL_BATCH)))
+    for workers, _, _ in TOKEN_SPLITS:
+        ranks = shard_by_tokens(list(range(GLOBAL_BATCH)), workers,
+                                TokenBudget(budget, case.size_of))
+        assert len({len(rank) for rank in ranks}) == 1 and len(ranks[0]) > 1
+        assert len({len(mb) for rank in ranks for mb in rank}) > 1  # sizes vary
+    extra = {"logprob_chunk_size": 4} if case.kind == "causal_lm" else {}
+    reference = one_step(groups, case, SPLITS[0], grad_clip=0.0)
+    for workers, zero, offload in TOKEN_SPLITS:
+        split = (workers, GLOBAL_BATCH // workers, zero, offload)
+        got = one_step(groups, case, split, grad_clip=0.0, max_tokens=budget, **extra)
+        assert_same_step(reference, got, split)
 
 
 @pytest.mark.parametrize("split", [SPLITS[0], SPLITS[-1]])

@@ -89,16 +89,17 @@ def test_shared_dpo_logps_and_reward_scores_equal_padded(tiny_model_dir, classif
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("chunk", [0, 3])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_rollout_logprobs_entropy_and_values_equal_padded(tiny_model_dir, classifier,
-                                                                 arch):
+                                                                 arch, chunk):
     padded = pad_sequences(PROMPTS, RESPONSES, pad_id=0)
     shared = share_padded(padded, None, 0, ALWAYS, IGNORE_INDEX)
     assert isinstance(shared[LAYOUT_KEY], SharedPrefixLayout)
     assert shared[LAYOUT_KEY].unit_index.max() == 2  # three prompts, three units
     policy = causal(tiny_model_dir(arch))
-    logp, entropy = _logprobs_and_entropy(policy, shared, 0.7, entropy=True)
-    want_logp, want_entropy = _logprobs_and_entropy(policy, padded, 0.7, entropy=True)
+    logp, entropy = _logprobs_and_entropy(policy, shared, 0.7, "value", chunk)
+    want_logp, want_entropy = _logprobs_and_entropy(policy, padded, 0.7, "value", 0)
     torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=0)
     assert (logp != 0).sum() == sum(map(len, RESPONSES))
@@ -108,14 +109,15 @@ def test_shared_rollout_logprobs_entropy_and_values_equal_padded(tiny_model_dir,
                                token_values(critic, padded) * mask, atol=1e-5, rtol=0)
 
 
-def test_shared_gradients_equal_padded(tiny_model_dir):
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_shared_gradients_equal_padded(tiny_model_dir, chunk):
     """The prefix's gradient sums what each sample sends it, as separate forwards do."""
     grads = []
     for share in (ALWAYS, None):
         model = causal(tiny_model_dir("llama"))
         padded = pad_sequences(PROMPTS, RESPONSES, pad_id=0)
         batch = share_padded(padded, None, 0, share, IGNORE_INDEX) or padded
-        logp, _ = _logprobs_and_entropy(model, batch, 1.0, entropy=False)
+        logp, _ = _logprobs_and_entropy(model, batch, 1.0, "none", chunk if share else 0)
         logp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0

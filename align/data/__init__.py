@@ -10,6 +10,7 @@ from align.data.batching import (
     collate_padded,
     collate_preference,
     collate_preference_packed,
+    example_size,
     length_grouped_order,
 )
 from align.data.preference import PreferenceExample, extract_prompt, tokenize_preference
@@ -33,6 +34,7 @@ __all__ = [
     "collate_preference",
     "collate_preference_packed",
     "collate_unpaired",
+    "example_size",
     "extract_prompt",
     "length_grouped_order",
     "load_rows",

@@ -152,6 +152,20 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list
     return [index for batch in batches + short for index in batch]
 
 
+def example_size(example: Any) -> tuple[int, int]:
+    """What an example costs a micro-batch under a token budget: (its sequences, the tokens
+    of its longest). An SFT example is one sequence; a preference pair two (chosen, rejected,
+    each after the prompt); an unpaired row one, two where it carries another row's
+    completion for KTO's reference point (they are collated side by side for it)."""
+    if isinstance(example, TokenizedExample):
+        return 1, len(example.input_ids)
+    if isinstance(example, PreferenceExample):
+        return 2, len(example.prompt_ids) + max(len(example.chosen_ids),
+                                                len(example.rejected_ids))
+    kl = example.kl_completion_ids
+    return 1 + bool(kl), len(example.prompt_ids) + max(len(example.completion_ids), len(kl))
+
+
 def _pad(
     sequences: list[list[int]], labels: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:

@@ -10,12 +10,13 @@ A batch reaches a model in one of three layouts:
 The collating code puts the layout object in the batch under `LAYOUT_KEY`; objectives call
 `batch_layout(batch)` and ask it for the model's inputs, next-token log-probs (and entropies)
 in the padded shifted layout, per-sequence log-prob sums, the last position of each sequence,
-or per-token values in the padded layout. They never test which layout they hold, so every
-objective works on every layout, and a new layout is one class here.
+or per-token values in the padded layout. Log-probs are read from what the forward left
+(`align.chunked_logprobs.LogprobSource`: the full logits, or hidden states and the LM head in
+chunks) at (flat position, target) pairs each layout names. They never test which layout they
+hold, so every objective works on every layout, and a new layout is one class here.
 
-Each layout keeps the arithmetic its objectives had before it existed, operation for
-operation: a packed row sums attention in another order than a padded one, so results agree
-with the padded layout to float noise, and each layout with itself exactly.
+A packed row sums attention in another order than a padded one, so results agree with the
+padded layout to float noise, and each layout with itself exactly.
 
 The maps between layouts (`unpack`, `unpack_shifted`, `sequence_sums`, ...) are here too: they
 are how a layout reads per-token and per-sequence results back.
@@ -25,24 +26,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 
-from align.losses import (
-    IGNORE_INDEX,
-    entropy_from_logits,
-    gather_logprobs,
-    indexed_logprobs,
-    sequence_logps,
-    shift_for_next_token,
-)
+from align.losses import IGNORE_INDEX, sequence_logps
 
 LAYOUT_KEY = "layout"  # where a collated batch keeps its layout object
 
 # Turns a boolean (R, 1, W, W) "may attend" mask into the form the model's attention takes.
 MaskForModel = Callable[[torch.Tensor], torch.Tensor]
 Batch = dict[str, Any]
+Entropy = Literal["none", "value", "grad"]  # no entropy; detached (logged); with gradient
+
+
+class LogprobSource(Protocol):
+    """What a forward left to read log-probs from (`align.chunked_logprobs.LogprobSource`)."""
+
+    def logprobs(self, positions: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                 entropy: Entropy = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-prob (and entropy) of each target at a flat position, shaped like `positions`."""
+        ...
 
 
 class BatchLayout:
@@ -53,22 +57,27 @@ class BatchLayout:
         """The keyword inputs of a forward pass over `batch`, on `device`."""
         raise NotImplementedError
 
-    def next_token_logprobs(self, logits: torch.Tensor, batch: Batch, temperature: float,
-                            entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T-1) log-probs of each next token under softmax(logits / temperature) in the
-        padded shifted layout (position t: token t+1 of the sequence), and with `entropy` the
-        entropy of each next-token distribution; the caller masks them to the tokens it wants.
+    def next_token_logprobs(self, source: LogprobSource, batch: Batch, temperature: float,
+                            entropy: Entropy = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T-1) log-probs of each labelled next token under softmax(logits / temperature)
+        in the padded shifted layout (position t: token t+1 of the sequence), and with
+        `entropy` the entropy of each next-token distribution; 0 where the label is ignored.
 
         Args:
-            logits: (rows, W, V) the model's output on `batch`.
+            source: what the model's forward on `batch` left (`align.chunked_logprobs`).
             batch: the batch, its `labels` in the padded layout (B, T).
         """
+        return source.logprobs(*self.next_token_targets(batch), temperature, entropy)
+
+    def next_token_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, targets), each (B, T-1): the flat position (row * W + column) whose
+        logits predict token t+1 of each sequence (-1: none), and that token's label."""
         raise NotImplementedError
 
-    def sequence_logprobs(self, logits: torch.Tensor, batch: Batch
+    def sequence_logprobs(self, source: LogprobSource, batch: Batch
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of each sequence's labelled tokens, and how many there are: (N,)
-        each, from `logits` (rows, W, V) and the batch's `labels` (IGNORE_INDEX: no target)."""
+        each, from the forward's `source` and the batch's `labels` (IGNORE_INDEX: no target)."""
         raise NotImplementedError
 
     def last_positions(self, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -95,17 +104,14 @@ class PaddedLayout(BatchLayout):
                      mask_for_model: MaskForModel) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
 
-    def next_token_logprobs(self, logits: torch.Tensor, batch: Batch, temperature: float,
-                            entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = logits[:, :-1].float() / temperature
-        logp = gather_logprobs(logits, batch["labels"][:, 1:].to(logits.device))
-        return logp, entropy_from_logits(logits) if entropy else None
+    def next_token_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_positions(batch["labels"]), batch["labels"][:, 1:]
 
-    def sequence_logprobs(self, logits: torch.Tensor, batch: Batch
+    def sequence_logprobs(self, source: LogprobSource, batch: Batch
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
-        mask = labels != IGNORE_INDEX
-        return sequence_logps(gather_logprobs(logits, labels), mask), mask.sum(-1)
+        logp, _ = source.logprobs(*self.next_token_targets(batch))
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logp.device)
+        return sequence_logps(logp, mask), mask.sum(-1)
 
     def last_positions(self, batch: Batch, device: torch.device) -> torch.Tensor:
         mask = batch["attention_mask"].to(device)
@@ -152,19 +158,16 @@ class PackedLayout(BatchLayout):
             inputs["attention_mask"] = mask_for_model(block_diagonal_mask(index.to(device)))
         return inputs
 
-    def next_token_logprobs(self, logits: torch.Tensor, batch: Batch, temperature: float,
-                            entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Shifted within each row: the next token is the row's own (the labels are padded).
-        logits = logits[:, :-1].float() / temperature
-        logp = gather_logprobs(logits, batch["input_ids"][:, 1:].to(logits.device))
-        ent = self._padded_shifted(entropy_from_logits(logits)) if entropy else None
-        return self._padded_shifted(logp), ent
+    def next_token_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # The labels are padded: token t of a sequence sits at its packed position.
+        return self._unpack_index()[:, :-1], batch["labels"][:, 1:]
 
-    def sequence_logprobs(self, logits: torch.Tensor, batch: Batch
+    def sequence_logprobs(self, source: LogprobSource, batch: Batch
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
-        token_logps = gather_logprobs(logits, labels)  # (rows, W-1)
-        mask = labels != IGNORE_INDEX
+        # Here the labels are packed rows (R, W): shifted within each row.
+        labels = batch["labels"]
+        token_logps, _ = source.logprobs(row_positions(labels), labels[:, 1:])  # (rows, W-1)
+        mask = (labels[:, 1:] != IGNORE_INDEX).to(token_logps.device)
         # A label at column t+1 belongs to the sequence of the token there.
         index = self.sequence_index[:, 1:]
         count = int(self.sequence_index.max()) + 1
@@ -178,9 +181,6 @@ class PackedLayout(BatchLayout):
     def to_padded(self, values: torch.Tensor) -> torch.Tensor:
         return unpack(values, self._unpack_index())
 
-    def _padded_shifted(self, values: torch.Tensor) -> torch.Tensor:
-        return unpack_shifted(values, self._unpack_index())
-
     def _unpack_index(self) -> torch.Tensor:
         if self.unpack_index is None:
             raise ValueError("this packed batch has no map back to the padded layout: pack it "
@@ -193,7 +193,7 @@ class SharedPrefixLayout(BatchLayout):
     """Units of a common prefix then one branch per sequence (see `align.data.prefix_sharing`);
     `labels` are per sequence, padded (N, L). The token after a shared position differs from
     one sequence to the next, so each token's log-prob is read at its predecessor's flat
-    position (`indexed_logprobs`), never shifted within a row."""
+    position (`next_token_targets`), never shifted within a row."""
 
     position_ids: torch.Tensor  # (R, W) continuing from the prefix on every branch
     unit_index: torch.Tensor  # (R, W) which unit a token belongs to, -1 on padding
@@ -207,17 +207,13 @@ class SharedPrefixLayout(BatchLayout):
                 "position_ids": self.position_ids.to(device),
                 "attention_mask": mask_for_model(allowed)}
 
-    def next_token_logprobs(self, logits: torch.Tensor, batch: Batch, temperature: float,
-                            entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = logits.float() / temperature
-        logp = indexed_logprobs(logits, self.unpack_index[:, :-1], batch["labels"][:, 1:])
-        ent = self.to_padded(entropy_from_logits(logits))[:, :-1] if entropy else None
-        return logp, ent
+    def next_token_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.unpack_index[:, :-1], batch["labels"][:, 1:]
 
-    def sequence_logprobs(self, logits: torch.Tensor, batch: Batch
+    def sequence_logprobs(self, source: LogprobSource, batch: Batch
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = batch["labels"][:, 1:].to(logits.device)
-        token_logps = indexed_logprobs(logits, self.unpack_index[:, :-1], labels)
+        token_logps, _ = source.logprobs(*self.next_token_targets(batch))
+        labels = batch["labels"][:, 1:].to(token_logps.device)
         return token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
     def last_positions(self, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -233,6 +229,13 @@ def batch_layout(batch: Batch) -> BatchLayout:
 
 
 # ------------------------------------------------------------------------- the maps
+
+
+def row_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(R, W-1) flat position of every token but each row's last, for rows `labels` (R, W):
+    the positions whose logits predict the row's next token."""
+    rows, width = labels.shape
+    return (torch.arange(rows)[:, None] * width + torch.arange(width - 1)[None]).to(labels.device)
 
 
 def unpack(values: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:

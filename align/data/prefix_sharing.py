@@ -18,8 +18,9 @@ A shared batch has `input_ids` (R, W) and its `SharedPrefixLayout` (`align.data.
 padding), `branch_index` (R, W) (0 on a unit's prefix, i + 1 on its i-th branch), and
 `unpack_index` (N, L): the flat position of every token of every sequence, so a prefix
 position is shared by all sequences of its unit. The layout reads per-token results back
-through `unpack_index`, and next-token log-probs with `align.losses.indexed_logprobs`, since
-the token after a shared position differs from one sequence to the next.
+through `unpack_index`, and reads each next-token log-prob at its predecessor's flat
+position (`SharedPrefixLayout.next_token_targets`), since the token after a shared position
+differs from one sequence to the next.
 
 The mask costs what it saves on long branches: attention over a row of width W is W x W, so a
 unit of 8 long completions computes more attention than the 8 sequences apart. `sharing_pays`

@@ -4,7 +4,8 @@ Trainers build micro-batches and call their workers only through these functions
 rules live in one place: a training step gives each rank exactly its accumulation steps of
 micro-batches (`shard`); evaluation and inference split items evenly so every rank runs the
 same number of forward passes (ZeRO-3 gathers collectively; `shard_evenly`); metrics combine
-by `align.metrics.combine_metric`.
+by `align.metrics.combine_metric`. A micro-batch holds a number of items or, with a
+`TokenBudget`, as many as fit in a number of tokens (`align.trainers.batches`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 from align.distributed import WorkerGroup
 from align.metrics import combine_metrics
-from align.trainers.batches import shard, shard_evenly
+from align.trainers.batches import MicroBatching, shard, shard_evenly
 
 T = TypeVar("T")
 Batch = dict[str, Any]
@@ -29,13 +30,12 @@ class StepResult:
     shared: dict[str, float] = field(default_factory=dict)  # same on every rank: grad_norm, lr
 
 
-def collated_shards(items: Sequence[T], group: WorkerGroup, micro_batch_size: int,
+def collated_shards(items: Sequence[T], group: WorkerGroup, micro: MicroBatching,
                     collate: Callable[[list[T]], Batch], evenly: bool = False
                     ) -> list[list[Batch]]:
     """Per rank, its collated micro-batches of `items` (`evenly`: for evaluation/inference)."""
     split = shard_evenly if evenly else shard
-    return [[collate(list(mb)) for mb in rank]
-            for rank in split(items, group.size, micro_batch_size)]
+    return [[collate(list(mb)) for mb in rank] for rank in split(items, group.size, micro)]
 
 
 def call_objective(group: WorkerGroup, method: str, objective: Callable[..., Any],
@@ -48,10 +48,10 @@ def call_objective(group: WorkerGroup, method: str, objective: Callable[..., Any
 
 
 def train_objective(group: WorkerGroup, objective: Callable[..., Any], items: Sequence[T],
-                    collate: Callable[[list[T]], Batch], micro_batch_size: int,
+                    collate: Callable[[list[T]], Batch], micro: MicroBatching,
                     **kwargs: Any) -> StepResult:
     """One optimizer step of `objective` over the global batch `items`."""
-    batches = collated_shards(items, group, micro_batch_size, collate)
+    batches = collated_shards(items, group, micro, collate)
     return call_objective(group, "train_step", objective, batches, **kwargs)
 
 
@@ -61,13 +61,13 @@ def can_split(group: WorkerGroup, num_items: int) -> bool:
 
 
 def evaluate_objective(group: WorkerGroup, objective: Callable[..., Any], items: Sequence[T],
-                       collate: Callable[[list[T]], Batch], micro_batch_size: int,
+                       collate: Callable[[list[T]], Batch], micro: MicroBatching,
                        **kwargs: Any) -> dict[str, float]:
     """Summed metrics of `objective` over `items` without gradients; {} when there are
     fewer items than ranks."""
     if not can_split(group, len(items)):
         return {}
-    batches = collated_shards(items, group, micro_batch_size, collate, evenly=True)
+    batches = collated_shards(items, group, micro, collate, evenly=True)
     return call_objective(group, "evaluate", objective, batches, **kwargs).sums
 
 
@@ -78,11 +78,11 @@ def call_infer(group: WorkerGroup, fn: Callable[..., Any], batches: list[list[Ba
 
 
 def infer_in_chunks(group: WorkerGroup, fn: Callable[..., Any], num_items: int,
-                    collate: Callable[[list[int]], Batch], micro_batch_size: int,
+                    collate: Callable[[list[int]], Batch], micro: MicroBatching,
                     **kwargs: Any) -> Iterator[tuple[list[int], Any]]:
     """`fn` over items 0..num_items-1, split evenly over the ranks: yields (the indices of a
     micro-batch, fn's result on it), so callers scatter results back in item order."""
-    index_shards = shard_evenly(list(range(num_items)), group.size, micro_batch_size)
+    index_shards = shard_evenly(list(range(num_items)), group.size, micro)
     batches = [[collate(chunk) for chunk in rank] for rank in index_shards]
     for rank, outputs in zip(index_shards, call_infer(group, fn, batches, **kwargs)):
         yield from zip(rank, outputs)

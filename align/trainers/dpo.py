@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from align.chunked_logprobs import FULL_LOGITS, logprob_source
 from align.config import EMBEDDED, DPOConfig, DPOSettings
 from align.data import (
     PreferenceExample,
@@ -48,6 +49,7 @@ from align.data import (
     collate_preference,
     collate_preference_packed,
     collate_unpaired,
+    example_size,
 )
 from align.data.layout import batch_layout
 from align.data.tables import take
@@ -60,9 +62,9 @@ from align.losses import (
     preference_metrics,
     rpo_nll_share,
 )
-from align.packed_forward import Packing, model_inputs
+from align.packed_forward import Packing
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule, shard, shard_evenly
+from align.trainers.batches import MicroBatching, StepSchedule, micro_batching, shard, shard_evenly
 from align.trainers.dispatch import (
     call_infer,
     call_objective,
@@ -84,8 +86,8 @@ PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewar
 # ------------------------------------------------------------------------- worker side
 
 
-def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                     logprob_chunk_size: int = FULL_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts of the 2B completions of a preference batch.
 
     Args:
@@ -93,22 +95,25 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
         batch: `collate_preference` output (2B padded rows) or `collate_preference_packed`
             output (packed rows, each pair's prompt laid out once where that pays); its layout
             (`align.data.layout`) reads each sequence's sums.
+        logprob_chunk_size: tokens per chunk through the LM head (`align.chunked_logprobs`);
+            0: the full logits.
 
     Returns:
         (logps, lengths), each (2B,): chosen sequences first, then rejected.
     """
-    logits = model(**model_inputs(model, batch), use_cache=False).logits
-    return batch_layout(batch).sequence_logprobs(logits, batch)
+    source = logprob_source(model, batch, logprob_chunk_size)
+    return batch_layout(batch).sequence_logprobs(source, batch)
 
 
-def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    logprob_chunk_size: int = FULL_LOGITS) -> torch.Tensor:
     """Worker side, run through `infer`: (2B,) completion log-probs, chosen then rejected."""
-    return completion_logps(model, batch)[0].detach().float().cpu()
+    return completion_logps(model, batch, logprob_chunk_size)[0].detach().float().cpu()
 
 
 def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  settings: DPOSettings, num_pairs: float,
-                  num_chosen_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+                  settings: DPOSettings, num_pairs: float, num_chosen_tokens: float,
+                  logprob_chunk_size: int = FULL_LOGITS) -> tuple[torch.Tensor, dict[str, float]]:
     """Worker side: the preference loss of one micro-batch, as its share of the global mean.
 
     Args:
@@ -118,12 +123,13 @@ def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         settings: the `dpo` config section.
         num_pairs: pairs in the whole global batch (all ranks and micro-batches).
         num_chosen_tokens: chosen completion tokens in the global batch (the RPO divisor).
+        logprob_chunk_size: as `completion_logps`.
 
     Returns:
         (loss, metrics): metrics in PAIR_MEANS are sums over this micro-batch's pairs; `loss`
         and `nll` are shares of the global value (both add up over micro-batches and ranks).
     """
-    logps, lengths = completion_logps(model, batch)
+    logps, lengths = completion_logps(model, batch, logprob_chunk_size)
     chosen, rejected = logps.chunk(2)
     chosen_len, rejected_len = lengths.float().chunk(2)
     ref_chosen = ref_rejected = None
@@ -149,8 +155,8 @@ def dpo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 def kto_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  settings: DPOSettings, num_rows: float,
-                  kl_baseline: float) -> tuple[torch.Tensor, dict[str, float]]:
+                  settings: DPOSettings, num_rows: float, kl_baseline: float,
+                  logprob_chunk_size: int = FULL_LOGITS) -> tuple[torch.Tensor, dict[str, float]]:
     """Worker side: the KTO loss of one micro-batch of unpaired rows, as its share of the
     global mean over rows.
 
@@ -160,12 +166,13 @@ def kto_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         settings: the `dpo` config section.
         num_rows: rows in the whole global batch.
         kl_baseline: the global batch's reference point z0.
+        logprob_chunk_size: as `completion_logps`.
 
     Returns:
         (loss, metrics): sums over this micro-batch's desirable / undesirable rows (see
         `align.trainers.kto.unpaired_means`) and its share of the loss.
     """
-    logps, lengths = completion_logps(model, batch)
+    logps, lengths = completion_logps(model, batch, logprob_chunk_size)
     good = batch["desirable"].to(logps.device)
     ref = batch["reference_logps"].to(logps.device)
     lengths = lengths.float()
@@ -208,6 +215,8 @@ class DPOTrainer(Trainer[DPOConfig]):
         # computed once on first use).
         self.reference: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self.reference_source = "none"  # "cache" or "computed" once precomputed
+        # Every log-prob forward's head runs over chunks of this many tokens.
+        self.chunking = {"logprob_chunk_size": cfg.trainer.logprob_chunk_size}
 
     def needs_reference(self) -> bool:
         # Precomputed log-probs come from the policy before its first update: no reference.
@@ -263,14 +272,19 @@ class DPOTrainer(Trainer[DPOConfig]):
         def collate(mb: list[int]) -> dict[str, torch.Tensor]:
             return self.collate(take(examples, mb), None if known is None else known[mb])
 
-        batches = collated_shards(indices, self.group, self.cfg.trainer.micro_batch_size,
-                                  collate, evenly)
+        batches = collated_shards(indices, self.group, self._micro(examples), collate, evenly)
         if known is None and not self.reference_free:
-            results = call_infer(self.group, reference_logps, batches, reference=True)
+            results = call_infer(self.group, reference_logps, batches, reference=True,
+                                 **self.chunking)
             for rank_batches, rank_logps in zip(batches, results):
                 for batch, logps in zip(rank_batches, rank_logps):
                     batch["reference_logps"] = logps
         return batches
+
+    def _micro(self, examples: Any) -> MicroBatching:
+        """How micro-batches of indices into `examples` are cut (`trainer.micro_batch_size`
+        or `trainer.max_tokens_per_micro_batch`)."""
+        return micro_batching(self.cfg.trainer, lambda i: example_size(examples[i]))
 
     def _unpaired(self, examples: list[UnpairedExample],
                   sides: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -296,12 +310,13 @@ class DPOTrainer(Trainer[DPOConfig]):
             kl = self._kl_baseline(split, indices, evenly)
             result = call_objective(self.group, method, kto_objective, batches,
                                     settings=self.cfg.dpo, num_rows=float(len(examples)),
-                                    kl_baseline=kl)
+                                    kl_baseline=kl, **self.chunking)
             return unpaired_means(result.sums, kl), result.shared
         result = call_objective(
             self.group, method, dpo_objective, batches, settings=self.cfg.dpo,
             num_pairs=float(len(examples)),
-            num_chosen_tokens=float(max(1, sum(map(chosen_targets, examples)))))
+            num_chosen_tokens=float(max(1, sum(map(chosen_targets, examples)))),
+            **self.chunking)
         return pair_means(result.sums), result.shared
 
     def _kl_baseline(self, split: str, indices: list[int], evenly: bool) -> float:
@@ -310,17 +325,17 @@ class DPOTrainer(Trainer[DPOConfig]):
         examples, known = (self.train, self.reference["train"]) if split == "train" else (
             self.eval, self.reference["eval"])
         split_fn = shard_evenly if evenly else shard
-        parts = split_fn(indices, self.group.size, self.cfg.trainer.micro_batch_size)
+        parts = split_fn(indices, self.group.size, self._micro(examples))
         order = [i for rank in parts for mb in rank for i in mb]
         batches = [[self._unpaired([examples[i] for i in mb], ("kl",)) for mb in rank]
                    for rank in parts]
-        policy = torch.cat([x for r in call_infer(self.group, reference_logps, batches)
-                            for x in r])
+        policy = torch.cat([x for r in call_infer(self.group, reference_logps, batches,
+                                                  **self.chunking) for x in r])
         if known is not None:
             ref = known[order, 1]
         else:
             ref = torch.cat([x for r in call_infer(self.group, reference_logps, batches,
-                                                   reference=True) for x in r])
+                                                   reference=True, **self.chunking) for x in r])
         return kto_kl_baseline(policy, ref).item()
 
     # ---------------------------------------------------------------- reference
@@ -366,7 +381,7 @@ class DPOTrainer(Trainer[DPOConfig]):
         for mb, logps in infer_in_chunks(
                 self.group, reference_logps, len(examples),
                 lambda idx: self._both_columns(take(examples, idx)),
-                self.cfg.trainer.micro_batch_size, reference=reference):
+                self._micro(examples), reference=reference, **self.chunking):
             out[mb] = torch.stack(logps.chunk(2), dim=1)
         return out
 

@@ -24,6 +24,7 @@ import torch
 from align.advantages import compute_advantages, kl_penalty, kl_placement
 from align.config import PPOConfig
 from align.rollout.verify import GAP_KEYS, logprob_gap
+from align.trainers.batches import micro_batching
 from align.trainers.kl_control import KLController
 from align.trainers.ppo_objectives import response_mask, token_logprobs, token_values
 from align.trainers.roles import Role
@@ -72,15 +73,16 @@ class ExperienceMaker:
         (GAP_KEYS) where they are known now; {} where the update computes them (`from_update`).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
-        micro, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
+        micro, temp = micro_batching(cfg.trainer, rollout.size_of), cfg.rollout.temperature
+        chunk = cfg.trainer.logprob_chunk_size
         mask = response_mask(rollout.batch)
         tensors, known = {}, {}
         kl = None
         if not self.old_from_update:
             ref = infer_rows(policy.group, token_logprobs, rollout, micro, policy.packing,
-                             reference=True, temperature=temp)
+                             reference=True, temperature=temp, logprob_chunk_size=chunk)
             old = infer_rows(policy.group, token_logprobs, rollout, micro, policy.packing,
-                             temperature=temp)
+                             temperature=temp, logprob_chunk_size=chunk)
             kl = kl_penalty(old, ref, self.kl_estimator) * mask
             tensors.update(ref_logprobs=ref, old_logprobs=old)
             known = {"kl": float(kl.sum(-1).mean()),
@@ -110,7 +112,8 @@ class ExperienceMaker:
         if not self.old_from_update:
             return {}
         return {"with_reference": ("ref_logprobs", token_logprobs,
-                                   {"temperature": self.cfg.rollout.temperature})}
+                                   {"temperature": self.cfg.rollout.temperature,
+                                    "logprob_chunk_size": self.cfg.trainer.logprob_chunk_size})}
 
     def from_update(self, rollout: Rollout, sums: dict[str, float]) -> dict[str, float]:
         """`kl` and the engine gap from the update's summed metrics, where the update computed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from align.advantages import kl_penalty
+from align.chunked_logprobs import FULL_LOGITS, Entropy, logprob_source
 from align.data.layout import batch_layout
 from align.losses import (
     IGNORE_INDEX,
@@ -22,7 +23,7 @@ from align.losses import (
     sequence_level_logprobs,
     truncated_importance_weights,
 )
-from align.packed_forward import head_outputs, model_inputs
+from align.packed_forward import head_outputs
 
 
 def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -31,21 +32,23 @@ def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _logprobs_and_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          temperature: float, entropy: bool
+                          temperature: float, entropy: Entropy, chunk_size: int
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, T-1) log-probs of the generated tokens and (with `entropy`) the entropy of each
-    next-token distribution, 0 off completions, whatever the batch's layout."""
-    out = model(**model_inputs(model, batch), use_cache=False)
+    """(B, T-1) log-probs of the generated tokens and (`entropy` "value" or "grad") the
+    entropy of each next-token distribution, 0 off completions, whatever the batch's layout;
+    through the LM head in chunks of `chunk_size` tokens (0: full logits)."""
+    source = logprob_source(model, batch, chunk_size)
     # Log-probs must come from the distribution that was sampled: logits / temperature.
-    logp, ent = batch_layout(batch).next_token_logprobs(out.logits, batch, temperature, entropy)
+    logp, ent = batch_layout(batch).next_token_logprobs(source, batch, temperature, entropy)
     mask = response_mask(batch).to(logp.device)
     return logp * mask, None if ent is None else ent * mask
 
 
 def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   temperature: float) -> torch.Tensor:
-    """(B, T-1) log-probs of the generated tokens (0 elsewhere)."""
-    return _logprobs_and_entropy(model, batch, temperature, entropy=False)[0]
+                   temperature: float, logprob_chunk_size: int = FULL_LOGITS) -> torch.Tensor:
+    """(B, T-1) log-probs of the generated tokens (0 elsewhere); `logprob_chunk_size` as
+    `trainer.logprob_chunk_size` (align.chunked_logprobs)."""
+    return _logprobs_and_entropy(model, batch, temperature, "none", logprob_chunk_size)[0]
 
 
 def token_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,8 +67,8 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
                   temperature: float, clip_eps: float, clip_eps_high: float | None,
                   dual_clip: float | None, aggregation: str, normalizer: float,
                   kl_coef: float, kl_estimator: str, entropy_coef: float,
-                  tis_cap: float | None = None, importance_sampling_level: str = "token"
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  tis_cap: float | None = None, importance_sampling_level: str = "token",
+                  logprob_chunk_size: int = FULL_LOGITS) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss (+ KL-to-reference loss term, - entropy bonus) of one micro-batch.
 
     `normalizer` is `aggregation_normalizer` of the global minibatch (its token count, its
@@ -81,9 +84,12 @@ def ppo_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     experience, before any update from it (one update per rollout): its old log-probs are this
     forward's own, detached, so no separate forward computes them. The gap to the engine's
     sampling log-probs (`align.rollout.verify`) then comes back as `logprob_gap_sum` and
-    `max_logprob_gap`.
+    `max_logprob_gap`. The entropy is logged always and differentiated only with
+    `entropy_coef`; `logprob_chunk_size` as `token_logprobs`.
     """
-    logp, entropy = _logprobs_and_entropy(model, batch, temperature, entropy=True)
+    logp, entropy = _logprobs_and_entropy(model, batch, temperature,
+                                          "grad" if entropy_coef else "value",
+                                          logprob_chunk_size)
     mask = response_mask(batch).to(logp.device)
     old = batch.get("old_logprobs")
     gap_stats = {}

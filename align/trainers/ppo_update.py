@@ -19,6 +19,7 @@ import numpy as np
 from align.config import PPOConfig
 from align.losses import aggregation_normalizer
 from align.metrics import accumulate
+from align.trainers.batches import MicroBatching, micro_batching
 from align.trainers.dispatch import StepResult, train_objective
 from align.trainers.experience import importance_cap, kl_settings
 from align.trainers.kl_control import KLController
@@ -47,7 +48,8 @@ class PPOUpdate:
         """Train on `rollout` (its experience in `rollout.tensors`) at 0-based iteration
         `step`; `policy_extra` goes to every policy step (see `Policy.train_step`)."""
         cfg, alg = self.cfg, self.cfg.algorithm
-        batch_size, micro = cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size
+        batch_size = cfg.trainer.global_batch_size
+        micro = micro_batching(cfg.trainer, rollout.size_of)
         rng = np.random.default_rng([cfg.trainer.seed, step])
         policy_kw = {**self._policy_settings(), **policy_extra}
         sums: dict[str, float] = {}
@@ -78,7 +80,8 @@ class PPOUpdate:
                     aggregation=alg.loss_aggregation, kl_estimator=self.kl_estimator,
                     kl_coef=0.0 if self.kl_in_reward else self.kl.coef,
                     entropy_coef=alg.entropy_coef, tis_cap=importance_cap(cfg),
-                    importance_sampling_level=alg.importance_sampling_level)
+                    importance_sampling_level=alg.importance_sampling_level,
+                    logprob_chunk_size=cfg.trainer.logprob_chunk_size)
 
     @staticmethod
     def _metrics(sums: dict[str, float], minibatches: int, critic: bool) -> dict[str, float]:
@@ -94,8 +97,8 @@ class PPOUpdate:
         return metrics
 
 
-def train_role(role: Role, objective: Any, rollout: Rollout, index: list[int], micro: int,
-               **kwargs: Any) -> StepResult:
+def train_role(role: Role, objective: Any, rollout: Rollout, index: list[int],
+               micro: MicroBatching, **kwargs: Any) -> StepResult:
     """One optimizer step of `role` on the rollout rows `index`, collated as it packs."""
     return train_objective(role.group, objective, index,
                            lambda mb: rollout.rows(mb, role.packing), micro, **kwargs)

@@ -24,6 +24,7 @@ from align.data import (
     PreferenceExample,
     collate_preference,
     collate_preference_packed,
+    example_size,
     load_rows,
     tokenize_preference,
 )
@@ -31,7 +32,7 @@ from align.data.sources import rename_columns
 from align.data.tables import take
 from align.losses import pairwise_loss
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule
+from align.trainers.batches import StepSchedule, micro_batching
 from align.trainers.dispatch import evaluate_objective, train_objective
 from align.trainers.mining import MinedPairs, mine
 from align.trainers.stage_data import load_preference_examples, stage_rows
@@ -119,14 +120,14 @@ class RewardTrainer(Trainer[RMConfig]):
     def train_step(self, step: int) -> dict[str, float]:
         examples = take(self.train, self.schedule.indices(step))
         result = train_objective(self.group, reward_objective, examples, self.collate,
-                                 self.cfg.trainer.micro_batch_size,
+                                 micro_batching(self.cfg.trainer, example_size),
                                  **self._objective_kwargs(len(examples)))
         return {"loss": result.sums["loss"], **pair_means(result.sums), **result.shared,
                 "epoch": step / self.schedule.steps_per_epoch}
 
     def evaluate(self, final: bool) -> dict[str, float]:
         sums = evaluate_objective(self.group, reward_objective, self.eval, self.collate,
-                                  self.cfg.trainer.micro_batch_size,
+                                  micro_batching(self.cfg.trainer, example_size),
                                   **self._objective_kwargs(len(self.eval)))
         if not sums:
             return {}

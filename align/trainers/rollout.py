@@ -21,6 +21,7 @@ from align.losses import IGNORE_INDEX
 from align.packed_forward import Packing
 from align.rollout import Generation, RolloutEngine, Sampling
 from align.rollout.verify import shifted_logprobs
+from align.trainers.batches import MicroBatching
 from align.trainers.dispatch import infer_in_chunks
 
 
@@ -46,13 +47,22 @@ class Rollout:
     def size(self) -> int:
         return len(self.prompts)
 
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(1, tokens) of sample `index`: what it costs a micro-batch under a token budget."""
+        return 1, int(self.batch["attention_mask"][index].sum())
+
     def rows(self, index: list[int], packing: Packing | None = None) -> dict[str, torch.Tensor]:
-        """The rows `index` of the batch and per-token tensors, as one micro-batch; with
-        `packing`, the forward's inputs are packed (see `align.data.packing.pack_padded`), and
-        the samples of a prompt share its tokens where that pays (`packing.share_prefix`,
-        `align.data.prefix_sharing.share_padded`)."""
+        """The rows `index` of the batch and per-token tensors, as one micro-batch, no wider
+        than its longest sample; with `packing`, the forward's inputs are packed (see
+        `align.data.packing.pack_padded`), and the samples of a prompt share its tokens where
+        that pays (`packing.share_prefix`, `align.data.prefix_sharing.share_padded`)."""
         idx = torch.tensor(index)
-        rows = {k: v[idx] for k, v in {**self.batch, **self.tensors}.items()}
+        # Right-padded: columns past the longest of these rows are padding for all of them.
+        attended = self.batch["attention_mask"][idx].any(0).nonzero()
+        width = int(attended.max()) + 1 if len(attended) else 1
+        full = self.batch["input_ids"].shape[1]
+        rows = {k: _narrowed(v[idx], full, width)
+                for k, v in {**self.batch, **self.tensors}.items()}
         if packing is None:
             return rows
         shared = share_padded(rows, packing.row_length, self.pad_id, packing.share_prefix,
@@ -60,6 +70,13 @@ class Rollout:
         if shared is not None:
             return shared
         return pack_padded(rows, packing.row_length, self.pad_id, packing.attention)
+
+
+def _narrowed(rows: torch.Tensor, full: int, width: int) -> torch.Tensor:
+    """Per-token `rows` (B, full) or shifted (B, full - 1) cut to `width` tokens."""
+    if rows.dim() == 2 and rows.shape[1] in (full, full - 1):
+        return rows[:, :width - (full - rows.shape[1])]
+    return rows
 
 
 def generate_rollout(engine: RolloutEngine, tokenizer: Any, examples: list[PromptExample],
@@ -126,12 +143,14 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]],
             for name, rows in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
 
 
-def infer_rows(group: WorkerGroup, fn: Any, rollout: Rollout, micro_batch_size: int,
+def infer_rows(group: WorkerGroup, fn: Any, rollout: Rollout, micro: MicroBatching,
                packing: Packing | None = None, **kwargs: Any) -> torch.Tensor:
-    """Run worker function `fn` (returning (rows, T-1)) over the whole rollout, in row order."""
+    """Run worker function `fn` (returning (rows, width-1) for rows no wider than their
+    longest, `Rollout.rows`) over the whole rollout: (N, T-1) in row order, 0 past a row's
+    micro-batch's width."""
     out = torch.zeros(rollout.size, rollout.batch["input_ids"].shape[1] - 1)
     for chunk, value in infer_in_chunks(group, fn, rollout.size,
                                         lambda index: rollout.rows(index, packing),
-                                        micro_batch_size, **kwargs):
-        out[torch.tensor(chunk)] = value.float()
+                                        micro, **kwargs):
+        out[torch.tensor(chunk), :value.shape[1]] = value.float()
     return out

@@ -101,7 +101,8 @@ class RolloutProducer:
                 self.rollout_engine, policy, self.tokenizer, self.eos_ids,
                 cfg.trainer.micro_batch_size, packing, cfg.rollout.n_samples_per_prompt,
                 rows=max(policy.size, cfg.rollout.vllm.num_engines),
-                limit=self.max_logprob_diff)
+                limit=self.max_logprob_diff,
+                logprob_chunk_size=cfg.trainer.logprob_chunk_size)
 
     def sync_once(self) -> None:
         """Send the engine the policy's weights, once (later syncs follow each update)."""

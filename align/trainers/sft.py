@@ -11,25 +11,36 @@ from typing import Any
 
 import torch
 
+from align.chunked_logprobs import FULL_LOGITS, logprob_source
 from align.config import SFTConfig
-from align.data import TokenizedExample, collate_packed, collate_padded, length_grouped_order
+from align.data import (
+    TokenizedExample,
+    collate_packed,
+    collate_padded,
+    example_size,
+    length_grouped_order,
+)
+from align.data.layout import row_positions
 from align.data.prepare import sft_encoder
 from align.data.sft import sft_examples
-from align.losses import IGNORE_INDEX, sft_loss
-from align.packed_forward import model_inputs
+from align.losses import IGNORE_INDEX, sft_loss_from_logprobs
 from align.trainers.base import Trainer
-from align.trainers.batches import StepSchedule
+from align.trainers.batches import StepSchedule, micro_batching
 from align.trainers.dispatch import evaluate_objective, train_objective
 from align.trainers.evaluation import exact_match_set, final_exact_match
 from align.trainers.stage_data import stage_evaluator, stage_examples
 
 
-def sft_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Worker side: loss of one micro-batch, as its share of the global-batch mean."""
-    out = model(**model_inputs(model, batch), use_cache=False)
-    loss = sft_loss(out.logits, batch["labels"], num_tokens)
-    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def sft_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tokens: float,
+                  logprob_chunk_size: int = FULL_LOGITS) -> tuple[torch.Tensor, dict[str, float]]:
+    """Worker side: loss of one micro-batch, as its share of the global-batch mean; the LM
+    head runs over chunks of `logprob_chunk_size` tokens (`align.chunked_logprobs`; 0: the
+    full logits). The labels are in the batch's rows, packed or padded alike."""
+    labels = batch["labels"]
+    source = logprob_source(model, batch, logprob_chunk_size)
+    token_logps, _ = source.logprobs(row_positions(labels), labels[:, 1:])
+    loss = sft_loss_from_logprobs(token_logps, num_tokens)
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return loss, {"loss": loss.item(), "tokens": tokens}
 
 
@@ -81,7 +92,9 @@ class SFTTrainer(Trainer[SFTConfig]):
         examples = self.train.take(self.schedule.indices(step))
         num_tokens = float(sum(target_tokens(e) for e in examples))
         result = train_objective(self.group, sft_objective, examples, self.collate,
-                                 self.cfg.trainer.micro_batch_size, num_tokens=num_tokens)
+                                 micro_batching(self.cfg.trainer, example_size),
+                                 num_tokens=num_tokens,
+                                 logprob_chunk_size=self.cfg.trainer.logprob_chunk_size)
         return {"loss": result.sums["loss"], **result.shared, "tokens": result.sums["tokens"],
                 "epoch": step / self.schedule.steps_per_epoch}
 
@@ -89,7 +102,9 @@ class SFTTrainer(Trainer[SFTConfig]):
         metrics: dict[str, Any] = {}
         num_tokens = float(sum(target_tokens(e) for e in self.eval))
         sums = evaluate_objective(self.group, sft_objective, self.eval, self.collate,
-                                  self.cfg.trainer.micro_batch_size, num_tokens=num_tokens)
+                                  micro_batching(self.cfg.trainer, example_size),
+                                  num_tokens=num_tokens,
+                                  logprob_chunk_size=self.cfg.trainer.logprob_chunk_size)
         if sums:
             metrics["eval/loss"] = sums["loss"]
         if final:

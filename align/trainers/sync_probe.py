@@ -43,6 +43,7 @@ class SyncProbe:
         n_samples: rollout.n_samples_per_prompt, completions per probe prompt.
         rows: completions per probe at least: one per engine and one per policy worker.
         limit: the mean gap above which the run stops (rollout.vllm.max_logprob_diff).
+        logprob_chunk_size: trainer.logprob_chunk_size, for the trainer's forward.
     """
 
     rollout_engine: Any
@@ -54,6 +55,7 @@ class SyncProbe:
     n_samples: int
     rows: int
     limit: float
+    logprob_chunk_size: int = 0
 
     def check(self, examples: list[PromptExample], sampling: Sampling,
               iteration: int) -> dict[str, float]:
@@ -73,7 +75,8 @@ class SyncProbe:
         probe = generate_rollout(self.rollout_engine, self.tokenizer, prompts, self.n_samples,
                                  short, self.eos_ids)
         trainer = infer_rows(self.group, token_logprobs, probe, self.micro_batch_size,
-                             self.packing, temperature=sampling.temperature)
+                             self.packing, temperature=sampling.temperature,
+                             logprob_chunk_size=self.logprob_chunk_size)
         gap = logprob_gap(probe.engine_logprobs, trainer, response_mask(probe.batch))
         check_logprob_gap(gap, self.limit, self.rollout_engine.name, iteration)
         return {**gap, "time/sync_check": time.perf_counter() - start}

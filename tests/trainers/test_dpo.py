@@ -153,7 +153,9 @@ def test_precomputed_reference_matches_live_one_and_is_reused(tmp_path, ray_loca
               f"dpo.reference_cache_dir={tmp_path / 'cache'}")
     runs = {}
     for name, extra in (("first", ()), ("again", ()),
-                        ("live", ("dpo.precompute_reference=false",))):
+                        ("live", ("dpo.precompute_reference=false",)),
+                        ("budget", ("dpo.precompute_reference=false",
+                                    "trainer.max_tokens_per_micro_batch=96"))):
         trainer = DPOTrainer(tiny_dpo_config(tmp_path / name, *common, *extra),
                              show_progress=False)
         trainer.fit()
@@ -163,8 +165,10 @@ def test_precomputed_reference_matches_live_one_and_is_reused(tmp_path, ray_loca
     assert runs["live"][0].reference_source == "none" and runs["live"][0].needs_reference()
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert runs["again"][1] == runs["first"][1]
-    for step, (a, b) in enumerate(zip(runs["first"][1], runs["live"][1]), start=1):
+    for step, (a, b, c) in enumerate(zip(runs["first"][1], runs["live"][1], runs["budget"][1],
+                                         strict=True), start=1):
         assert abs(a - b) < 1e-5, f"step {step}: {a} vs {b}"
+        assert abs(a - c) < 1e-5, f"step {step}, token budget: {a} vs {c}"
 
 
 @pytest.mark.parametrize("loss", [

@@ -101,7 +101,9 @@ def test_kto_precomputed_and_live_reference_agree(tmp_path, ray_local):
               f"dpo.reference_cache_dir={tmp_path / 'cache'}")
     runs = {}
     for name, extra in (("first", ()), ("again", ()),
-                        ("live", ("dpo.precompute_reference=false",))):
+                        ("live", ("dpo.precompute_reference=false",)),
+                        ("budget", ("dpo.precompute_reference=false",
+                                    "trainer.max_tokens_per_micro_batch=96"))):
         trainer = DPOTrainer(tiny_dpo_config(tmp_path / name, *common, *extra),
                              show_progress=False)
         trainer.fit()
@@ -111,8 +113,9 @@ def test_kto_precomputed_and_live_reference_agree(tmp_path, ray_local):
     assert runs["live"][0].needs_reference()
     assert runs["again"][1] == runs["first"][1]
     for key in (1, 2):
-        for a, b in zip(runs["first"][key], runs["live"][key]):
-            assert abs(a - b) < 1e-5, (key, a, b)
+        for other in ("live", "budget"):
+            for a, b in zip(runs["first"][key], runs[other][key], strict=True):
+                assert abs(a - b) < 1e-5, (key, other, a, b)
 
 
 def test_orpo_is_reference_free_and_its_metrics_equal_plain_transformers(tmp_path, ray_local,

@@ -157,6 +157,29 @@ def test_first_minibatch_ratio_is_one_on_a_model_with_dropout(tmp_path, ray_loca
     assert logged["rewards/ended/mean"] == pytest.approx(1 - logged["completions/clipped_ratio"])
 
 
+def test_token_budget_micro_batches_train_as_fixed_ones(tmp_path, ray_local):
+    """`trainer.max_tokens_per_micro_batch` on padded rows (cut to each micro-batch's longest)
+    gives the first update of fixed micro-batches, old log-probs by their own forward and
+    the critic's values included, in a different number of micro-batches."""
+    def run(name, *extra):
+        cfg = tiny_ppo_config(tmp_path / name, "trainer.max_steps=1", "algorithm.ppo_epochs=2",
+                              "algorithm.estimator=gae", "trainer.global_batch_size=16",
+                              "trainer.micro_batch_size=8", "data.packing=false",
+                              "rollout.max_new_tokens=8", "eval.max_samples=0",
+                              "task.num_eval=0", *extra)
+        trainer = RecordedPPO(cfg, show_progress=False)
+        trainer.fit()
+        counts = {len(per_rank[0][1]) for method, per_rank, _ in trainer.calls
+                  if method == "train_step"}
+        return counts, records(tmp_path / name / "run")[0]
+
+    fixed_counts, fixed = run("fixed")
+    counts, budget = run("budget", "trainer.max_tokens_per_micro_batch=60")
+    assert fixed_counts == {2} and counts - {2}  # other splits than two of 8
+    for key in ("policy_loss", "value_loss", "kl", "entropy", "grad_norm", "ratio"):
+        assert budget[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), key
+
+
 class FullExperiencePPO(RecordedPPO):
     """Computes the old log-probs by their own forward even where the update could."""
 

@@ -93,7 +93,8 @@ def test_run_outputs_and_learning(tmp_path, ray_local):
 
 def test_two_workers_zero2_match_one_worker(tmp_path, ray_local):
     """Same global batch and seed: the loss curve must not depend on how it is sharded, nor on
-    packing (one padding-free row per micro-batch) against padding."""
+    packing (one padding-free row per micro-batch) against padding, nor on micro-batches cut
+    by a token budget."""
     common = ("trainer.max_steps=6", "trainer.global_batch_size=16", "eval.exact_match=false")
     one = tiny_sft_config(tmp_path / "one", *common, "trainer.micro_batch_size=8",
                           "distributed.num_workers=1", "distributed.zero_stage=0")
@@ -101,16 +102,21 @@ def test_two_workers_zero2_match_one_worker(tmp_path, ray_local):
                           "distributed.num_workers=2", "distributed.zero_stage=2")
     padded = tiny_sft_config(tmp_path / "padded", *common, "trainer.micro_batch_size=8",
                              "data.packing=false")
+    budget = tiny_sft_config(tmp_path / "budget", *common, "data.packing=false",
+                             "trainer.max_tokens_per_micro_batch=48",
+                             "distributed.num_workers=2", "distributed.zero_stage=2")
     SFTTrainer(one, show_progress=False).fit()
     trainer = InspectedSFT(two, show_progress=False)
     trainer.fit()
     SFTTrainer(padded, show_progress=False).fit()
+    SFTTrainer(budget, show_progress=False).fit()
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
-    c = losses(tmp_path / "padded" / "run")
-    assert len(a) == len(b) == len(c) == 6
-    for step, (x, y, z) in enumerate(zip(a, b, c), start=1):
+    c, d = losses(tmp_path / "padded" / "run"), losses(tmp_path / "budget" / "run")
+    assert len(a) == len(b) == len(c) == len(d) == 6
+    for step, (x, y, z, w) in enumerate(zip(a, b, c, d), start=1):
         assert abs(x - y) < 1e-4, f"step {step}: {x} vs {y}"
         assert abs(x - z) < 1e-4, f"step {step}, padded: {x} vs {z}"
+        assert abs(x - w) < 1e-4, f"step {step}, token budget: {x} vs {w}"
     assert a[-1] < a[0]
     # final/ (full weights gathered from ZeRO-2 ranks), reloaded with plain transformers, is
     # the trained policy.
