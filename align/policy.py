@@ -300,7 +300,8 @@ class Policy:
         try:
             with self.gathered_parameters(), eager:
                 tokens, logprobs = hf_sample(self.model, prompts, sampling, self.eos_ids,
-                                             self.tokenizer.pad_token_id, self.device)
+                                             self.tokenizer.pad_token_id, self.device,
+                                             synced=self.zero_stage == 3 and self.world_size > 1)
         except RuntimeError as exc:
             if "probability tensor" not in str(exc):
                 raise

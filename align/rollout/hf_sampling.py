@@ -81,9 +81,14 @@ def neutral_generation_config(model: torch.nn.Module, eos_ids: list[int],
 
 
 def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
-              eos_ids: list[int], pad_id: int,
-              device: torch.device) -> tuple[list[list[int]], list[list[float]] | None]:
-    """Complete left-padded `prompts` with `model.generate`; (tokens, logprobs or None)."""
+              eos_ids: list[int], pad_id: int, device: torch.device,
+              synced: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Complete left-padded `prompts` with `model.generate`; (tokens, logprobs or None).
+
+    `synced`: every rank of the process group runs decoding steps until all ranks' rows have
+    ended (ZeRO-3 gathers each layer's weights collectively in every forward, so a rank whose
+    rows all stopped early must keep stepping, or the others wait for it forever).
+    """
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
@@ -118,6 +123,7 @@ def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampli
             with cpu_threads(threads):
                 ids = model.generate(input_ids=ids, attention_mask=mask,
                                      generation_config=config, logits_processor=processors,
+                                     synced_gpus=synced,
                                      **({} if prefilled is None else {"past_key_values": cache}))
     new = ids[:, width:]
     eos = set(eos_ids)

@@ -112,3 +112,15 @@ def test_every_estimator_trains_on_episodes(tmp_path, ray_local, estimator, tune
     fewer episodes than workers): the loss stays finite and the per-turn reward rises."""
     check_learned(run_episodes(tmp_path, "rollout.engine=hf", f"algorithm.estimator={estimator}",
                                "distributed.zero_stage=2", *tuned))
+
+
+@pytest.mark.timeout(240)
+def test_zero3_hf_sampling_goes_on_when_one_ranks_episodes_end_first(tmp_path, ray_local):
+    """Under ZeRO-3 every forward gathers weights collectively: two workers whose episodes end
+    their turns at different steps (this model ends turns early and often) keep stepping
+    together instead of waiting for each other forever."""
+    run = run_episodes(tmp_path, "rollout.engine=hf", "algorithm.estimator=rloo",
+                       "distributed.zero_stage=3", "trainer.max_steps=2")
+    metrics = [m for m in read_metrics(run / "metrics.jsonl") if "reward" in m]
+    assert len(metrics) == 2 and all(m["policy_loss"] == m["policy_loss"] for m in metrics)
+    assert max(m["episodes/turns_mean"] for m in metrics) > 1.5
