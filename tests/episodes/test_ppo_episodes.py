@@ -114,7 +114,7 @@ def test_every_estimator_trains_on_episodes(tmp_path, ray_local, estimator, tune
                                "distributed.zero_stage=2", *tuned))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(240, method="thread")  # a hang blocks in C, out of a signal's reach
 def test_zero3_hf_sampling_goes_on_when_one_ranks_episodes_end_first(tmp_path, ray_local):
     """Under ZeRO-3 every forward gathers weights collectively: two workers whose episodes end
     their turns at different steps (this model ends turns early and often) keep stepping
