@@ -7,12 +7,16 @@ runs the GPU tests with it visible; without a GPU they are skipped.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Prepared data and datasets' own Arrow copies go to a folder of this test run, not ~/.cache.
+# Prepared data and datasets' own Arrow copies go to a folder of this test run, not ~/.cache,
+# removed when the process that made it exits.
 _CACHE = tempfile.mkdtemp(prefix="align-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("ALIGN_DATA_CACHE", os.path.join(_CACHE, "align"))
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
