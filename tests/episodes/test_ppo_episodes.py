@@ -53,7 +53,8 @@ def check_learned(run: Path) -> list[dict]:
     metrics = [m for m in read_metrics(run / "metrics.jsonl") if "reward" in m]
     rewards = [m["episodes/turn_reward"] for m in metrics]
     assert all(r == r for r in rewards)
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    # Against the untrained policy's iteration: some runs learn most of it in one update.
+    assert sum(rewards[-3:]) / 3 > rewards[0] + 0.2, rewards
     assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)
     assert max(m["episodes/turns_mean"] for m in metrics) > 1.5
     assert all(m["episodes/env_token_share"] > 0 for m in metrics)
