@@ -15,9 +15,7 @@ JSON line per model (see `side_by_side.py` for how samples/s and peak RSS are me
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from side_by_side import RunSpec, arithmetic_data, run_align_stage, run_trl_stage, stage_main
+from side_by_side import RunSpec, arithmetic_data, run_align_grpo, run_trl_grpo, stage_main
 
 GROUP = 8  # completions per prompt
 NEW_TOKENS = 6
@@ -26,23 +24,13 @@ write_data = arithmetic_data("prompts")
 
 
 def run_align(spec: RunSpec) -> list[float]:
-    rewards = Path(spec.out).with_suffix(".yaml")  # a list: easier in YAML than as overrides
-    rewards.write_text("rewards:\n  - spec: reward_models.builtin:exact_match\n")
-    return run_align_stage(
-        spec, "ppo", 5e-4, f"rollout.engine={'vllm' if spec.vllm else 'hf'}",
-        f"rollout.prompts_per_step={spec.batch // GROUP}",
-        f"rollout.n_samples_per_prompt={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
-        "rollout.temperature=1.0", "algorithm.estimator=grpo", "algorithm.kl_coef=0.04",
-        "algorithm.kl_estimator=k3", "algorithm.ppo_epochs=1", config_file=str(rewards))
+    return run_align_grpo(spec, 5e-4, GROUP, NEW_TOKENS, "reward_models.builtin:exact_match")
 
 
 def run_trl(spec: RunSpec) -> list[float]:
     from reward_models.builtin import exact_match
 
-    return run_trl_stage(spec, "GRPO", 5e-4, load_model=False,
-                         trainer_kwargs={"reward_funcs": [exact_match]}, num_generations=GROUP,
-                         max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.04,
-                         use_vllm=spec.vllm, vllm_mode="colocate")
+    return run_trl_grpo(spec, 5e-4, GROUP, NEW_TOKENS, exact_match)
 
 
 if __name__ == "__main__":

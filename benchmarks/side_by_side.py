@@ -140,6 +140,23 @@ def run_align_stage(spec: RunSpec, stage: str, lr: float, *overrides: str,
     return align_step_seconds(spec.out)
 
 
+def run_align_grpo(spec: RunSpec, lr: float, group: int, new_tokens: int, reward: str,
+                   *overrides: str, trainer: type | None = None) -> list[float]:
+    """align's GRPO (`run_align_stage` of ppo): `group` completions per prompt (batch / group
+    prompts per step) of at most `new_tokens` tokens at temperature 1, scored by `reward`
+    (`module:function` or `file.py:function`), a k3 KL term (0.04) to the initial model, one
+    pass over each batch; generation by the `hf` engine, or vLLM with `spec.vllm`."""
+    rewards = Path(spec.out).with_suffix(".yaml")  # a list: easier in YAML than as overrides
+    rewards.write_text(f"rewards:\n  - spec: {reward}\n")
+    return run_align_stage(
+        spec, "ppo", lr, f"rollout.engine={'vllm' if spec.vllm else 'hf'}",
+        f"rollout.prompts_per_step={spec.batch // group}",
+        f"rollout.n_samples_per_prompt={group}", f"rollout.max_new_tokens={new_tokens}",
+        "rollout.temperature=1.0", "algorithm.estimator=grpo", "algorithm.kl_coef=0.04",
+        "algorithm.kl_estimator=k3", "algorithm.ppo_epochs=1", *overrides,
+        config_file=str(rewards), trainer=trainer)
+
+
 def align_step_seconds(out: str | Path) -> list[float]:
     """Wall times of steps 2..N, as align logged them in `out/metrics.jsonl` (log_every=1)."""
     from align.tracking import read_metrics
@@ -187,6 +204,17 @@ def run_trl_stage(spec: RunSpec, name: str, lr: float, load_model: bool = True,
         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
         peft_config=trl_lora_config(spec), **(trainer_kwargs or {}))
     return train_trl(trainer)
+
+
+def run_trl_grpo(spec: RunSpec, lr: float, group: int, new_tokens: int,
+                 reward: Callable[..., list[float | None]], **config: Any) -> list[float]:
+    """TRL's GRPOTrainer as `run_align_grpo` runs align's: `group` completions per prompt of
+    at most `new_tokens` tokens at temperature 1, scored by `reward`, beta 0.04; its own
+    `generate`, or vLLM colocated with `spec.vllm`."""
+    return run_trl_stage(spec, "GRPO", lr, load_model=False,
+                         trainer_kwargs={"reward_funcs": [reward]}, num_generations=group,
+                         max_completion_length=new_tokens, temperature=1.0, beta=0.04,
+                         use_vllm=spec.vllm, vllm_mode="colocate", **config)
 
 
 def train_trl(trainer: Any) -> list[float]:
