@@ -50,9 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from side_by_side import (
+    TOOLS,
     RunSpec,
+    add_child_flags,
     align_overrides,
-    run_child,
+    alternate,
+    run_as_child,
     train_trl,
     trl_common_args,
     write_jsonl,
@@ -288,18 +291,17 @@ def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | N
             ray_address: str | None) -> dict[str, Any]:
     """Warm the model up once (unless `model` is given), then alternate align and TRL
     `repeats` times each."""
-    runs: dict[str, list[dict]] = {"align": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = model or str(warm_up(folder, sft_steps))
         data = write_prompts(folder, steps * batch // GROUP)
-        for r in range(repeats):
-            for tool, results in runs.items():  # A B A B: the shared host's drift hits both
-                spec = RunSpec(stage="agentic", model_dir=str(model), data=str(data),
-                               out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
-                               max_length=PROMPT_TOKENS + EPISODE_TOKENS,
-                               ray_address=ray_address)
-                results.append(run_child(__file__, tool, spec, timeout_s=1800))
+
+        def spec_of(tool: str, r: int) -> RunSpec:
+            return RunSpec(stage="agentic", model_dir=str(model), data=str(data),
+                           out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
+                           max_length=PROMPT_TOKENS + EPISODE_TOKENS, ray_address=ray_address)
+
+        runs = alternate(__file__, TOOLS, repeats, spec_of, timeout_s=1800)
     line: dict[str, Any] = {"stage": "agentic", "steps": steps, "episodes_per_step": batch,
                             "repeats": repeats, "threads": os.cpu_count()}
     for tool, results in runs.items():
@@ -322,12 +324,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 steps, 8 episodes, 1 run each, 80 SFT steps (a smoke test)")
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
-    parser.add_argument("--child", choices=("align", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_child_flags(parser, TOOLS)
     args = parser.parse_args()
-    if args.child:
-        spec = RunSpec(**json.loads(args.spec))
-        print(json.dumps((run_align if args.child == "align" else run_trl)(spec)))
+    if run_as_child(args, {"align": run_align, "trl": run_trl}):
         return
     if args.quick:
         args.steps, args.batch, args.repeats, args.sft_steps = 3, 8, 1, 80

@@ -14,52 +14,17 @@ reference model every step. A sample is one pair. Prints one JSON line per model
 
 from __future__ import annotations
 
-from pathlib import Path
+from side_by_side import RunSpec, arithmetic_data, run_align_stage, run_trl_stage, stage_main
 
-from side_by_side import (
-    RunSpec,
-    align_overrides,
-    align_step_seconds,
-    stage_main,
-    task_config,
-    train_trl,
-    trl_common_args,
-    trl_lora_config,
-    write_jsonl,
-)
-
-
-def write_data(folder: Path, num_pairs: int) -> Path:
-    from align.tasks import arithmetic
-
-    rows = arithmetic.preference_rows(task_config(num_pairs), num_pairs)
-    return write_jsonl(folder / "pairs.jsonl", rows)
+write_data = arithmetic_data("pairs")
 
 
 def run_align(spec: RunSpec) -> list[float]:
-    from align.config import DPOConfig, load_config
-    from align.trainers.dpo import DPOTrainer
-
-    cfg = load_config(DPOConfig, None, [
-        *align_overrides(spec), f"trainer.global_batch_size={spec.batch}",
-        f"trainer.micro_batch_size={spec.batch}", "trainer.lr=5e-4", "dpo.beta=0.1",
-        "dpo.loss_type=sigmoid"])
-    DPOTrainer(cfg, show_progress=False).fit()
-    return align_step_seconds(spec.out)
+    return run_align_stage(spec, "dpo", 5e-4, "dpo.beta=0.1", "dpo.loss_type=sigmoid")
 
 
 def run_trl(spec: RunSpec) -> list[float]:
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(**trl_common_args(spec), per_device_train_batch_size=spec.batch,
-                     learning_rate=5e-4, max_length=spec.max_length, beta=0.1)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(spec.model_dir), args=args,
-                         train_dataset=load_dataset("json", data_files=spec.data)["train"],
-                         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
-                         peft_config=trl_lora_config(spec))
-    return train_trl(trainer)
+    return run_trl_stage(spec, "DPO", 5e-4, max_length=spec.max_length, beta=0.1)
 
 
 if __name__ == "__main__":

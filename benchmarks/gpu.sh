@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# On a machine with one CUDA GPU: the `gpu`-marked tests (those that need more GPUs skip
-# themselves), then the SFT, DPO and GRPO benchmarks against TRL (bf16, vLLM generation for
-# GRPO) and the MFU script, in under 13 minutes, each step under a timeout.
+# On a machine with one CUDA GPU, in bf16, each step under a timeout:
+#   memory           logits_memory.py: peak GPU memory of one GRPO iteration on a 151,936-token
+#                    vocabulary, align (chunked, then full logits) against TRL, A B A B (330 s)
+#   long_generation  long_generation.py, where that script exists (270 s)
+#   tests            the `gpu`-marked tests; those that need more GPUs skip themselves (300 s)
+#   throughput       SFT and DPO against TRL (170 s), GRPO with vLLM in both tools (200 s),
+#                    then mfu.py (90 s)
 #
-#     benchmarks/gpu.sh [RESULTS_DIR]      (default: $OUT, else ./gpu-results)
+#     benchmarks/gpu.sh [RESULTS_DIR] [STEP ...]
 #
-# PYTHON names the interpreter (default: python). Each step writes NAME.out (its JSON lines and
-# table) and NAME.err; a step that runs past its limit is killed and the next one starts.
+# The default steps, memory and long_generation, take about 10 minutes. RESULTS_DIR defaults to
+# $OUT, else ./gpu-results; PYTHON names the interpreter (default: python). Each step writes
+# NAME.out (its JSON lines and table) and NAME.err; a step that runs past its limit is killed
+# and the next one starts.
 set -u
-results=${1:-${OUT:-gpu-results}}
+all_steps="memory long_generation tests throughput"
+results=${OUT:-gpu-results}
+if [ $# -gt 0 ] && [[ " $all_steps " != *" $1 "* ]]; then
+    results=$1
+    shift
+fi
+steps=${*:-memory long_generation}
+for name in $steps; do
+    [[ " $all_steps " == *" $name "* ]] || { echo "unknown step '$name': $all_steps" >&2; exit 2; }
+done
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 py=${PYTHON:-python}
@@ -24,10 +39,25 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 nvidia-smi > "$results/nvidia-smi.txt" 2>&1
-step gpu_tests 300 env ALIGN_TEST_GPU=1 "$py" -m pytest -q -rs -m gpu -n 0 -p no:cacheprovider tests
-step sft_dpo 170 "$py" benchmarks/run_all.py --stages sft,dpo --models h256 --steps 20 \
-    --repeats 1 --batch 64 --bf16
-step grpo 200 "$py" benchmarks/run_all.py --stages grpo --models h256 --steps 10 \
-    --repeats 1 --bf16 --vllm
-step mfu 90 "$py" benchmarks/mfu.py --bf16 --batch 16 --steps 6 --matmul-size 8192
-cat "$results"/*.out
+for name in $steps; do
+    case $name in
+    memory)
+        step logits_memory 330 "$py" benchmarks/logits_memory.py --bf16 ;;
+    long_generation)
+        if [ -f benchmarks/long_generation.py ]; then
+            step long_generation 270 "$py" benchmarks/long_generation.py --bf16
+        else
+            echo "== long_generation: benchmarks/long_generation.py does not exist, skipped"
+        fi ;;
+    tests)
+        step gpu_tests 300 env ALIGN_TEST_GPU=1 "$py" -m pytest -q -rs -m gpu -n 0 \
+            -p no:cacheprovider tests ;;
+    throughput)
+        step sft_dpo 170 "$py" benchmarks/run_all.py --stages sft,dpo --models h256 --steps 20 \
+            --repeats 1 --batch 64 --bf16
+        step grpo 200 "$py" benchmarks/run_all.py --stages grpo --models h256 --steps 10 \
+            --repeats 1 --bf16 --vllm
+        step mfu 90 "$py" benchmarks/mfu.py --bf16 --batch 16 --steps 6 --matmul-size 8192 ;;
+    esac
+done
+cat "$results"/*.out 2>/dev/null

@@ -10,49 +10,18 @@ JSON line per model (see `side_by_side.py` for how samples/s and peak RSS are me
 
 from __future__ import annotations
 
-from pathlib import Path
+from side_by_side import RunSpec, arithmetic_data, run_align_stage, run_trl_stage, stage_main
 
-from side_by_side import (
-    RunSpec,
-    align_overrides,
-    align_step_seconds,
-    stage_main,
-    task_config,
-    train_trl,
-    trl_common_args,
-    write_jsonl,
-)
-
-
-def write_data(folder: Path, num_pairs: int) -> Path:
-    from align.tasks import arithmetic
-
-    rows = arithmetic.preference_rows(task_config(num_pairs), num_pairs)
-    return write_jsonl(folder / "pairs.jsonl", rows)
+write_data = arithmetic_data("pairs")
 
 
 def run_align(spec: RunSpec) -> list[float]:
-    from align.config import RMConfig, load_config
-    from align.trainers.reward import RewardTrainer
-
-    cfg = load_config(RMConfig, None, [
-        *align_overrides(spec), f"trainer.global_batch_size={spec.batch}",
-        f"trainer.micro_batch_size={spec.batch}", "trainer.lr=1e-3"])
-    RewardTrainer(cfg, show_progress=False).fit()
-    return align_step_seconds(spec.out)
+    return run_align_stage(spec, "rm", 1e-3)
 
 
 def run_trl(spec: RunSpec) -> list[float]:
-    from datasets import load_dataset
-    from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    args = RewardConfig(**trl_common_args(spec), per_device_train_batch_size=spec.batch,
-                        learning_rate=1e-3, max_length=spec.max_length)
-    trainer = RewardTrainer(model=spec.model_dir, args=args,
-                            train_dataset=load_dataset("json", data_files=spec.data)["train"],
-                            processing_class=AutoTokenizer.from_pretrained(spec.model_dir))
-    return train_trl(trainer)
+    # RewardTrainer loads the folder as a one-label AutoModelForSequenceClassification
+    return run_trl_stage(spec, "Reward", 1e-3, load_model=False, max_length=spec.max_length)
 
 
 if __name__ == "__main__":

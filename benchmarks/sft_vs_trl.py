@@ -10,50 +10,18 @@ micro-batches without padding; TRL's SFTTrainer pads. Prints one JSON line per m
 
 from __future__ import annotations
 
-from pathlib import Path
+from side_by_side import RunSpec, arithmetic_data, run_align_stage, run_trl_stage, stage_main
 
-from side_by_side import (
-    RunSpec,
-    align_overrides,
-    align_step_seconds,
-    stage_main,
-    task_config,
-    train_trl,
-    trl_common_args,
-    trl_lora_config,
-    write_jsonl,
-)
-
-
-def write_data(folder: Path, num_rows: int) -> Path:
-    from align.tasks import arithmetic
-
-    return write_jsonl(folder / "sft.jsonl", arithmetic.sft_rows(task_config(num_rows)))
+write_data = arithmetic_data("sft")
 
 
 def run_align(spec: RunSpec) -> list[float]:
-    from align.config import SFTConfig, load_config
-    from align.trainers.sft import SFTTrainer
-
-    cfg = load_config(SFTConfig, None, [
-        *align_overrides(spec), f"trainer.global_batch_size={spec.batch}",
-        f"trainer.micro_batch_size={spec.batch}", "trainer.lr=3e-3"])
-    SFTTrainer(cfg, show_progress=False).fit()
-    return align_step_seconds(spec.out)
+    return run_align_stage(spec, "sft", 3e-3)
 
 
 def run_trl(spec: RunSpec) -> list[float]:
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(**trl_common_args(spec), per_device_train_batch_size=spec.batch,
-                     learning_rate=3e-3, max_length=spec.max_length, completion_only_loss=True)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(spec.model_dir), args=args,
-                         train_dataset=load_dataset("json", data_files=spec.data)["train"],
-                         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
-                         peft_config=trl_lora_config(spec))
-    return train_trl(trainer)
+    return run_trl_stage(spec, "SFT", 3e-3, max_length=spec.max_length,
+                         completion_only_loss=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Shared pieces of the align-against-TRL benchmarks: models, data, alternation, peak RSS.
 
-Each stage script (`sft_vs_trl.py`, `rm_vs_trl.py`, `dpo_vs_trl.py`, `grpo_vs_trl.py`) defines
-`write_data`, `run_align` and `run_trl` for its stage and hands them to `stage_main`. The parent
-process saves the model and the data once, then runs align and TRL alternately (A B A B), each
-run in a fresh subprocess of the same script (`--child align|trl`), so that start-up state,
-caches and peak memory never carry over between runs.
+Each stage script (`sft_vs_trl.py`, `rm_vs_trl.py`, `dpo_vs_trl.py`, `grpo_vs_trl.py`) is a
+row: its data (`arithmetic_data`), its align half (`run_align_stage`: the stage and the
+overrides that differ) and its TRL half (`run_trl_stage`: the trainer and the arguments that
+differ), handed to `stage_main`. The parent process saves the model and the data once, then
+runs the tools alternately (A B A B, `alternate`), each run in a fresh subprocess of the same
+script (`--child TOOL`), so that start-up state, caches and peak memory never carry over
+between runs. A child prints its figures as one JSON line after `RESULT`.
 
 Throughput is measured the same way for both tools: samples per second over optimizer steps
 2..N (step 1, with its one-time warm-up, is left out). align's per-step times are the
@@ -36,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = ("embedded", "h256")
 TOOLS = ("align", "trl")
+RESULT = "side-by-side result: "  # starts the line of figures a child run prints
+ROWS = ("sft", "pairs", "prompts")  # the arithmetic rows a stage trains on (arithmetic_data)
 
 
 @dataclass
@@ -89,6 +93,25 @@ def task_config(num: int) -> Any:
     return TaskConfig(num_train=num, num_pairs=num)
 
 
+def arithmetic_data(rows: str) -> Callable[[Path, int], Path]:
+    """A stage's `write_data(folder, num)`: `num` arithmetic rows written to `folder/ROWS.jsonl`,
+    `sft` (prompt, completion), `pairs` (prompt, chosen, rejected) or `prompts` (prompt,
+    answer)."""
+    if rows not in ROWS:
+        raise ValueError(f"unknown rows '{rows}': choose from {', '.join(ROWS)}")
+
+    def write_data(folder: Path, num: int) -> Path:
+        from align.tasks import arithmetic
+
+        task = task_config(num)
+        made = (arithmetic.sft_rows(task) if rows == "sft" else
+                arithmetic.preference_rows(task, num) if rows == "pairs" else
+                arithmetic.rl_rows(task, num))
+        return write_jsonl(folder / f"{rows}.jsonl", made)
+
+    return write_data
+
+
 def align_overrides(spec: RunSpec) -> list[str]:
     """The config overrides every align run shares: model, data, steps, batch, fp32/bf16, and
     the optimizer kernel TRL uses (`adamw_torch_fused`)."""
@@ -100,6 +123,38 @@ def align_overrides(spec: RunSpec) -> list[str]:
             "trainer.scheduler=constant", "trainer.log_every=1", "eval.exact_match=false",
             "trainer.fused_adam=true",  # TRL's default optimizer is torch's fused AdamW too
             f"trainer.compile={str(spec.compile).lower()}"]
+
+
+def run_align_stage(spec: RunSpec, stage: str, lr: float, *overrides: str,
+                    config_file: str | None = None, trainer: type | None = None) -> list[float]:
+    """Train align's `stage` (sft, rm, dpo, ppo) as `spec` says, the batch in one micro-batch
+    at learning rate `lr`, with the stage's own `overrides` (after `config_file`, a YAML, when
+    given); returns the wall times of steps 2..N. `trainer` replaces the stage's Trainer class
+    (a subclass that measures more)."""
+    from align.trainers.registry import load_stage_config, trainer_class
+
+    cfg = load_stage_config(stage, config_file, [
+        *align_overrides(spec), f"trainer.global_batch_size={spec.batch}",
+        f"trainer.micro_batch_size={spec.batch}", f"trainer.lr={lr}", *overrides])
+    (trainer or trainer_class(stage))(cfg, show_progress=False).fit()
+    return align_step_seconds(spec.out)
+
+
+def run_align_grpo(spec: RunSpec, lr: float, group: int, new_tokens: int, reward: str,
+                   *overrides: str, trainer: type | None = None) -> list[float]:
+    """align's GRPO (`run_align_stage` of ppo): `group` completions per prompt (batch / group
+    prompts per step) of at most `new_tokens` tokens at temperature 1, scored by `reward`
+    (`module:function` or `file.py:function`), a k3 KL term (0.04) to the initial model, one
+    pass over each batch; generation by the `hf` engine, or vLLM with `spec.vllm`."""
+    rewards = Path(spec.out).with_suffix(".yaml")  # a list: easier in YAML than as overrides
+    rewards.write_text(f"rewards:\n  - spec: {reward}\n")
+    return run_align_stage(
+        spec, "ppo", lr, f"rollout.engine={'vllm' if spec.vllm else 'hf'}",
+        f"rollout.prompts_per_step={spec.batch // group}",
+        f"rollout.n_samples_per_prompt={group}", f"rollout.max_new_tokens={new_tokens}",
+        "rollout.temperature=1.0", "algorithm.estimator=grpo", "algorithm.kl_coef=0.04",
+        "algorithm.kl_estimator=k3", "algorithm.ppo_epochs=1", *overrides,
+        config_file=str(rewards), trainer=trainer)
 
 
 def align_step_seconds(out: str | Path) -> list[float]:
@@ -128,6 +183,38 @@ def trl_lora_config(spec: RunSpec) -> Any:
 
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
+
+
+def run_trl_stage(spec: RunSpec, name: str, lr: float, load_model: bool = True,
+                  trainer_kwargs: dict[str, Any] | None = None, **config: Any) -> list[float]:
+    """Train TRL's `{name}Trainer` (SFT, Reward, DPO, GRPO) with its `{name}Config` as `spec`
+    says, the batch on one device at learning rate `lr`, with the stage's own `config`
+    arguments; returns the wall times of steps 2..N. `load_model`: hand the trainer an
+    `AutoModelForCausalLM`, else the model's folder for it to load its own way.
+    `trainer_kwargs`: further arguments of the trainer (GRPO's `reward_funcs`)."""
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = getattr(trl, f"{name}Config")(**trl_common_args(spec), learning_rate=lr,
+                                         per_device_train_batch_size=spec.batch, **config)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir) if load_model else spec.model_dir
+    trainer = getattr(trl, f"{name}Trainer")(
+        model=model, args=args, train_dataset=load_dataset("json", data_files=spec.data)["train"],
+        processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
+        peft_config=trl_lora_config(spec), **(trainer_kwargs or {}))
+    return train_trl(trainer)
+
+
+def run_trl_grpo(spec: RunSpec, lr: float, group: int, new_tokens: int,
+                 reward: Callable[..., list[float | None]], **config: Any) -> list[float]:
+    """TRL's GRPOTrainer as `run_align_grpo` runs align's: `group` completions per prompt of
+    at most `new_tokens` tokens at temperature 1, scored by `reward`, beta 0.04; its own
+    `generate`, or vLLM colocated with `spec.vllm`."""
+    return run_trl_stage(spec, "GRPO", lr, load_model=False,
+                         trainer_kwargs={"reward_funcs": [reward]}, num_generations=group,
+                         max_completion_length=new_tokens, temperature=1.0, beta=0.04,
+                         use_vllm=spec.vllm, vllm_mode="colocate", **config)
 
 
 def train_trl(trainer: Any) -> list[float]:
@@ -173,9 +260,9 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[str, float]:
-    """Run one tool in a fresh `python script --child tool`; returns the JSON line it printed
-    last (its samples/s and whatever else the script reports) and the peak RSS (MB) of its
+def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[str, Any]:
+    """Run one tool in a fresh `python script --child tool`; returns the figures it printed
+    last (its samples/s, or whatever else the script reports) and the peak RSS (MB) of its
     process tree."""
     cmd = [sys.executable, script, "--child", tool, "--spec", json.dumps(asdict(spec))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -195,11 +282,23 @@ def run_child(script: str, tool: str, spec: RunSpec, timeout_s: float) -> dict[s
         stdout, stderr = proc.communicate()
     done.set()
     sampler.join()
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{\"samples_per_s\"")]
+    lines = [ln[len(RESULT):] for ln in stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{tool} {spec.stage} run failed (exit {proc.returncode}):\n"
                            f"{stderr[-3000:]}")
     return {**json.loads(lines[-1]), "peak_rss_mb": peak / 2**20}
+
+
+def alternate(script: str, tools: tuple[str, ...], repeats: int,
+              spec_of: Callable[[str, int], RunSpec],
+              timeout_s: float = 900.0) -> dict[str, list[dict[str, Any]]]:
+    """Run every tool once per repeat, in turn (A B A B), each `run_child` on `spec_of(tool,
+    repeat)`; returns each tool's figures, one dict per run."""
+    results: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
+    for r in range(repeats):
+        for tool in tools:  # A B A B: drift of the shared host hits every tool alike
+            results[tool].append(run_child(script, tool, spec_of(tool, r), timeout_s))
+    return results
 
 
 def compare(script: str, stage: str, model: str, write_data: Callable[[Path, int], Path],
@@ -210,13 +309,13 @@ def compare(script: str, stage: str, model: str, write_data: Callable[[Path, int
         folder = Path(tmp)
         model_dir = save_model(model, folder)
         data = write_data(folder, steps * batch)
-        results: dict[str, list[dict[str, float]]] = {tool: [] for tool in TOOLS}
-        for r in range(repeats):
-            for tool in TOOLS:  # A B A B: drift of the shared host hits both alike
-                spec = RunSpec(stage=stage, model_dir=str(model_dir), data=str(data),
-                               out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
-                               **spec_kwargs)
-                results[tool].append(run_child(script, tool, spec, timeout_s))
+
+        def spec_of(tool: str, r: int) -> RunSpec:
+            return RunSpec(stage=stage, model_dir=str(model_dir), data=str(data),
+                           out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
+                           **spec_kwargs)
+
+        results = alternate(script, TOOLS, repeats, spec_of, timeout_s)
     sps = {t: statistics.median(x["samples_per_s"] for x in results[t]) for t in TOOLS}
     rss = {t: max(x["peak_rss_mb"] for x in results[t]) for t in TOOLS}
     return {"stage": stage, "model": model,
@@ -233,6 +332,28 @@ def add_compile_flags(parser: argparse.ArgumentParser) -> None:
                         help="TRL with torch_compile=True")
 
 
+def add_child_flags(parser: argparse.ArgumentParser, tools: tuple[str, ...]) -> None:
+    """The hidden flags of a child run: which tool, and its RunSpec as JSON."""
+    parser.add_argument("--child", choices=tools, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def run_as_child(args: argparse.Namespace,
+                 runners: dict[str, Callable[[RunSpec], dict[str, Any]]]) -> bool:
+    """With `--child TOOL`: run that tool once on `--spec` and print its figures after
+    `RESULT`; returns whether this process was a child run."""
+    if not args.child:
+        return False
+    figures = runners[args.child](RunSpec(**json.loads(args.spec)))
+    print(RESULT + json.dumps(figures), flush=True)
+    return True
+
+
+def _throughput(run: Callable[[RunSpec], list[float]]) -> Callable[[RunSpec], dict[str, Any]]:
+    """A runner returning step times, made one returning samples/s."""
+    return lambda spec: {"samples_per_s": samples_per_second(run(spec), spec.batch)}
+
+
 def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
                write_data: Callable[[Path, int], Path],
                runners: dict[str, Callable[[RunSpec], list[float]]]) -> None:
@@ -247,13 +368,9 @@ def stage_main(script: str, stages: tuple[str, ...], default_batch: int,
     parser.add_argument("--vllm", action="store_true", help="GRPO: vLLM generation (GPU)")
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
     add_compile_flags(parser)
-    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_child_flags(parser, TOOLS)
     args = parser.parse_args()
-    if args.child:
-        spec = RunSpec(**json.loads(args.spec))
-        seconds = runners[args.child](spec)
-        print(json.dumps({"samples_per_s": samples_per_second(seconds, spec.batch)}))
+    if run_as_child(args, {tool: _throughput(run) for tool, run in runners.items()}):
         return
     for model in args.models.split(","):
         line = compare(script, args.stage, model, write_data, args.steps, args.batch,

@@ -20,8 +20,9 @@ BENCH = ROOT / "benchmarks"
 LINE_KEYS = {"stage", "model", "align_samples_per_s", "trl_samples_per_s", "ratio",
              "align_peak_rss_mb", "trl_peak_rss_mb"}
 
-# About 200 s on 2 cores (each script run starts its own processes), and 270 s more for the
-# tool-calling comparison (its SFT warm-up, then one run of each trainer): CI runs it
+# About 200 s on 2 cores (each script run starts its own processes), 270 s more for the
+# tool-calling comparison (its SFT warm-up, then one run of each trainer) and about 100 s for
+# the logits-memory one (three GRPO runs on a 151,936-token vocabulary): CI runs it
 # (`.ci/run` sets ALIGN_TEST_FULL=1), `make test` leaves it out to stay within 15 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("ALIGN_TEST_FULL") != "1", reason="ALIGN_TEST_FULL=1 runs it")]
@@ -86,6 +87,16 @@ def test_agentic_vs_trl_plays_tool_calling_episodes_on_both_sides(ray_local):
         assert line[f"{tool}_turns_per_episode"] > 1 and line[f"{tool}_tool_calls_per_episode"] > 0
         assert 0 <= line[f"{tool}_reward_last"] <= 1
     assert line["ratio"] == round(line["align_episodes_per_s"] / line["trl_episodes_per_s"], 3)
+
+
+def test_logits_memory_measures_align_trl_and_full_logits(ray_local):
+    (line,) = _run("logits_memory.py", "--quick", timeout=600)
+    assert (line["vocab"], line["micro_batch"], line["new_tokens"]) == (151_936, 4, 64)
+    peaks = {tool: line[f"{tool}_peak_mb"] for tool in ("align", "trl", "align_full_logits")}
+    assert all(peak > 0 for peak in peaks.values())
+    assert line["ratio"] == pytest.approx(peaks["align"] / peaks["trl"], abs=2e-3)
+    assert line["ratio_to_full_logits"] == pytest.approx(
+        peaks["align"] / peaks["align_full_logits"], abs=2e-3)
 
 
 def test_tools_sft_trains_then_scores_each_run(ray_local, tmp_path):
