@@ -84,10 +84,10 @@ class ChatRenderer:
         """Where the conversation as a user renders it departs from the trained stream (the
         model's turns taken as their text encodes)."""
         rendered = self._ids(episode.messages, False)
-        lengths = [len(self.reencoded(s.ids)) if s.kind == MODEL else len(s.ids)
-                   for s in episode.segments]
-        stream = episode.prompt_ids + [t for s in episode.segments for t in (
-            self.reencoded(s.ids) if s.kind == MODEL else s.ids)]
+        segments = [self.reencoded(s.ids) if s.kind == MODEL else s.ids
+                    for s in episode.segments]
+        lengths = [len(ids) for ids in segments]
+        stream = episode.prompt_ids + [t for ids in segments for t in ids]
         limit = min(len(stream), len(rendered))
         index = next((i for i in range(limit) if stream[i] != rendered[i]), None)
         if index is None:
