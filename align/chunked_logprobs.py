@@ -4,7 +4,9 @@ At a 150k-token vocabulary the logits dominate a step's memory: at 4 x 1,100 tok
 copy of them is 2.7 GB, and a log-softmax over them keeps several alive for the backward. Here
 the model runs to its final hidden states (its LM head applied at one position only, through
 `logits_to_keep`), and the head then runs over chunks of the tokens that are scored: at most
-(chunk, V) logits exist at a time, in fp32, divided by the temperature as before. With
+(chunk, V) logits exist at a time, in fp32, divided by the temperature as before. A plain
+linear head runs through `align.head_logprobs` (one fp32 copy of a chunk's logits at a time,
+recomputed in the backward) unless the entropy's gradient is needed; otherwise, with
 gradients, each chunk runs under `torch.utils.checkpoint`, so the backward recomputes its
 logits instead of keeping every chunk's. Only tokens that have a target are scored (a
 rollout's prompt tokens never reach the head).
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from align.data.layout import Entropy
+from align.head_logprobs import fused_head_logprobs
 from align.losses import IGNORE_INDEX
 from align.packed_forward import model_inputs, unwrap
 
@@ -154,7 +157,11 @@ def _chunked(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
     """`_score` of head(hidden) over chunks of `chunk_size` rows of hidden (N, H)."""
     count = _agreed_count(head, max(1, math.ceil(len(hidden) / chunk_size)), hidden.device)
     starts = [i * chunk_size for i in range(count)]  # past the end: empty chunks
-    if count == 1 or not torch.is_grad_enabled():
+    if _fusable(head) and entropy != "grad":
+        parts = [fused_head_logprobs(hidden[i:i + chunk_size], head.weight, head.bias,
+                                     targets[i:i + chunk_size], temperature, entropy == "value")
+                 for i in starts]
+    elif count == 1 or not torch.is_grad_enabled():
         # One chunk keeps its logits for the backward either way; no gradient keeps none.
         parts = [_score(head(hidden[i:i + chunk_size]), targets[i:i + chunk_size],
                         temperature, entropy) for i in starts]
@@ -165,6 +172,12 @@ def _chunked(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                  for i in starts]
     logp = torch.cat([p[0] for p in parts])
     return logp, None if entropy == "none" else torch.cat([p[1] for p in parts])
+
+
+def _fusable(head: torch.nn.Module) -> bool:
+    """A plain linear head whose whole weight is on this rank (not a ZeRO-3 partition, whose
+    gathering needs the module's own forward; not a LoRA-wrapped head)."""
+    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
 
 
 def _agreed_count(head: torch.nn.Module, count: int, device: torch.device) -> int:

@@ -218,10 +218,10 @@ class LiveLogits(TorchDispatchMode):
         return out
 
 
-def logits_memory(model, batch: dict, chunk: int) -> LiveLogits:
+def logits_memory(model, batch: dict, chunk: int, entropy: str = "grad") -> LiveLogits:
     with LiveLogits(VOCAB, model.config.hidden_size) as probe:
-        logp, ent = _logprobs_and_entropy(model, batch, TEMPERATURE, "grad", chunk)
-        (logp.sum() + ent.sum()).backward()
+        logp, ent = _logprobs_and_entropy(model, batch, TEMPERATURE, entropy, chunk)
+        (logp.sum() + (ent.sum() if entropy == "grad" else 0)).backward()
     model.zero_grad()
     return probe
 
@@ -242,6 +242,19 @@ def test_chunked_path_never_holds_the_logits(models):
     assert chunked.largest <= max(CHUNK, len(prompts)) * VOCAB
     assert full.peak >= 3 * tokens * VOCAB * 4  # logits, their log-softmax, its exp...
     assert chunked.peak <= 16 * CHUNK * VOCAB * 4 < full.peak / 8
+
+
+@pytest.mark.parametrize("entropy, copies", [("none", 1), ("value", 2)])
+def test_a_linear_head_holds_one_copy_of_a_chunks_logits(models, entropy, copies):
+    """Without the entropy's gradient a plain linear head takes the fused path: one fp32
+    (chunk, V) tensor alive at a time in the forward and the backward, two while the logged
+    entropy is computed."""
+    model = models("llama")
+    batch = pad_sequences([[5, 6, 7]] * 4, [list(range(40, 56))] * 4, pad_id=0)
+    chunk = 16  # larger than the model's own head output at one position per row
+    probe = logits_memory(model, batch, chunk, entropy)
+    assert probe.largest == chunk * VOCAB
+    assert probe.peak == copies * chunk * VOCAB * 4
 
 
 # ----------------------------------------------------------------------------- fallback
