@@ -2,7 +2,9 @@
 # On a machine with one CUDA GPU, in bf16, each step under a timeout:
 #   memory           logits_memory.py: peak GPU memory of one GRPO iteration on a 151,936-token
 #                    vocabulary, align (chunked, then full logits) against TRL, A B A B (330 s)
-#   long_generation  long_generation.py, where that script exists (270 s)
+#   long_generation  long_generation.py at 512 new tokens, 4 prompts x 8 completions: align's
+#                    colocated vLLM engine against TRL's `generate` and TRL's colocated vLLM
+#                    (async rollouts need a GPU of their own for the engine) (270 s)
 #   tests            the `gpu`-marked tests; those that need more GPUs skip themselves (300 s)
 #   throughput       SFT and DPO against TRL (170 s), GRPO with vLLM in both tools (200 s),
 #                    then mfu.py (90 s)
@@ -45,7 +47,8 @@ for name in $steps; do
         step logits_memory 330 "$py" benchmarks/logits_memory.py --bf16 ;;
     long_generation)
         if [ -f benchmarks/long_generation.py ]; then
-            step long_generation 270 "$py" benchmarks/long_generation.py --bf16
+            step long_generation 270 "$py" benchmarks/long_generation.py --bf16 --lengths 512 \
+                --prompts 4 --tools align,trl,trl_vllm
         else
             echo "== long_generation: benchmarks/long_generation.py does not exist, skipped"
         fi ;;

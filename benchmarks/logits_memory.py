@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from side_by_side import (
+    VARIED_REWARD,
     RunSpec,
-    add_child_flags,
+    add_run_flags,
     alternate,
     run_align_grpo,
     run_as_child,
     run_trl_grpo,
-    write_jsonl,
+    varied_reward,
+    write_prompts,
 )
 
 VOCAB = 151_936  # Qwen2's vocabulary
@@ -73,23 +75,6 @@ def save_model(folder: Path) -> Path:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir
-
-
-def write_prompts(folder: Path, num: int, prompt_tokens: int) -> Path:
-    """`num` prompts of `prompt_tokens` random letters (one token each)."""
-    import random
-    import string
-
-    rng = random.Random(0)
-    rows = [{"prompt": "".join(rng.choices(string.ascii_lowercase, k=prompt_tokens))}
-            for _ in range(num)]
-    return write_jsonl(folder / "prompts.jsonl", rows)
-
-
-def varied_reward(prompts: list[str], completions: list[Any], **_: Any) -> list[float]:
-    """A reward that differs within a group (from the completion's length in characters), so
-    that advantages, and the update, are not zero."""
-    return [(len(str(c)) % 97) / 96 for c in completions]
 
 
 def process_peak_mb(*_: Any) -> float:
@@ -129,8 +114,8 @@ def align_runner(*overrides: str) -> Any:
                 [[peak]] = self.group.call("infer", process_peak_mb, [{}])
                 return {**metrics, "memory/policy_peak_mb": peak}
 
-        run_align_grpo(spec, LR, GROUP, new_tokens(spec), f"{Path(__file__).resolve()}:"
-                       "varied_reward", *overrides, trainer=PeakTrainer)
+        run_align_grpo(spec, LR, GROUP, new_tokens(spec), VARIED_REWARD, *overrides,
+                       trainer=PeakTrainer)
         peaks = [m["memory/policy_peak_mb"] for m in read_metrics(Path(spec.out) / "metrics.jsonl")
                  if "memory/policy_peak_mb" in m]
         return {"peak_mb": max(peaks), "memory": memory_kind()}
@@ -174,11 +159,7 @@ def measure(seq: int, repeats: int, bf16: bool, ray_address: str | None) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence (half new)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each (A B A B)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
-    parser.add_argument("--quick", action="store_true", help="128 tokens, one run each")
-    parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
-    add_child_flags(parser, TOOLS)
+    add_run_flags(parser, TOOLS, repeats=2, quick="128 tokens, one run each")
     args = parser.parse_args()
     if run_as_child(args, RUNNERS):
         return

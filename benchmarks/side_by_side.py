@@ -55,7 +55,7 @@ class RunSpec:
     max_length: int = 32  # tokens per example (prompt + completion)
     lora: bool = False  # LoRA (r 8, alpha 16, all linear layers) instead of full training
     bf16: bool = False  # bf16 on a GPU; fp32 otherwise
-    vllm: bool = False  # GRPO: generate with vLLM (GPU runs only)
+    vllm: bool = False  # GRPO: align's `vllm` engine; TRL's vLLM, colocated
     ray_address: str | None = None  # align joins this Ray cluster instead of starting one
     compile: bool = False  # align: trainer.compile (torch.compile of the trained model)
     trl_compile: bool = False  # TRL: TrainingArguments.torch_compile
@@ -84,6 +84,28 @@ def save_model(kind: str, folder: Path) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_prompts(folder: Path, num: int, prompt_tokens: int) -> Path:
+    """`num` prompts of `prompt_tokens` random letters (one token each on a byte-level
+    tokenizer) in `folder/prompts.jsonl`."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    rows = [{"prompt": "".join(rng.choices(string.ascii_lowercase, k=prompt_tokens))}
+            for _ in range(num)]
+    return write_jsonl(folder / "prompts.jsonl", rows)
+
+
+def varied_reward(prompts: list[str], completions: list[Any], **_: Any) -> list[float]:
+    """A reward that differs within a group (from the completion's length in characters), so
+    that advantages, and the update, are not zero. align names it
+    `side_by_side.py:varied_reward` (VARIED_REWARD)."""
+    return [(len(str(c)) % 97) / 96 for c in completions]
+
+
+VARIED_REWARD = f"{Path(__file__).resolve()}:varied_reward"  # align's reward spec for it
 
 
 def task_config(num: int) -> Any:
@@ -186,12 +208,14 @@ def trl_lora_config(spec: RunSpec) -> Any:
 
 
 def run_trl_stage(spec: RunSpec, name: str, lr: float, load_model: bool = True,
-                  trainer_kwargs: dict[str, Any] | None = None, **config: Any) -> list[float]:
+                  trainer_kwargs: dict[str, Any] | None = None, trainer: type | None = None,
+                  **config: Any) -> list[float]:
     """Train TRL's `{name}Trainer` (SFT, Reward, DPO, GRPO) with its `{name}Config` as `spec`
     says, the batch on one device at learning rate `lr`, with the stage's own `config`
     arguments; returns the wall times of steps 2..N. `load_model`: hand the trainer an
     `AutoModelForCausalLM`, else the model's folder for it to load its own way.
-    `trainer_kwargs`: further arguments of the trainer (GRPO's `reward_funcs`)."""
+    `trainer_kwargs`: further arguments of the trainer (GRPO's `reward_funcs`). `trainer`
+    replaces the Trainer class (a subclass that measures more)."""
     import trl
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -199,7 +223,7 @@ def run_trl_stage(spec: RunSpec, name: str, lr: float, load_model: bool = True,
     args = getattr(trl, f"{name}Config")(**trl_common_args(spec), learning_rate=lr,
                                          per_device_train_batch_size=spec.batch, **config)
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir) if load_model else spec.model_dir
-    trainer = getattr(trl, f"{name}Trainer")(
+    trainer = (trainer or getattr(trl, f"{name}Trainer"))(
         model=model, args=args, train_dataset=load_dataset("json", data_files=spec.data)["train"],
         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
         peft_config=trl_lora_config(spec), **(trainer_kwargs or {}))
@@ -207,11 +231,12 @@ def run_trl_stage(spec: RunSpec, name: str, lr: float, load_model: bool = True,
 
 
 def run_trl_grpo(spec: RunSpec, lr: float, group: int, new_tokens: int,
-                 reward: Callable[..., list[float | None]], **config: Any) -> list[float]:
+                 reward: Callable[..., list[float | None]], trainer: type | None = None,
+                 **config: Any) -> list[float]:
     """TRL's GRPOTrainer as `run_align_grpo` runs align's: `group` completions per prompt of
     at most `new_tokens` tokens at temperature 1, scored by `reward`, beta 0.04; its own
-    `generate`, or vLLM colocated with `spec.vllm`."""
-    return run_trl_stage(spec, "GRPO", lr, load_model=False,
+    `generate`, or vLLM colocated with `spec.vllm`. `trainer`: a GRPOTrainer subclass."""
+    return run_trl_stage(spec, "GRPO", lr, load_model=False, trainer=trainer,
                          trainer_kwargs={"reward_funcs": [reward]}, num_generations=group,
                          max_completion_length=new_tokens, temperature=1.0, beta=0.04,
                          use_vllm=spec.vllm, vllm_mode="colocate", **config)
@@ -336,6 +361,18 @@ def add_child_flags(parser: argparse.ArgumentParser, tools: tuple[str, ...]) -> 
     """The hidden flags of a child run: which tool, and its RunSpec as JSON."""
     parser.add_argument("--child", choices=tools, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, tools: tuple[str, ...], repeats: int,
+                  quick: str) -> None:
+    """The flags a comparison script shares: `--repeats` (default `repeats`), `--bf16`,
+    `--quick` (`quick`: its help, what the smoke test runs), `--ray-address`, and a child
+    run's hidden flags."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="runs of each (A B A B)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 (GPU runs)")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
+    add_child_flags(parser, tools)
 
 
 def run_as_child(args: argparse.Namespace,

@@ -108,3 +108,19 @@ def test_tools_sft_trains_then_scores_each_run(ray_local, tmp_path):
     assert (line["seed"], line["threads"]) == (0, 1)
     assert all(0.0 <= line[k] <= 1.0 for k in ("tool_call", "copy", "episode", "p_tool_easy"))
     assert (tmp_path / "seed0-threads1" / "checks.json").is_file()
+
+
+def test_long_generation_compares_equal_length_completions(ray_local):
+    out = _run("long_generation.py", "--quick", "--tools", "align,align_async,trl",
+               timeout=900)
+    lines = [line for line in out if line["measurement"] == "long_generation"]
+    assert [(line["new_tokens"], line["align"], line["trl"]) for line in lines] == [
+        (n, mode, "trl") for n in (16, 32) for mode in ("align", "align_async")]
+    for line in lines:  # the model never samples EOS: every completion runs to its budget
+        assert line["align_mean_new_tokens"] == line["trl_mean_new_tokens"] == line["new_tokens"]
+        assert line["ratio"] == round(line["align_samples_per_s"] / line["trl_samples_per_s"], 3)
+        assert 0 < line["trl_generate_share"] < 1 and line["align_weight_sync_s"] > 0
+    speedups = [line for line in out if line["measurement"] == "async_over_sync"]
+    assert [line["new_tokens"] for line in speedups] == [16, 32]
+    (growth,) = [line for line in out if line["measurement"] == "cost_growth"]
+    assert growth["new_tokens"] == [16, 32] and len(growth["trl_iteration_s"]) == 2
