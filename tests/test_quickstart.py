@@ -68,8 +68,6 @@ def test_overrides_can_be_scoped_to_one_run():
 @full_only
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-@pytest.mark.xfail(strict=True, reason="ppo_rm reached 82.2% from sft's 63.2% (2026-12-07), "
-                   "short of sft + 25 points: docs/quickstart-robustness.md")
 def test_the_shipped_quickstart_tells_its_story(tmp_path, ray_local):
     """The quickstart as `make quickstart` runs it (no override): SFT on its plateau, a reward
     model that checks the carry, and GRPO, PPO-RM and DPO far above SFT on this machine."""
