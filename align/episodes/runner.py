@@ -64,6 +64,7 @@ class EpisodeRunner:
         if not self.multi_turn:
             return self._single_turn(engine, examples, sampling)
         started = time.monotonic()
+        self.renderer.forget()
         episodes = [self._start(example) for example in examples]
         for turn in range(self.cfg.max_turns):
             live = [e for e in episodes if not e.done]
