@@ -97,16 +97,18 @@ class ChatRenderer:
         text = self.tokenizer.decode(body)
         return self.tokenizer(text, add_special_tokens=False).input_ids + ids[len(body):]
 
-    def reencodes(self, episode: Episode) -> bool:
-        """Whether some model turn's sampled tokens differ from the encoding of their text."""
-        return any(s.kind == MODEL and self.reencoded(s.ids) != s.ids for s in episode.segments)
-
-    def drift(self, episode: Episode) -> Drift | None:
-        """Where the conversation as a user renders it departs from the trained stream (the
-        model's turns taken as their text encodes)."""
-        rendered = self._ids(episode.messages, False)
+    def check(self, episode: Episode) -> tuple[Drift | None, bool]:
+        """(drift, reencodes) of `episode`: where the conversation as a user renders it
+        departs from the trained stream (the model's turns taken as their text encodes), and
+        whether some model turn's sampled tokens differ from the encoding of their text."""
         segments = [self.reencoded(s.ids) if s.kind == MODEL else s.ids
                     for s in episode.segments]
+        reencodes = any(s.kind == MODEL and ids != s.ids
+                        for s, ids in zip(episode.segments, segments))
+        return self._drift(episode, segments), reencodes
+
+    def _drift(self, episode: Episode, segments: list[list[int]]) -> Drift | None:
+        rendered = self._ids(episode.messages, False)
         lengths = [len(ids) for ids in segments]
         stream = episode.prompt_ids + [t for ids in segments for t in ids]
         limit = min(len(stream), len(rendered))

@@ -271,8 +271,7 @@ class EpisodeRunner:
         for episode in episodes:
             episode.done = True
             if episode.infra_error is None:
-                episode.drift = self.renderer.drift(episode)
-                episode.reencodes = self.renderer.reencodes(episode)
+                episode.drift, episode.reencodes = self.renderer.check(episode)
                 scored.append(episode)
         if not self.spec.has_reward or not scored:
             return

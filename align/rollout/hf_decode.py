@@ -23,7 +23,9 @@ log-probs are those of the processed distribution (temperature, then top-p), as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -53,8 +55,6 @@ def decode(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
         synced: every rank of the process group keeps stepping until all ranks' rows have
             ended (ZeRO-3 gathers each layer's weights collectively in every forward).
     """
-    from align.rollout.hf_sampling import cpu_threads
-
     forward = functools.partial(model, use_cache=True)
     keep = unwrap(model)._supports_logits_to_keep()
     distinct: dict[tuple[int, ...], int] = {}
@@ -188,6 +188,19 @@ def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
     grown = mask.new_zeros(mask.shape[0], max(width, 2 * mask.shape[1]))
     grown[:, :mask.shape[1]] = mask
     return grown
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: unchanged)."""
+    saved = torch.get_num_threads()
+    if threads is not None and threads != saved:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
 
 
 def draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:

@@ -1,19 +1,23 @@
-"""Sampling with Hugging Face `generate` inside a policy worker, with the behaviour log-probs.
+"""Sampling inside a policy worker (the `hf` engine), with the behaviour log-probs.
 
-The generation config is built from scratch: it holds exactly the sampling settings asked for
-(temperature, top-p, top-k off) and the model's EOS ids. Nothing from the model folder's
-`generation_config.json` (a `repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default
-top-k...) can reach the sampler, because such settings would change the behaviour policy
-without changing the log-probs the trainer computes.
+Models whose layers keep a plain key/value cache (most decoder-only models) sample in align's
+own loop (align.rollout.hf_decode): each distinct prompt prefilled once and only past what an
+earlier call computed (an episode's earlier turns), drafted tokens checked in one forward. Other
+models (sliding-window or recurrent layers) sample through Hugging Face `generate`.
 
-Prompts are prefilled here, not in `generate` (`prefill_prompts`). A prompt sampled several
-times (GRPO's group, RLOO's k samples) runs once: the KV cache and the next-token logits of each
-distinct prompt are computed on one row and copied to the rows that repeat it. The first token
-is drawn from those logits exactly as `generate` draws (the same processors, then one
-`multinomial` over the whole batch), and `generate` goes on from the prompt and that token, so
-it runs only decoding steps, on as many CPU threads as their size pays for
-(`decoding_threads`). `generate` alone would run a prompt's forward once per sample, and then
-the last prompt token again over every row.
+Either way the sampled distribution is exactly the asked-for temperature and top-p over the
+model's logits, and nothing from the model folder's `generation_config.json` (a
+`repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default top-k...) can reach the
+sampler, because such settings would change the behaviour policy without changing the log-probs
+the trainer computes.
+
+Through `generate`, prompts are prefilled here, not in `generate` (`prefill_prompts`). A prompt
+sampled several times (GRPO's group, RLOO's k samples) runs once: the KV cache and the
+next-token logits of each distinct prompt are computed on one row and copied to the rows that
+repeat it. The first token is drawn from those logits exactly as `generate` draws (the same
+processors, then one `multinomial` over the whole batch), and `generate` goes on from the prompt
+and that token, so it runs only decoding steps, on as many CPU threads as their size pays for
+(`decoding_threads`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from transformers import (
 from align.packed_forward import unwrap
 from align.rollout.base import Sampling, cut_at_eos
 from align.rollout.drafts import NgramDrafts
-from align.rollout.hf_decode import decode
+from align.rollout.hf_decode import cpu_threads, decode
 from align.rollout.kv_cache import PrefixCache, supports_growing_cache
 
 
@@ -188,19 +192,6 @@ def draft_tokens_on_cpu(model: torch.nn.Module, rows: int, most: int) -> int:
     as a kept one, and a guess saves only where it is cheaper than a step."""
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return max(0, min(most, int(DECODE_FLOPS_PER_THREAD // (2 * params * rows)) - 1))
-
-
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` for the block (None: unchanged)."""
-    saved = torch.get_num_threads()
-    if threads is not None and threads != saved:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != saved:
-            torch.set_num_threads(saved)
 
 
 def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:

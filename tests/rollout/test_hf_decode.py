@@ -207,3 +207,16 @@ def test_a_policy_forgets_its_keys_when_its_weights_may_change(tiny_model_dir):
     policy.generate([[40, 41, 42]], sampling, prefix_cache_bytes=1 << 20)
     policy.generate([[40, 41, 42]], sampling)  # not asked: nothing kept
     assert len(policy.prefix_cache) == 0
+
+
+def test_drafts_on_the_cpu_stop_where_a_step_is_bound_by_its_arithmetic(tiny_model_dir):
+    """A step of `rows` rows checks drafts only while its work, 2 x parameters x rows x
+    (1 + drafts) flops, stays under DECODE_FLOPS_PER_THREAD."""
+    from align.rollout.hf_sampling import DECODE_FLOPS_PER_THREAD, draft_tokens_on_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    per_row = 2 * sum(p.numel() for p in model.parameters())
+    assert draft_tokens_on_cpu(model, 1, 8) == 8
+    rows = int(DECODE_FLOPS_PER_THREAD // (per_row * 4))  # room for 1 + 3 tokens a row
+    assert draft_tokens_on_cpu(model, rows, 8) == 3
+    assert draft_tokens_on_cpu(model, 10 * rows, 8) == 0
