@@ -11,10 +11,11 @@ align.rollout.hf_sampling):
   episode's next turn runs the model's last token and the environment's answer, not the whole
   conversation again.
 - Keys and values grow in buffers sized for the call (`GrowingCache`), not by concatenation.
-- A token is drawn by inverting the cumulative distribution at one uniform number per row:
-  exactly the categorical distribution of the processed logits, whose log-probs are returned.
-  `torch.multinomial` draws the same distribution from one exponential per vocabulary entry,
-  25x slower on the CPU for 16 rows of 516 ids (0.43 ms against 0.017 ms).
+- A token is drawn by inverting the cumulative distribution at one uniform number per token,
+  drawn for every row's k-th token when the call starts: exactly the categorical distribution
+  of the processed logits, whose log-probs are returned, and the same tokens whatever the
+  drafts (below). `torch.multinomial` draws the same distribution from one exponential per
+  vocabulary entry, 25x slower on the CPU for 16 rows of 516 ids (0.43 ms against 0.017 ms).
 
 Left-padded rows: a row's reused keys end where the call's reused part ends, its new tokens end
 where the prompts end; the gaps are masked, and positions count the row's own tokens. The sampled
@@ -76,10 +77,15 @@ def decode(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
         cache.select_rows(index)
         logits, mask = logits[index], mask[index]
     rows = _Rows(prompts, set(eos_ids), sampling.max_new_tokens)
+    # The uniform number of each row's k-th token, drawn up front: the samples are the same
+    # whatever the drafts (and the drafts' table, which a resumed run starts without).
+    uniforms = (None if sampling.greedy else
+                torch.rand(len(prompts), max(1, sampling.max_new_tokens), device=device))
     fed: list[list[int]] = [[] for _ in prompts]
     with cpu_threads(decode_threads):
         while True:
-            kept = rows.take(*_sample(logits, processors, sampling), fed)
+            kept = rows.take(*_sample(logits, processors, sampling,
+                                      rows.uniforms(uniforms, logits.shape[1])), fed)
             if any(fed):  # the drafted columns after the last kept one never count
                 for row, count in kept.items():
                     mask[row, width - logits.shape[1] + count:width] = 0
@@ -137,6 +143,15 @@ class _Rows:
             kept[row] = count
         return kept
 
+    def uniforms(self, drawn: torch.Tensor | None, width: int) -> torch.Tensor | None:
+        """(B x width, 1) numbers of the tokens a forward's `width` positions would be."""
+        if drawn is None:
+            return None
+        start = torch.tensor([len(t) for t in self.tokens], device=drawn.device)
+        index = (start[:, None] + torch.arange(width, device=drawn.device)).clamp_(
+            max=drawn.shape[1] - 1)
+        return drawn.gather(1, index).reshape(-1, 1)
+
     def room(self, row: int) -> int:
         return self.max_new - len(self.tokens[row])
 
@@ -162,14 +177,15 @@ class _Rows:
                 torch.tensor(positions, device=device))
 
 
-def _sample(logits: torch.Tensor, processors: list[LogitsProcessor], sampling: Sampling
-            ) -> tuple[list[list[int]], list[list[float]] | None]:
-    """A token drawn at every position of (B, m, V) `logits`, and its log-prob if asked."""
+def _sample(logits: torch.Tensor, processors: list[LogitsProcessor], sampling: Sampling,
+            uniform: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]] | None]:
+    """A token drawn at every position of (B, m, V) `logits` (at `uniform`, (B x m, 1)), and
+    its log-prob if asked."""
     rows, width, vocab = logits.shape
     scores = logits.reshape(rows * width, vocab)
     for processor in processors:
         scores = processor(None, scores)
-    token = draw(scores, sampling.greedy)
+    token = draw(scores, sampling.greedy, uniform)
     logprobs = None
     if sampling.logprobs:
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, token[:, None]).view(
@@ -203,16 +219,18 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(saved)
 
 
-def draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:
+def draw(scores: torch.Tensor, greedy: bool, uniform: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """One token per row of (B, V) processed `scores`: the argmax, or a sample of their softmax
-    by inverse transform (the first id whose cumulative probability passes a uniform number
-    scaled to the row's total)."""
+    by inverse transform (the first id whose cumulative probability passes a uniform number,
+    (B, 1) `uniform` or drawn here, scaled to the row's total)."""
     if greedy:
         return torch.argmax(scores, dim=-1)
     cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-    uniform = torch.rand(len(scores), 1, device=scores.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1).clamp_(
-        max=scores.shape[1] - 1)
+    if uniform is None:
+        uniform = torch.rand(len(scores), 1, device=scores.device)
+    token = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return token.squeeze(1).clamp_(max=scores.shape[1] - 1)
 
 
 def _all_ended(done: list[bool], synced: bool, device: torch.device) -> bool:

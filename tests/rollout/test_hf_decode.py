@@ -220,3 +220,26 @@ def test_drafts_on_the_cpu_stop_where_a_step_is_bound_by_its_arithmetic(tiny_mod
     rows = int(DECODE_FLOPS_PER_THREAD // (per_row * 4))  # room for 1 + 3 tokens a row
     assert draft_tokens_on_cpu(model, rows, 8) == 3
     assert draft_tokens_on_cpu(model, 10 * rows, 8) == 0
+
+
+def test_drafts_change_how_many_forwards_not_which_tokens(tiny_model_dir):
+    """Under one seed, decoding with drafts (a table guessing right, or wrong) samples the
+    tokens plain decoding samples: each token's uniform number is drawn for its place in the
+    row, not for the forward that computes it (a resumed run starts with an empty table)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    prompts = [[40, 41, 42, 43], [50, 51], [40, 41, 42, 43]]
+    sampling = Sampling(max_new_tokens=8, temperature=0.05, logprobs=True)
+    torch.manual_seed(0)
+    plain, plain_widths = play_turns(model, prompts, sampling, None, None, turns=1, eos=(-1,))
+    table = NgramDrafts(6, n=1)
+    for _, tokens, _ in plain[0]:
+        table.add(tokens)
+    forwards = []
+    for drafts in (table, NgramDrafts(6, n=1)):
+        drafts.add([40, 41, 42, 43, 99, 98, 97])  # and some wrong guesses
+        torch.manual_seed(0)
+        drafted, widths = play_turns(model, prompts, sampling, None, drafts, turns=1,
+                                     eos=(-1,))
+        assert [t for _, t, _ in drafted[0]] == [t for _, t, _ in plain[0]]
+        forwards.append(len(widths))
+    assert forwards[0] < len(plain_widths)  # the right guesses saved forwards
