@@ -371,6 +371,8 @@ class RolloutConfig:
     max_new_tokens: int = 16  # generation budget per completion
     temperature: float = 1.0  # sampling temperature (log-probs use the same temperature)
     top_p: float = 1.0  # nucleus sampling; 1 samples from the full distribution
+    prefix_cache_mb: int = 1024  # hf engine: keys/values kept per worker for episodes' next turns
+    draft_tokens: int = 8  # hf engine: guessed tokens a decoding step checks (exact); 0: none
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
     max_resample_rounds: int = 4  # dynamic sampling: most extra rounds of prompts_per_step
     async_steps: int = 0  # k >= 1: separate engines sample up to k iterations ahead; 0: sync
@@ -458,6 +460,10 @@ class PPOConfig(RunConfig):
                 f"multiple of trainer.global_batch_size={self.trainer.global_batch_size}")
         if ro.temperature <= 0:
             raise ConfigError("rollout.temperature must be positive")
+        for key in ("prefix_cache_mb", "draft_tokens"):
+            if getattr(ro, key) < 0:
+                raise ConfigError(f"rollout.{key} must be 0 (off) or more, got "
+                                  f"{getattr(ro, key)}")
         if alg.dual_clip is not None and alg.dual_clip <= 1:
             raise ConfigError("algorithm.dual_clip must be greater than 1")
         if alg.adaptive_kl and alg.kl_horizon < buffer:

@@ -35,8 +35,10 @@ from align.model_loading import (
     resolve_dtype,
 )
 from align.rollout.base import Generation, Sampling
+from align.rollout.drafts import NgramDrafts
 from align.rollout.eos import eos_token_ids
 from align.rollout.hf_sampling import hf_sample
+from align.rollout.kv_cache import PrefixCache
 
 # objective(model, micro_batch, **kwargs) -> (loss, metrics). Metrics are contributions that
 # combine over micro-batches and ranks by `align.metrics.combine_metric` (sums; min_/max_ keys).
@@ -110,6 +112,10 @@ class Policy:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.ds_engine = None
+        # Keys and values of the rows `generate` ran, for the next call's rows that extend
+        # them (an episode's next turn); cleared whenever the weights change.
+        self.prefix_cache = PrefixCache(0)
+        self.drafts: NgramDrafts | None = None  # guesses from earlier text (hf_decode)
         skip_cpu_shm_comm_op()  # deepspeed.initialize may start the comm backend itself
         if trainable:
             ds_cfg = deepspeed_config(trainer_cfg, dist_cfg, self.world_size, self.dtype)
@@ -175,6 +181,7 @@ class Policy:
         (`trainer.max_tokens_per_micro_batch`) their count varies by step (the same on every
         rank), and the last one is marked as the accumulation boundary here.
         """
+        self.prefix_cache.clear()  # the step changes the weights its keys were computed with
         ds_engine = self.ds_engine
         if not self.by_tokens and len(micro_batches) != ds_engine.gradient_accumulation_steps():
             raise TrainingError(f"expected {ds_engine.gradient_accumulation_steps()} micro-batches "
@@ -244,6 +251,7 @@ class Policy:
 
         With `reference=True` the module is the frozen reference (see `reference_view`).
         """
+        self.prefix_cache.clear()  # the round's generation is over: free its keys and values
         view = self.reference_view() if reference else contextlib.nullcontext(
             self.ds_engine or self.model)
         with view as module:
@@ -285,9 +293,22 @@ class Policy:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 prefix_cache_bytes: int = 0, draft_tokens: int = 0) -> Generation:
         """Complete token-id prompts (the `hf` rollout engine; see align.rollout.hf_sampling):
-        new tokens only, cut after the first EOS, with their sampling log-probs if asked."""
+        new tokens only, cut after the first EOS, with their sampling log-probs if asked.
+
+        `prefix_cache_bytes`: keys and values this rank keeps of the rows it ran, for later
+        calls whose prompts extend them (`rollout.prefix_cache_mb`); 0 keeps none.
+        `draft_tokens`: tokens guessed from earlier text that each decoding step checks
+        (`rollout.draft_tokens`); 0 guesses none."""
+        self.prefix_cache.max_bytes = prefix_cache_bytes
+        if not prefix_cache_bytes:
+            self.prefix_cache.clear()
+        if not draft_tokens:
+            self.drafts = None
+        elif self.drafts is None or self.drafts.k != draft_tokens:
+            self.drafts = NgramDrafts(draft_tokens)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed + self.rank)  # ranks sample different streams
         if not prompts:
@@ -301,7 +322,9 @@ class Policy:
             with self.gathered_parameters(), eager:
                 tokens, logprobs = hf_sample(self.model, prompts, sampling, self.eos_ids,
                                              self.tokenizer.pad_token_id, self.device,
-                                             synced=self.zero_stage == 3 and self.world_size > 1)
+                                             synced=self.zero_stage == 3 and self.world_size > 1,
+                                             prefix=self.prefix_cache if prefix_cache_bytes
+                                             else None, drafts=self.drafts)
         except RuntimeError as exc:
             if "probability tensor" not in str(exc):
                 raise
@@ -364,6 +387,7 @@ class Policy:
         """
         from align.checkpoint import SafeCheckpointEngine
 
+        self.prefix_cache.clear()
         ds_engine = self.ds_engine
         if not isinstance(ds_engine.checkpoint_engine, SafeCheckpointEngine):
             ds_engine.checkpoint_engine = SafeCheckpointEngine(ds_engine.checkpoint_engine)

@@ -1,7 +1,8 @@
 """Multi-turn, tool-calling GRPO: align's `ppo` with an environment against TRL's
 `GRPOTrainer(environment_factory=...)`, same model, environment class, data and settings.
 
-    python benchmarks/agentic_vs_trl.py [--steps 30] [--repeats 2] [--model DIR] [--quick]
+    python benchmarks/agentic_vs_trl.py [--steps 30] [--repeats 2] [--model DIR] [--seed N]
+                                         [--quick]
 
 The environment is `agentic_env.Adder`, one class in TRL's documented form handed unchanged to
 both: TRL as `environment_factory=Adder`, align as `environment.spec=benchmarks/agentic_env.py:
@@ -23,9 +24,11 @@ the prompt per episode (model and tool turns together: TRL's `max_completion_len
 temperature 1, full fine-tuning in fp32 on the CPU, lr 5e-4 constant, no KL term (TRL's
 default beta 0), token-level loss (TRL's default `dapo`, align's `token`), rewards scaled by
 the group's std, one optimizer step per batch of episodes. Generation is each tool's default
-on the CPU: align's `hf` engine, TRL's transformers `generate`; both on the machine's cores
-(align: one worker, whose engine picks its decoding threads by the model's size; TRL:
-`torch.set_num_threads(os.cpu_count())`).
+on the CPU: align's `hf` engine (its own decoding loop, which keeps an episode's keys and values
+from turn to turn and checks drafted tokens: align.rollout.hf_decode), TRL's transformers
+`generate`; both on the machine's cores (align: one worker, whose engine picks its decoding
+threads by the model's size; TRL: `torch.set_num_threads(os.cpu_count())`). `--seed` sets both
+tools' seed (sampling and data order; the prompts stay the same).
 
 Reported per tool (median over the runs): episodes/s and completions/s (model turns, each one
 engine call's sampled completion) over steps 2..N, the share of that time spent in rollouts,
@@ -288,7 +291,7 @@ def summarise(episodes_per_step: int, step_seconds: list[float], rollout_seconds
 
 
 def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | None,
-            ray_address: str | None) -> dict[str, Any]:
+            ray_address: str | None, seed: int | None = None) -> dict[str, Any]:
     """Warm the model up once (unless `model` is given), then alternate align and TRL
     `repeats` times each."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,7 +302,8 @@ def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | N
         def spec_of(tool: str, r: int) -> RunSpec:
             return RunSpec(stage="agentic", model_dir=str(model), data=str(data),
                            out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
-                           max_length=PROMPT_TOKENS + EPISODE_TOKENS, ray_address=ray_address)
+                           max_length=PROMPT_TOKENS + EPISODE_TOKENS, ray_address=ray_address,
+                           seed=seed)
 
         runs = alternate(__file__, TOOLS, repeats, spec_of, timeout_s=1800)
     line: dict[str, Any] = {"stage": "agentic", "steps": steps, "episodes_per_step": batch,
@@ -324,6 +328,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 steps, 8 episodes, 1 run each, 80 SFT steps (a smoke test)")
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
+    parser.add_argument("--seed", type=int,
+                        help="both tools' seed (align's trainer.seed, TRL's seed); default 42")
     add_child_flags(parser, TOOLS)
     args = parser.parse_args()
     if run_as_child(args, {"align": run_align, "trl": run_trl}):
@@ -331,7 +337,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.batch, args.repeats, args.sft_steps = 3, 8, 1, 80
     print(json.dumps(compare(args.steps, args.batch, args.repeats, args.sft_steps, args.model,
-                             args.ray_address)), flush=True)
+                             args.ray_address, args.seed)), flush=True)
 
 
 if __name__ == "__main__":

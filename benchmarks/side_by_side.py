@@ -59,6 +59,7 @@ class RunSpec:
     ray_address: str | None = None  # align joins this Ray cluster instead of starting one
     compile: bool = False  # align: trainer.compile (torch.compile of the trained model)
     trl_compile: bool = False  # TRL: TrainingArguments.torch_compile
+    seed: int | None = None  # both tools' seed (align: trainer.seed, TRL: 42); None: defaults
 
 
 def save_model(kind: str, folder: Path) -> Path:
@@ -138,6 +139,8 @@ def align_overrides(spec: RunSpec) -> list[str]:
     """The config overrides every align run shares: model, data, steps, batch, fp32/bf16, and
     the optimizer kernel TRL uses (`adamw_torch_fused`)."""
     joined = [f"distributed.ray_address={spec.ray_address}"] if spec.ray_address else []
+    if spec.seed is not None:
+        joined.append(f"trainer.seed={spec.seed}")
     return [*joined, f"output_dir={spec.out}", f"model.name_or_path={spec.model_dir}",
             f"data.train={spec.data}", f"data.max_length={spec.max_length}",
             f"model.dtype={'bfloat16' if spec.bf16 else 'float32'}",
@@ -195,7 +198,7 @@ def trl_common_args(spec: RunSpec) -> dict[str, Any]:
     return dict(output_dir=spec.out, max_steps=spec.steps, lr_scheduler_type="constant",
                 bf16=spec.bf16, fp16=False, use_cpu=not spec.bf16, report_to=[],
                 logging_steps=10_000, save_strategy="no", dataloader_num_workers=0,
-                seed=42, torch_compile=spec.trl_compile)
+                seed=42 if spec.seed is None else spec.seed, torch_compile=spec.trl_compile)
 
 
 def trl_lora_config(spec: RunSpec) -> Any:

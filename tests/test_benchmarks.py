@@ -64,6 +64,17 @@ def test_compile_flags_compile_both_tools(ray_local, monkeypatch):
     assert line["align_samples_per_s"] > 0 and line["trl_samples_per_s"] > 0
 
 
+def test_a_seed_reaches_both_tools(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from side_by_side import RunSpec, align_overrides, trl_common_args
+
+    spec = RunSpec("agentic", "model", "data.jsonl", "out", steps=3, batch=8)
+    assert not any(o.startswith("trainer.seed=") for o in align_overrides(spec))
+    assert trl_common_args(spec)["seed"] == 42  # both tools' own default
+    seeded = RunSpec("agentic", "model", "data.jsonl", "out", steps=3, batch=8, seed=3)
+    assert "trainer.seed=3" in align_overrides(seeded) and trl_common_args(seeded)["seed"] == 3
+
+
 def test_mfu_reports_peak_and_utilisation(ray_local):
     (out,) = _run("mfu.py", "--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2",
                   "--steps", "2", "--matmul-size", "128")

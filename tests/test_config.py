@@ -202,6 +202,8 @@ def test_override_addresses_list_items(tmp_path):
 @pytest.mark.parametrize(("overrides", "named"), [
     (["rollout.dynamic_sampling=true", "algorithm.estimator=gae"], "rollout.dynamic_sampling"),
     (["rollout.max_resample_rounds=-1"], "rollout.max_resample_rounds"),
+    (["rollout.prefix_cache_mb=-1"], "rollout.prefix_cache_mb"),
+    (["rollout.draft_tokens=-2"], "rollout.draft_tokens"),
     (["algorithm.loss_aggregation=mean"], "algorithm.loss_aggregation"),
     (["algorithm.importance_sampling_level=group"], "algorithm.importance_sampling_level"),
 ])

@@ -166,6 +166,7 @@ def test_generate_returns_new_tokens_cut_after_the_first_eos(monkeypatch):
     from align.rollout import hf_sampling
 
     # `generate` doing the prefill too, as for a model whose cache align does not prefill.
+    monkeypatch.setattr(hf_sampling, "supports_growing_cache", lambda config: False)
     monkeypatch.setattr(hf_sampling, "prefill_prompts", lambda *args: None)
     monkeypatch.setattr(policy.model, "generate", fake_generate)
     out = policy.generate([[40, 41, 42], [40]], Sampling(max_new_tokens=4, greedy=True))

@@ -122,8 +122,9 @@ class PolicyWorker(BaseWorker):
     def held_tensor_bytes(self) -> dict[str, int]:
         return self.policy.held_tensor_bytes()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
-        return self.policy.generate(prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 prefix_cache_bytes: int = 0, draft_tokens: int = 0) -> Generation:
+        return self.policy.generate(prompts, sampling, prefix_cache_bytes, draft_tokens)
 
     def send_weights(self, engines: list[Any], bucket_bytes: int,
                      transport: str = "object_store") -> int:

@@ -19,6 +19,7 @@ tokenizer would have merged) is no fault of the template, and is counted apart
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from align.episodes.episode import MODEL, Drift, Episode
@@ -26,6 +27,7 @@ from align.episodes.episode import MODEL, Drift, Episode
 _MARKER = "probe-7c41e"  # the probe assistant turn's content, found again in the rendering
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARKER}]
 DRIFT_CONTEXT = 8  # tokens shown on each side of a drift
+RENDERINGS_KEPT = 4096  # prompts and environment turns remembered, then forgotten at once
 
 
 class ChatRenderer:
@@ -40,6 +42,22 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, tools: list[dict] | None, eos_ids: list[int]) -> None:
         self.tokenizer, self.tools, self.eos = tokenizer, tools or None, set(eos_ids)
         self.eos_texts = [tokenizer.decode([i]) for i in eos_ids]
+        # Renderings of prompts and environment turns seen this round (`forget`): a group's
+        # episodes share their prompt, and tools answer alike ("Recorded.") in many episodes.
+        self.seen: dict[tuple[bool, str], list[int]] = {}
+
+    def forget(self) -> None:
+        """Render everything afresh from here on (a template may read the date)."""
+        self.seen.clear()
+
+    def _remembered(self, prompt: bool, messages: list[dict], render: Any) -> list[int]:
+        key = (prompt, json.dumps(messages, sort_keys=True, default=str))
+        ids = self.seen.get(key)
+        if ids is None:
+            if len(self.seen) >= RENDERINGS_KEPT:
+                self.seen.clear()
+            ids = self.seen[key] = render(messages)
+        return list(ids)
 
     def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -49,11 +67,14 @@ class ChatRenderer:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt as the model is asked: its messages, the tools, the generation prompt."""
-        return self._ids(messages, True)
+        return self._remembered(True, messages, lambda m: self._ids(m, True))
 
     def env_turn_ids(self, messages: list[dict]) -> list[int]:
         """The tokens that follow a model turn's EOS for environment `messages` (tool results
         or observations), up to and including the next generation prompt."""
+        return self._remembered(False, messages, self._env_turn_ids)
+
+    def _env_turn_ids(self, messages: list[dict]) -> list[int]:
         probe = [_PROBE[0], {**_PROBE[1], **({"tool_calls": _dummy_calls(messages)}
                                              if _tool_names(messages) else {})}]
         text = self.tokenizer.apply_chat_template(
@@ -76,16 +97,18 @@ class ChatRenderer:
         text = self.tokenizer.decode(body)
         return self.tokenizer(text, add_special_tokens=False).input_ids + ids[len(body):]
 
-    def reencodes(self, episode: Episode) -> bool:
-        """Whether some model turn's sampled tokens differ from the encoding of their text."""
-        return any(s.kind == MODEL and self.reencoded(s.ids) != s.ids for s in episode.segments)
-
-    def drift(self, episode: Episode) -> Drift | None:
-        """Where the conversation as a user renders it departs from the trained stream (the
-        model's turns taken as their text encodes)."""
-        rendered = self._ids(episode.messages, False)
+    def check(self, episode: Episode) -> tuple[Drift | None, bool]:
+        """(drift, reencodes) of `episode`: where the conversation as a user renders it
+        departs from the trained stream (the model's turns taken as their text encodes), and
+        whether some model turn's sampled tokens differ from the encoding of their text."""
         segments = [self.reencoded(s.ids) if s.kind == MODEL else s.ids
                     for s in episode.segments]
+        reencodes = any(s.kind == MODEL and ids != s.ids
+                        for s, ids in zip(episode.segments, segments))
+        return self._drift(episode, segments), reencodes
+
+    def _drift(self, episode: Episode, segments: list[list[int]]) -> Drift | None:
+        rendered = self._ids(episode.messages, False)
         lengths = [len(ids) for ids in segments]
         stream = episode.prompt_ids + [t for ids in segments for t in ids]
         limit = min(len(stream), len(rendered))

@@ -64,6 +64,7 @@ class EpisodeRunner:
         if not self.multi_turn:
             return self._single_turn(engine, examples, sampling)
         started = time.monotonic()
+        self.renderer.forget()
         episodes = [self._start(example) for example in examples]
         for turn in range(self.cfg.max_turns):
             live = [e for e in episodes if not e.done]
@@ -270,8 +271,7 @@ class EpisodeRunner:
         for episode in episodes:
             episode.done = True
             if episode.infra_error is None:
-                episode.drift = self.renderer.drift(episode)
-                episode.reencodes = self.renderer.reencodes(episode)
+                episode.drift, episode.reencodes = self.renderer.check(episode)
                 scored.append(episode)
         if not self.spec.has_reward or not scored:
             return

@@ -64,7 +64,8 @@ def build_engine(cfg: PPOConfig, tokenizer: Any, policy: WorkerGroup | None) -> 
 
         if policy is None:
             raise ValueError("the hf engine is the policy group itself: pass it")
-        return HFEngine(policy)
+        return HFEngine(policy, prefix_cache_mb=cfg.rollout.prefix_cache_mb,
+                        draft_tokens=cfg.rollout.draft_tokens)
     from align.rollout.vllm_engine import VLLMEngine
 
     budget = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)

@@ -17,12 +17,19 @@ class HFEngine:
     Args:
         group: the policy WorkerGroup.
         batch_size: prompts per `generate` call on one worker; None: a worker's whole shard.
+        prefix_cache_mb: keys and values each worker keeps of the rows it ran, for the next
+            call's prompts that extend them (an episode's next turn); 0 keeps none.
+        draft_tokens: tokens guessed from earlier text that a decoding step checks (exact
+            sampling: align.rollout.drafts); 0 guesses none.
     """
 
     name = "hf"
 
-    def __init__(self, group: WorkerGroup, batch_size: int | None = None) -> None:
+    def __init__(self, group: WorkerGroup, batch_size: int | None = None,
+                 prefix_cache_mb: int = 0, draft_tokens: int = 0) -> None:
         self.group, self.batch_size = group, batch_size
+        self.options = {"prefix_cache_bytes": prefix_cache_mb << 20,
+                        "draft_tokens": draft_tokens}
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Generation:
         size = self.group.size
@@ -41,7 +48,8 @@ class HFEngine:
                       for rank in per_rank]
             seed = None if sampling.seed is None else sampling.seed + 7919 * chunk
             call = Sampling(**{**sampling.to_dict(), "seed": seed})
-            results = self.group.call_each("generate", [(s, call) for s in shards])
+            results = self.group.call_each("generate", [(s, call) for s in shards],
+                                           **self.options)
             for rank, result in zip(per_rank, results):
                 tokens.update(zip(rank[chunk], result.tokens))
                 if result.logprobs is not None:

@@ -1,19 +1,23 @@
-"""Sampling with Hugging Face `generate` inside a policy worker, with the behaviour log-probs.
+"""Sampling inside a policy worker (the `hf` engine), with the behaviour log-probs.
 
-The generation config is built from scratch: it holds exactly the sampling settings asked for
-(temperature, top-p, top-k off) and the model's EOS ids. Nothing from the model folder's
-`generation_config.json` (a `repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default
-top-k...) can reach the sampler, because such settings would change the behaviour policy
-without changing the log-probs the trainer computes.
+Models whose layers keep a plain key/value cache (most decoder-only models) sample in align's
+own loop (align.rollout.hf_decode): each distinct prompt prefilled once and only past what an
+earlier call computed (an episode's earlier turns), drafted tokens checked in one forward. Other
+models (sliding-window or recurrent layers) sample through Hugging Face `generate`.
 
-Prompts are prefilled here, not in `generate` (`prefill_prompts`). A prompt sampled several
-times (GRPO's group, RLOO's k samples) runs once: the KV cache and the next-token logits of each
-distinct prompt are computed on one row and copied to the rows that repeat it. The first token
-is drawn from those logits exactly as `generate` draws (the same processors, then one
-`multinomial` over the whole batch), and `generate` goes on from the prompt and that token, so
-it runs only decoding steps, on as many CPU threads as their size pays for
-(`decoding_threads`). `generate` alone would run a prompt's forward once per sample, and then
-the last prompt token again over every row.
+Either way the sampled distribution is exactly the asked-for temperature and top-p over the
+model's logits, and nothing from the model folder's `generation_config.json` (a
+`repetition_penalty`, `min_p`, `no_repeat_ngram_size`, a default top-k...) can reach the
+sampler, because such settings would change the behaviour policy without changing the log-probs
+the trainer computes.
+
+Through `generate`, prompts are prefilled here, not in `generate` (`prefill_prompts`). A prompt
+sampled several times (GRPO's group, RLOO's k samples) runs once: the KV cache and the
+next-token logits of each distinct prompt are computed on one row and copied to the rows that
+repeat it. The first token is drawn from those logits exactly as `generate` draws (the same
+processors, then one `multinomial` over the whole batch), and `generate` goes on from the prompt
+and that token, so it runs only decoding steps, on as many CPU threads as their size pays for
+(`decoding_threads`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from transformers import (
 
 from align.packed_forward import unwrap
 from align.rollout.base import Sampling, cut_at_eos
+from align.rollout.drafts import NgramDrafts
+from align.rollout.hf_decode import cpu_threads, decode
+from align.rollout.kv_cache import PrefixCache, supports_growing_cache
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -82,28 +89,57 @@ def neutral_generation_config(model: torch.nn.Module, eos_ids: list[int],
 
 def hf_sample(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
               eos_ids: list[int], pad_id: int, device: torch.device,
-              synced: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
-    """Complete left-padded `prompts` with `model.generate`; (tokens, logprobs or None).
+              synced: bool = False, prefix: PrefixCache | None = None,
+              drafts: NgramDrafts | None = None,
+              ) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Complete `prompts`; (tokens, logprobs or None). Models whose layers keep a plain
+    key/value cache decode in align's own loop (align.rollout.hf_decode), starting from the
+    rows `prefix` holds and checking `drafts`' guesses; others through `generate`.
 
     `synced`: every rank of the process group runs decoding steps until all ranks' rows have
     ended (ZeRO-3 gathers each layer's weights collectively in every forward, so a rank whose
     rows all stopped early must keep stepping, or the others wait for it forever).
     """
+    warpers = sampling_warpers(sampling)
+    if (sampling.max_new_tokens > 0 and all(prompts)
+            and supports_growing_cache(unwrap(model).config)):
+        cpu = device.type == "cpu"
+        threads = decoding_threads(model, len(prompts)) if cpu else None
+        guesses = 0 if drafts is None else (
+            draft_tokens_on_cpu(model, len(prompts), drafts.k) if cpu else drafts.k)
+        with neutral_generation_config(model, eos_ids, pad_id):
+            return decode(model, prompts, sampling, warpers, eos_ids, pad_id, device,
+                          None, threads, synced, prefix, drafts, guesses)
+    return _generate(model, prompts, sampling, warpers, eos_ids, pad_id, device, synced)
+
+
+def sampling_warpers(sampling: Sampling) -> list[LogitsProcessor]:
+    """The processors between the logits and the sampled distribution: temperature, top-p
+    (none when greedy). HF adds none of its own for temperature 1, top_p 1, top_k 0."""
+    if sampling.greedy:
+        return []
+    warpers: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
+
+
+def _generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling,
+              warpers: list[LogitsProcessor], eos_ids: list[int], pad_id: int,
+              device: torch.device, synced: bool
+              ) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Complete left-padded `prompts` with `model.generate`, each distinct prompt prefilled
+    once (`prefill_prompts`)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                         device=device)
-    processors = LogitsProcessorList()
-    if not sampling.greedy:
-        # Our own warpers, so the recorder below sees the final distribution.
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
+    processors = LogitsProcessorList(warpers)  # our own warpers: the recorder sees their output
     recorder = SampledLogprobs() if sampling.logprobs else None
     if recorder is not None:
         processors.append(recorder)
-    # The warpers above are the only ones: HF adds none for temperature 1, top_p 1, top_k 0.
     knobs = {} if sampling.greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens,
                               do_sample=not sampling.greedy, repetition_penalty=1.0,
@@ -148,17 +184,14 @@ def decoding_threads(model: torch.nn.Module, rows: int) -> int:
     return max(1, min(torch.get_num_threads(), int(2 * params * rows // DECODE_FLOPS_PER_THREAD)))
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` for the block (None: unchanged)."""
-    saved = torch.get_num_threads()
-    if threads is not None and threads != saved:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != saved:
-            torch.set_num_threads(saved)
+def draft_tokens_on_cpu(model: torch.nn.Module, rows: int, most: int) -> int:
+    """Draft tokens per row that a decoding step on the CPU checks: at most `most`, and only
+    while the step's matmul work (2 x parameters x rows x (1 + drafts) flops) stays below
+    `DECODE_FLOPS_PER_THREAD`, where a step costs its overhead more than its arithmetic. A
+    larger model's step is bound by its arithmetic: each drafted token not kept costs as much
+    as a kept one, and a guess saves only where it is cheaper than a step."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return max(0, min(most, int(DECODE_FLOPS_PER_THREAD // (2 * params * rows)) - 1))
 
 
 def _draw(scores: torch.Tensor, greedy: bool) -> torch.Tensor:

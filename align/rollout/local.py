@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from align.config import ModelConfig
+from align.config import ModelConfig, RolloutConfig
 from align.model_loading import config_source, load_model
 from align.rollout.base import Generation, Sampling
+from align.rollout.drafts import NgramDrafts
 from align.rollout.eos import eos_token_ids
+from align.rollout.kv_cache import PrefixCache
 
 
 class LocalEngine:
@@ -35,11 +37,19 @@ class LocalEngine:
         engine: `hf` or `vllm`.
         batch_size: prompts per `hf` generate call (vLLM schedules its own batches).
         max_model_len: the longest prompt + completion the `vllm` engine must hold.
+        prefix_cache_mb: `hf`: keys and values kept of the rows a call ran, for later calls'
+            prompts that extend them (an episode's next turn); 0 keeps none.
+        draft_tokens: `hf`: tokens guessed from earlier text that a decoding step checks
+            (exact sampling); 0 guesses none.
     """
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any, engine: str = "hf",
-                 batch_size: int = 64, max_model_len: int = 1024) -> None:
+                 batch_size: int = 64, max_model_len: int = 1024,
+                 prefix_cache_mb: int = RolloutConfig.prefix_cache_mb,
+                 draft_tokens: int = RolloutConfig.draft_tokens) -> None:
         self.name, self.batch_size, self.pad_id = engine, batch_size, tokenizer.pad_token_id
+        self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
+        self.drafts = NgramDrafts(draft_tokens) if draft_tokens else None
         model, base_cfg = load_for_generation(model_cfg, tokenizer)
         self.eos_ids = eos_token_ids(base_cfg, tokenizer)
         self.model: torch.nn.Module | None = model
@@ -66,7 +76,8 @@ class LocalEngine:
                 if chunk.seed is not None:
                     torch.manual_seed(chunk.seed)
                 out, lps = hf_sample(self.model, prompts[start:start + self.batch_size], chunk,
-                                     self.eos_ids, self.pad_id, device)
+                                     self.eos_ids, self.pad_id, device, prefix=self.prefix,
+                                     drafts=self.drafts)
                 tokens.extend(out)
                 logprobs.extend(lps or [])
         return Generation(tokens, logprobs if sampling.logprobs else None)
@@ -77,6 +88,8 @@ class LocalEngine:
             self.vllm.close()
             self.vllm = None
         self.model = None
+        if self.prefix is not None:
+            self.prefix.clear()
 
     def __enter__(self) -> LocalEngine:
         return self

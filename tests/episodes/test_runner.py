@@ -130,6 +130,27 @@ def test_the_engines_tokens_are_kept_where_decoding_and_encoding_again_would_cha
     assert (metrics["episodes/reencode_rate"], metrics["episodes/drift_rate"]) == (1.0, 0.0)
 
 
+def test_a_round_renders_a_shared_prompt_and_a_repeated_tool_answer_once(monkeypatch):
+    """Four episodes of one prompt, each answered "5" by the tool: the template renders the
+    prompt once and the tool's turn once in the round (and each conversation once more for the
+    drift check); the next round renders afresh."""
+    tok = tokenizer()
+    play, _ = runner(tok)
+    rendered: list[int] = []
+    template = type(tok).apply_chat_template
+
+    def counting(self, messages, *args, **kwargs):
+        rendered.append(len(messages))
+        return template(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", counting)
+    for _ in range(2):
+        rendered.clear()
+        episodes = play.run(ScriptedEngine(tok, calculator_script), [example()] * 4, SAMPLING)
+        assert len({tuple(e.ids) for e in episodes}) == 1 and episodes[0].drift is None
+        assert sorted(rendered) == [1, 3] + [4] * 4  # prompt, tool turn (probe), drift checks
+
+
 def test_one_environment_instance_per_episode():
     tok = tokenizer()
     play, _ = runner(tok)

@@ -60,11 +60,13 @@ def test_sampling_log_probs_equal_the_trainers(leaky_model_dir, temperature):
                           ("llama", 1, False, 4), ("llama", 6, True, 4), ("llama", 6, False, 1)])
 def test_prompts_are_prefilled_once_and_sample_as_without(tiny_model_dir, arch, new_tokens,
                                                           greedy, repeats, monkeypatch):
-    """A prompt sampled 4 times runs its forward once, and its first token is drawn from that
-    forward's logits; the samples and their log-probs are those `generate` gives alone (its own
-    prefill of every row), under the same seed."""
+    """Through `generate` (models whose cache align's loop does not keep): a prompt sampled 4
+    times runs its forward once, and its first token is drawn from that forward's logits; the
+    samples and their log-probs are those `generate` gives alone (its own prefill of every
+    row), under the same seed."""
     from align.rollout import hf_sampling
 
+    monkeypatch.setattr(hf_sampling, "supports_growing_cache", lambda config: False)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
     # Left-padded to 4 in one batch; without repeats, 8 distinct prompts.
     prompts = ([[40, 41, 42, 43]] * repeats + [[50, 51]] * repeats if repeats > 1
