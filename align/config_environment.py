@@ -28,6 +28,8 @@ class EnvironmentConfig:
     on_drift: Literal["report", "error"] = "report"  # re-rendered conversation != trained tokens
     tool_call_format: Literal["auto", "hermes"] = "auto"  # auto: the tokenizer's response
     # parser where it defines one, else Hermes/Qwen2.5 <tool_call>{json}</tool_call>
+    on_malformed_call: Literal["respond", "end"] = "respond"  # a call that does not parse:
+    # respond: its error is the tool's answer; end: the turn is the episode's last (counted)
 
     @property
     def enabled(self) -> bool:

@@ -2,7 +2,7 @@
 `GRPOTrainer(environment_factory=...)`, same model, environment class, data and settings.
 
     python benchmarks/agentic_vs_trl.py [--steps 30] [--repeats 2] [--model DIR] [--seed N]
-                                         [--quick]
+                                         [--malformed-calls end|respond] [--quick]
 
 The environment is `agentic_env.Adder`, one class in TRL's documented form handed unchanged to
 both: TRL as `environment_factory=Adder`, align as `environment.spec=benchmarks/agentic_env.py:
@@ -32,8 +32,9 @@ tools' seed (sampling and data order; the prompts stay the same).
 
 Reported per tool (median over the runs): episodes/s and completions/s (model turns, each one
 engine call's sampled completion) over steps 2..N, the share of that time spent in rollouts,
-turns, tool calls and tool errors per episode (a call that does not parse: align answers it
-with the error and the episode goes on, TRL decodes the turn as text and the episode ends), the
+turns, tool calls and tool errors per episode (a call that does not parse ends the episode in
+both: TRL decodes the turn as text, align runs with `environment.on_malformed_call=end`;
+`--malformed-calls respond` gives align's default, which answers with the error), the
 mean reward of the first step's episodes (the starting model) and of the last five steps'
 (the reward after N steps); the ratio is align's episodes/s over TRL's. Runs alternate A B A B,
 each in a fresh subprocess (`side_by_side.py`).
@@ -213,7 +214,7 @@ def run_align(spec: RunSpec) -> dict[str, float]:
         "rollout.temperature=1.0", "algorithm.estimator=grpo", "algorithm.kl_coef=0",
         "algorithm.ppo_epochs=1", "algorithm.loss_aggregation=token",
         f"environment.spec={ENV_FILE}:Adder", f"environment.max_turns={MAX_TURNS}",
-        f"environment.max_episode_tokens={EPISODE_TOKENS}"])
+        f"environment.max_episode_tokens={EPISODE_TOKENS}", *spec.align_extra])
     PPOTrainer(cfg, show_progress=False).fit()
     steps = [m for m in read_metrics(Path(spec.out) / "metrics.jsonl") if "step_seconds" in m]
     return summarise(spec.batch, [m["step_seconds"] for m in steps],
@@ -291,7 +292,8 @@ def summarise(episodes_per_step: int, step_seconds: list[float], rollout_seconds
 
 
 def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | None,
-            ray_address: str | None, seed: int | None = None) -> dict[str, Any]:
+            ray_address: str | None, seed: int | None = None,
+            malformed_calls: str = "end") -> dict[str, Any]:
     """Warm the model up once (unless `model` is given), then alternate align and TRL
     `repeats` times each."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +305,8 @@ def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | N
             return RunSpec(stage="agentic", model_dir=str(model), data=str(data),
                            out=str(folder / f"{tool}-{r}"), steps=steps, batch=batch,
                            max_length=PROMPT_TOKENS + EPISODE_TOKENS, ray_address=ray_address,
-                           seed=seed)
+                           seed=seed, align_extra=[] if tool == "trl" else
+                           [f"environment.on_malformed_call={malformed_calls}"])
 
         runs = alternate(__file__, TOOLS, repeats, spec_of, timeout_s=1800)
     line: dict[str, Any] = {"stage": "agentic", "steps": steps, "episodes_per_step": batch,
@@ -330,6 +333,9 @@ def main() -> None:
     parser.add_argument("--ray-address", help="align joins this Ray cluster (RSS leaves it out)")
     parser.add_argument("--seed", type=int,
                         help="both tools' seed (align's trainer.seed, TRL's seed); default 42")
+    parser.add_argument("--malformed-calls", choices=("end", "respond"), default="end",
+                        help="align's environment.on_malformed_call (end: as TRL, whose episode "
+                             "ends at a call that does not parse)")
     add_child_flags(parser, TOOLS)
     args = parser.parse_args()
     if run_as_child(args, {"align": run_align, "trl": run_trl}):
@@ -337,7 +343,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.batch, args.repeats, args.sft_steps = 3, 8, 1, 80
     print(json.dumps(compare(args.steps, args.batch, args.repeats, args.sft_steps, args.model,
-                             args.ray_address, args.seed)), flush=True)
+                             args.ray_address, args.seed, args.malformed_calls)), flush=True)
 
 
 if __name__ == "__main__":

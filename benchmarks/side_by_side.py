@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class RunSpec:
     compile: bool = False  # align: trainer.compile (torch.compile of the trained model)
     trl_compile: bool = False  # TRL: TrainingArguments.torch_compile
     seed: int | None = None  # both tools' seed (align: trainer.seed, TRL: 42); None: defaults
+    align_extra: list[str] = field(default_factory=list)  # more align overrides (an option
+    # a benchmark sets to match TRL's behaviour)
 
 
 def save_model(kind: str, folder: Path) -> Path:

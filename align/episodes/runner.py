@@ -12,7 +12,8 @@ ended without EOS), or `max_episode_tokens`. A tool that times out, an environme
 in its constructor, `reset`, `step` or `get_reward`, or an episode past `episode_timeout_s` is
 an infrastructure failure (`infra_error`): the episode is kept out of training and of its
 group's baseline. A tool that raises, an unknown tool and a call that does not parse are the
-model's mistakes: the error text goes back to the model as the tool's answer, counted.
+model's mistakes: the error text goes back to the model as the tool's answer, counted (with
+`on_malformed_call: end` a call that does not parse ends the episode there, as TRL's does).
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ class EpisodeRunner:
                                 self.cfg.tool_call_format)
             if not parsed.calls and not parsed.errors:
                 episode.done = True  # an answer
+                continue
+            if parsed.errors and self.cfg.on_malformed_call == "end":
+                episode.tool_errors += len(parsed.errors)
+                episode.done = True  # the turn read as text: the episode's last
                 continue
             if turn == self.cfg.max_turns - 1:
                 episode.truncated = episode.done = True  # asked for tools, no turn left

@@ -179,6 +179,18 @@ def test_tool_errors_go_back_to_the_model_and_are_counted():
     assert "Error: ValueError: no" in tool_turn and "unknown tool 'nope'" in tool_turn
 
 
+def test_a_call_that_does_not_parse_can_end_the_episode():
+    """`on_malformed_call: end` reads the turn as text, as TRL does: the episode ends there,
+    no tool runs (not even the turn's well-formed call), and the mistake is counted."""
+    tok = tokenizer()
+    play, _ = runner(tok, on_malformed_call="end")
+    turn = CALL % ("add", '{"a": 2, "b": 3}') + "<tool_call>\n{bad json\n</tool_call>"
+    episode = play.run(ScriptedEngine(tok, lambda text: turn), [example()], SAMPLING)[0]
+    assert episode.turns == 1 and len(episode.segments) == 1 and episode.done
+    assert episode.tool_calls == 0 and episode.tool_errors == 1 and not episode.truncated
+    assert episode.env.instance.calls == 0 and episode.infra_error is None
+
+
 def test_async_tools_run():
     tok = tokenizer()
     play, _ = runner(tok)
