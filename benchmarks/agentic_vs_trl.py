@@ -200,7 +200,7 @@ def write_prompts(folder: Path, num_rows: int) -> Path:
 # ------------------------------------------------------------------ one run of one tool
 
 
-def run_align(spec: RunSpec) -> dict[str, float]:
+def run_align(spec: RunSpec) -> dict[str, Any]:
     from align.config import PPOConfig, load_config
     from align.tracking import read_metrics
     from align.trainers.ppo import PPOTrainer
@@ -217,12 +217,13 @@ def run_align(spec: RunSpec) -> dict[str, float]:
         f"environment.max_episode_tokens={EPISODE_TOKENS}", *spec.align_extra])
     PPOTrainer(cfg, show_progress=False).fit()
     steps = [m for m in read_metrics(Path(spec.out) / "metrics.jsonl") if "step_seconds" in m]
-    return summarise(spec.batch, [m["step_seconds"] for m in steps],
-                     [m["time/generate"] for m in steps],
-                     [m["episodes/turns_mean"] * spec.batch for m in steps],
-                     [m["reward"] for m in steps],
-                     [m["episodes/tool_calls"] for m in steps],
-                     [m["episodes/tool_errors"] for m in steps])
+    figures = summarise(spec.batch, [m["step_seconds"] for m in steps],
+                        [m["time/generate"] for m in steps],
+                        [m["episodes/turns_mean"] * spec.batch for m in steps],
+                        [m["reward"] for m in steps],
+                        [m["episodes/tool_calls"] for m in steps],
+                        [m["episodes/tool_errors"] for m in steps])
+    return {**figures, "on_malformed_call": cfg.environment.on_malformed_call}
 
 
 def run_trl(spec: RunSpec) -> dict[str, float]:
@@ -318,6 +319,7 @@ def compare(steps: int, batch: int, repeats: int, sft_steps: int, model: str | N
             name = "episodes_per_s" if key == "samples_per_s" else key
             line[f"{tool}_{name}"] = round(statistics.median(x[key] for x in results), 3)
     line["ratio"] = round(line["align_episodes_per_s"] / line["trl_episodes_per_s"], 3)
+    line["align_on_malformed_call"] = runs["align"][0]["on_malformed_call"]  # as the run had it
     return line
 
 

@@ -98,6 +98,7 @@ def test_agentic_vs_trl_plays_tool_calling_episodes_on_both_sides(ray_local):
         assert line[f"{tool}_turns_per_episode"] > 1 and line[f"{tool}_tool_calls_per_episode"] > 0
         assert 0 <= line[f"{tool}_reward_last"] <= 1
     assert line["ratio"] == round(line["align_episodes_per_s"] / line["trl_episodes_per_s"], 3)
+    assert line["align_on_malformed_call"] == "end"  # ends episodes where TRL's end
 
 
 def test_logits_memory_measures_align_trl_and_full_logits(ray_local):
